@@ -1,0 +1,1 @@
+//! Key configuration (helper fills this in).

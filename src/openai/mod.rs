@@ -1,0 +1,1 @@
+//! OpenAI request and response understanding (helper fills this in).
