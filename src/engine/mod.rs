@@ -1,8 +1,18 @@
 //! The sliding-window engine: three limits per key, checked and reserved in one atomic
 //! step, settled once after the response. It knows nothing of HTTP, gRPC or OpenAI.
+//!
+//! Two stores hold the same rules: [`redis::RedisStore`] (Lua scripts in `lua/`, shared by
+//! every node) and [`memory::MemoryStore`] (one process). [`Store`] picks one at start-up.
+
+pub mod memory;
+pub mod redis;
+mod window;
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
+
+pub use window::WindowShape;
 
 /// The three per-key limits, each per window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -12,8 +22,69 @@ pub struct Limits {
     pub output_tokens: u64,
 }
 
+/// An amount in each of the three limits: what a request asks for, or what a window holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Usage {
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// One of the three limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LimitKind {
+    Requests,
+    InputTokens,
+    OutputTokens,
+}
+
+impl LimitKind {
+    pub const ALL: [LimitKind; 3] = [
+        LimitKind::Requests,
+        LimitKind::InputTokens,
+        LimitKind::OutputTokens,
+    ];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The OpenAI error `type` and header word: `requests`, `input_tokens`, `output_tokens`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitKind::Requests => "requests",
+            LimitKind::InputTokens => "input_tokens",
+            LimitKind::OutputTokens => "output_tokens",
+        }
+    }
+}
+
+impl Limits {
+    pub fn of(&self, kind: LimitKind) -> u64 {
+        [self.requests, self.input_tokens, self.output_tokens][kind.index()]
+    }
+}
+
+impl Usage {
+    pub fn of(&self, kind: LimitKind) -> u64 {
+        [self.requests, self.input_tokens, self.output_tokens][kind.index()]
+    }
+
+    fn from_array(a: [u64; 3]) -> Usage {
+        Usage {
+            requests: a[0],
+            input_tokens: a[1],
+            output_tokens: a[2],
+        }
+    }
+
+    fn to_array(self) -> [u64; 3] {
+        [self.requests, self.input_tokens, self.output_tokens]
+    }
+}
+
 /// A key's stable, non-secret name: used in store keys, metrics, logs and headers.
-/// Validated by config to `[A-Za-z0-9._-]{1,64}`, so it can sit inside a Redis hash tag.
+/// Limited to `[A-Za-z0-9._-]{1,64}`, so it can sit inside a Redis hash tag.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct KeyName(Arc<str>);
 
@@ -21,7 +92,10 @@ impl KeyName {
     /// Builds a name, or says why it is not one.
     pub fn new(name: &str) -> Result<KeyName, String> {
         if name.is_empty() || name.len() > 64 {
-            return Err(format!("key name must be 1 to 64 characters, got {}", name.len()));
+            return Err(format!(
+                "key name must be 1 to 64 characters, got {}",
+                name.len()
+            ));
         }
         if let Some(bad) = name
             .chars()
@@ -48,5 +122,194 @@ impl fmt::Display for KeyName {
 impl fmt::Debug for KeyName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "KeyName({})", self.0)
+    }
+}
+
+/// A key's window as of one instant of the store's clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The store's clock, in ms since the Unix epoch (Redis `TIME` for the Redis store).
+    pub now_ms: u64,
+    pub usage: Usage,
+    /// Per limit, how long until the oldest usage counted in the window leaves it, so that
+    /// room next grows; zero when the limit has nothing counted.
+    pub reset_ms: [u64; 3],
+}
+
+impl Snapshot {
+    pub fn reset(&self, kind: LimitKind) -> Duration {
+        Duration::from_millis(self.reset_ms[kind.index()])
+    }
+}
+
+/// A reservation to settle after the response: names the key, its window shape and the
+/// store's marker. Travels as an opaque handle (`x-llm-ratelimit-reservation`, Envoy metadata).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    pub key: KeyName,
+    pub shape: WindowShape,
+    pub id: u64,
+}
+
+impl Reservation {
+    /// `v1.<window_ms>.<precision_ms>.<id hex>.<name>`; the name goes last because it may hold dots.
+    pub fn handle(&self) -> String {
+        format!(
+            "v1.{}.{}.{:016x}.{}",
+            self.shape.window_ms(),
+            self.shape.precision_ms(),
+            self.id,
+            self.key
+        )
+    }
+
+    /// Reads a handle back; `None` for anything that is not one.
+    pub fn from_handle(handle: &str) -> Option<Reservation> {
+        let mut parts = handle.splitn(5, '.');
+        if parts.next()? != "v1" {
+            return None;
+        }
+        let window_ms: u64 = parts.next()?.parse().ok()?;
+        let precision_ms: u64 = parts.next()?.parse().ok()?;
+        let id = u64::from_str_radix(parts.next()?, 16).ok()?;
+        let key = KeyName::new(parts.next()?).ok()?;
+        let shape = WindowShape::new(
+            Duration::from_millis(window_ms),
+            Duration::from_millis(precision_ms),
+        )
+        .ok()?;
+        Some(Reservation { key, shape, id })
+    }
+}
+
+/// The engine's answer to one reservation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Recorded; `snapshot` includes this request.
+    Admitted {
+        snapshot: Snapshot,
+        reservation: Option<Reservation>,
+    },
+    /// Nothing recorded.
+    Denied {
+        snapshot: Snapshot,
+        /// The first limit (requests, input, output) that does not fit.
+        limit: LimitKind,
+        /// How long until this request would fit if nothing else arrived, from the
+        /// buckets; `None` when it can never fit (it alone exceeds a limit).
+        retry_after_ms: Option<u64>,
+    },
+}
+
+/// Whether a reservation may be refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Charge {
+    /// Admit only if every limit fits (admission).
+    Check,
+    /// Record whatever fits or not (accounting after the fact, e.g. Envoy's
+    /// `apply_on_stream_done`); never denied.
+    Force,
+}
+
+/// What settling a reservation did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settlement {
+    /// Its bucket now holds the real output tokens; `delta` was added to it.
+    Applied { delta: i64 },
+    /// Settled, but its bucket had already left the window: nothing changed.
+    Expired,
+    /// Unknown: settled before (a duplicate report), or older than the window.
+    Unknown,
+}
+
+/// A store that could not answer: the request gets 503 and nothing is counted.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the rate-limit store did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the rate-limit store failed: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    #[error("the rate-limit store gave an unexpected answer: {0}")]
+    Protocol(String),
+}
+
+/// A clock in ms since the Unix epoch; injectable so tests can drive time.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    })
+}
+
+/// The store in use: shared Redis (many nodes) or in-process (one node).
+pub enum Store {
+    Memory(memory::MemoryStore),
+    Redis(redis::RedisStore),
+}
+
+impl Store {
+    /// Checks every limit and, only if all fit, records `want` in the current bucket. With
+    /// `settle_later`, leaves a reservation whose output tokens [`Store::settle`] corrects.
+    pub async fn reserve(
+        &self,
+        key: &KeyName,
+        shape: WindowShape,
+        limits: &Limits,
+        want: &Usage,
+        charge: Charge,
+        settle_later: bool,
+    ) -> Result<Decision, StoreError> {
+        if charge == Charge::Check {
+            if let Some(limit) = LimitKind::ALL
+                .into_iter()
+                .find(|k| want.of(*k) > limits.of(*k))
+            {
+                // It can never fit: answer without touching the store's counters.
+                let snapshot = self.usage(key, shape).await?;
+                return Ok(Decision::Denied {
+                    snapshot,
+                    limit,
+                    retry_after_ms: None,
+                });
+            }
+        }
+        let id = settle_later.then(rand::random::<u64>);
+        match self {
+            Store::Memory(s) => Ok(s.reserve(key, shape, limits, want, charge, id)),
+            Store::Redis(s) => s.reserve(key, shape, limits, want, charge, id).await,
+        }
+    }
+
+    /// Corrects a reservation's bucket to the real output tokens, at most once.
+    pub async fn settle(
+        &self,
+        reservation: &Reservation,
+        output_tokens: u64,
+    ) -> Result<Settlement, StoreError> {
+        match self {
+            Store::Memory(s) => Ok(s.settle(reservation, output_tokens)),
+            Store::Redis(s) => s.settle(reservation, output_tokens).await,
+        }
+    }
+
+    /// The key's current window.
+    pub async fn usage(&self, key: &KeyName, shape: WindowShape) -> Result<Snapshot, StoreError> {
+        match self {
+            Store::Memory(s) => Ok(s.usage(key, shape)),
+            Store::Redis(s) => s.usage(key, shape).await,
+        }
+    }
+
+    /// Whether the store answers (readiness).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(_) => Ok(()),
+            Store::Redis(s) => s.ping().await,
+        }
     }
 }

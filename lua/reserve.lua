@@ -1,0 +1,49 @@
+-- reserve.lua: checks all three limits and, only if every one fits, records the request
+-- in the current bucket — one atomic step. A denial records nothing.
+-- KEYS[1] ring, KEYS[2] reservation marker (used when ARGV[11] > 0)
+-- ARGV: now_ms (0 = Redis TIME), precision_ms, slots, requests, input, output,
+--       limit_requests, limit_input, limit_output, ttl_ms, marker (1 = leave a marker),
+--       force (1 = charge even over the limits, for after-the-fact accounting)
+-- Returns {1, now, requests, input, output, tail, bucket} when admitted,
+--         {0, now, requests, input, output, ring bytes} when denied.
+local ring = KEYS[1]
+local now = now_ms(ARGV[1])
+local precision = tonumber(ARGV[2])
+local slots = tonumber(ARGV[3])
+local want = {tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])}
+local limit = {tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])}
+local ttl = tonumber(ARGV[10])
+local marker = tonumber(ARGV[11]) == 1
+local force = tonumber(ARGV[12]) == 1
+
+local h, b = advance(ring, math.floor(now / precision), slots)
+local bit = slot_bit(b, slots)
+local cur = redis.call('BITFIELD_RO', ring, 'GET', 'u16', bit, 'GET', 'u32', bit + 16, 'GET', 'u32', bit + 48)
+-- A slot that would overflow its width denies too (retry in the next bucket); a forced
+-- charge saturates instead.
+local fits = true
+if not force then
+  fits = cur[1] + want[1] <= U16_MAX and cur[2] + want[2] <= U32_MAX and cur[3] + want[3] <= U32_MAX
+  for k = 1, 3 do
+    if h[k + 2] + want[k] > limit[k] then fits = false end
+  end
+end
+if not fits then
+  write_header(ring, h)
+  redis.call('PEXPIRE', ring, ttl)
+  return {0, now, h[3], h[4], h[5], redis.call('GET', ring)}
+end
+
+-- Only what the slot can hold is added, so the totals stay the sums of the slots.
+local add = {math.min(want[1], U16_MAX - cur[1]), math.min(want[2], U32_MAX - cur[2]),
+  math.min(want[3], U32_MAX - cur[3])}
+redis.call('BITFIELD', ring,
+  'INCRBY', 'u16', bit, add[1], 'INCRBY', 'u32', bit + 16, add[2], 'INCRBY', 'u32', bit + 48, add[3])
+h[3] = h[3] + add[1]; h[4] = h[4] + add[2]; h[5] = h[5] + add[3]
+settle_tail(ring, h, slots)
+write_header(ring, h)
+redis.call('PEXPIRE', ring, ttl)
+if marker then
+  redis.call('SET', KEYS[2], b .. ':' .. want[3], 'PX', ttl)
+end
+return {1, now, h[3], h[4], h[5], h[2], b}

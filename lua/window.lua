@@ -1,0 +1,110 @@
+-- window.lua: the ring layout shared by every llm-ratelimit script (prepended to each).
+--
+-- One Redis string per key and window shape holds the whole sliding window:
+--   header, 5 x i64 (40 bytes): head bucket, tail bucket, requests, input, output totals
+--   then `slots` slots of 10 bytes: requests u16, input u32, output u32
+-- Bucket x lives in slot x % slots. The window at bucket b is the buckets b-slots+1 .. b,
+-- with slots = window/precision + 1, so it always covers at least the exact window.
+-- The totals are the sums over the slots in the window, kept up to date as buckets leave,
+-- so a decision reads five numbers instead of summing the ring.
+
+local HDR_BYTES = 40
+local SLOT_BYTES = 10
+local U16_MAX = 65535
+local U32_MAX = 4294967295
+local BATCH = 128
+
+local function slot_bit(bucket, slots)
+  return (HDR_BYTES + SLOT_BYTES * (bucket % slots)) * 8
+end
+
+local function now_ms(arg)
+  local now = tonumber(arg)
+  if now == nil or now <= 0 then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return now
+end
+
+-- Reads the header: {head, tail, requests, input, output}; all zero for a missing key.
+local function read_header(ring)
+  return redis.call('BITFIELD_RO', ring, 'GET', 'i64', 0, 'GET', 'i64', 64,
+    'GET', 'i64', 128, 'GET', 'i64', 192, 'GET', 'i64', 256)
+end
+
+local function write_header(ring, h)
+  redis.call('BITFIELD', ring, 'SET', 'i64', 0, h[1], 'SET', 'i64', 64, h[2],
+    'SET', 'i64', 128, h[3], 'SET', 'i64', 192, h[4], 'SET', 'i64', 256, h[5])
+end
+
+-- Reads the slots of buckets first..last (at most `slots` of them), in batches so the
+-- argument list stays small: calls fn(bucket, requests, input, output) for each.
+local function each_slot(ring, slots, first, last, fn)
+  local x = first
+  while x <= last do
+    local upto = math.min(last, x + BATCH - 1)
+    local args = {}
+    for y = x, upto do
+      local bit = slot_bit(y, slots)
+      args[#args + 1] = 'GET'; args[#args + 1] = 'u16'; args[#args + 1] = bit
+      args[#args + 1] = 'GET'; args[#args + 1] = 'u32'; args[#args + 1] = bit + 16
+      args[#args + 1] = 'GET'; args[#args + 1] = 'u32'; args[#args + 1] = bit + 48
+    end
+    local v = redis.call('BITFIELD_RO', ring, unpack(args))
+    for y = x, upto do
+      local k = (y - x) * 3
+      if fn(y, v[k + 1], v[k + 2], v[k + 3]) then return end
+    end
+    x = upto + 1
+  end
+end
+
+-- Brings the ring to bucket b: each bucket that leaves the window is subtracted from the
+-- totals and its slot zeroed. Amortised O(1): a bucket leaves once. A ring idle for a whole
+-- window is dropped at once. A clock that steps back is held at the last head.
+-- Returns the header and the bucket the caller should act in.
+local function advance(ring, b, slots)
+  local h = read_header(ring)
+  if h[1] == 0 or b - h[1] >= slots then
+    if h[1] ~= 0 then redis.call('DEL', ring) end
+    return {b, b, 0, 0, 0}, b
+  end
+  if b <= h[1] then return h, h[1] end
+  local zero = {}
+  each_slot(ring, slots, h[1] + 1, b, function(x, r, i, o)
+    -- the slot still holds bucket x - slots, which leaves the window now
+    if r ~= 0 or i ~= 0 or o ~= 0 then
+      h[3] = h[3] - r; h[4] = h[4] - i; h[5] = h[5] - o
+      zero[#zero + 1] = x
+    end
+  end)
+  for n = 1, #zero, BATCH do
+    local args = {}
+    for k = n, math.min(#zero, n + BATCH - 1) do
+      local bit = slot_bit(zero[k], slots)
+      args[#args + 1] = 'SET'; args[#args + 1] = 'u16'; args[#args + 1] = bit; args[#args + 1] = 0
+      args[#args + 1] = 'SET'; args[#args + 1] = 'u32'; args[#args + 1] = bit + 16; args[#args + 1] = 0
+      args[#args + 1] = 'SET'; args[#args + 1] = 'u32'; args[#args + 1] = bit + 48; args[#args + 1] = 0
+    end
+    redis.call('BITFIELD', ring, unpack(args))
+  end
+  h[1] = b
+  return h, b
+end
+
+-- Moves the tail (a lower bound of the oldest non-empty bucket) to the oldest bucket in
+-- the window that holds anything. Amortised O(1): the tail only moves forward.
+local function settle_tail(ring, h, slots)
+  local first = h[1] - slots + 1
+  if h[2] < first then h[2] = first end
+  if h[3] == 0 and h[4] == 0 and h[5] == 0 then
+    h[2] = h[1]
+    return
+  end
+  local found = h[1]
+  each_slot(ring, slots, h[2], h[1], function(x, r, i, o)
+    if r ~= 0 or i ~= 0 or o ~= 0 then found = x; return true end
+  end)
+  h[2] = found
+end

@@ -1,0 +1,415 @@
+//! The Redis store: every node runs the same Lua scripts (`lua/`, compiled in) against
+//! one Redis or Redis Cluster, so a decision is one atomic script call with no
+//! check-then-set race and no lock. Keys are hash-tagged by key name, so one key's ring
+//! and its reservations live in one Cluster slot. Concurrent calls share one multiplexed
+//! connection per node (pipelined by redis-rs); each call has a deadline.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Script, ScriptInvocation, Value};
+
+use super::{
+    Charge, Clock, Decision, KeyName, LimitKind, Limits, Reservation, Settlement, Snapshot,
+    StoreError, Usage, WindowShape,
+};
+
+const WINDOW_LUA: &str = include_str!("../../lua/window.lua");
+
+/// The default deadline of one store call: a stuck Redis must not hold a request long.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(50);
+
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+struct Scripts {
+    reserve: Script,
+    settle: Script,
+    usage: Script,
+}
+
+impl Scripts {
+    fn new() -> Scripts {
+        let with_prelude = |body: &str| Script::new(&format!("{WINDOW_LUA}\n{body}"));
+        Scripts {
+            reserve: with_prelude(include_str!("../../lua/reserve.lua")),
+            settle: with_prelude(include_str!("../../lua/settle.lua")),
+            usage: with_prelude(include_str!("../../lua/usage.lua")),
+        }
+    }
+}
+
+pub struct RedisStore {
+    /// Empty until the first connection succeeds; a background task keeps trying.
+    conn: Arc<ArcSwapOption<Connection>>,
+    scripts: Scripts,
+    timeout: Duration,
+    /// Set only by tests: the scripts then take this time instead of Redis `TIME`.
+    clock: Option<Clock>,
+}
+
+/// Where a Redis URL points: one server, or the seed nodes of a Cluster.
+fn targets(url: &str) -> Result<Option<Vec<String>>, String> {
+    let Some(rest) = url.strip_prefix("redis+cluster://") else {
+        return Ok(None);
+    };
+    let (auth, hosts) = match rest.rsplit_once('@') {
+        Some((auth, hosts)) => (format!("{auth}@"), hosts),
+        None => (String::new(), rest),
+    };
+    let hosts = hosts.trim_end_matches('/');
+    let nodes: Vec<String> = hosts
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(|h| format!("redis://{auth}{h}"))
+        .collect();
+    if nodes.is_empty() {
+        return Err("redis+cluster:// needs at least one host:port".into());
+    }
+    Ok(Some(nodes))
+}
+
+async fn open(url: &str, timeout: Duration) -> redis::RedisResult<Connection> {
+    match targets(url).map_err(|e| {
+        redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "bad url", e))
+    })? {
+        Some(nodes) => {
+            let client = redis::cluster::ClusterClient::builder(nodes)
+                .connection_timeout(Duration::from_secs(1))
+                .response_timeout(timeout)
+                .build()?;
+            Ok(Connection::Cluster(client.get_async_connection().await?))
+        }
+        None => {
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(1)))
+                .set_response_timeout(Some(timeout))
+                .set_number_of_retries(2)
+                .set_max_delay(Duration::from_millis(500));
+            let client = redis::Client::open(url)?;
+            Ok(Connection::Single(
+                client.get_connection_manager_with_config(config).await?,
+            ))
+        }
+    }
+}
+
+impl RedisStore {
+    /// Connects in the background: the store answers `Unavailable` errors until the first
+    /// connection succeeds, then redis-rs reconnects by itself. Fails at once only for a URL
+    /// that can never work.
+    pub fn connect(url: &str, timeout: Duration) -> Result<RedisStore, String> {
+        targets(url)?;
+        if targets(url)?.is_none() {
+            redis::Client::open(url).map_err(|e| format!("invalid Redis URL: {e}"))?;
+        }
+        let conn: Arc<ArcSwapOption<Connection>> = Arc::new(ArcSwapOption::empty());
+        let (slot, url) = (conn.clone(), url.to_string());
+        tokio::spawn(async move {
+            let mut wait = Duration::from_millis(50);
+            loop {
+                match open(&url, timeout).await {
+                    Ok(c) => {
+                        slot.store(Some(Arc::new(c)));
+                        tracing::info!("connected to Redis");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Redis not reachable yet; retrying");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        });
+        Ok(RedisStore {
+            conn,
+            scripts: Scripts::new(),
+            timeout,
+            clock: None,
+        })
+    }
+
+    /// Connects now, and makes every script take `clock`'s time instead of Redis `TIME`.
+    /// For tests that drive time; production uses the one Redis clock.
+    pub async fn connect_with_clock(
+        url: &str,
+        timeout: Duration,
+        clock: Clock,
+    ) -> Result<RedisStore, StoreError> {
+        let c = open(url, timeout).await?;
+        Ok(RedisStore {
+            conn: Arc::new(ArcSwapOption::new(Some(Arc::new(c)))),
+            scripts: Scripts::new(),
+            timeout,
+            clock: Some(clock),
+        })
+    }
+
+    fn now_arg(&self) -> u64 {
+        self.clock.as_ref().map_or(0, |c| c())
+    }
+
+    async fn call(&self, inv: &ScriptInvocation<'_>) -> Result<Value, StoreError> {
+        let Some(conn) = self.conn.load_full() else {
+            return Err(StoreError::Protocol("not connected to Redis yet".into()));
+        };
+        let run = async {
+            match conn.as_ref().clone() {
+                Connection::Single(mut c) => inv.invoke_async::<Value>(&mut c).await,
+                Connection::Cluster(mut c) => inv.invoke_async::<Value>(&mut c).await,
+            }
+        };
+        self.deadline(run).await
+    }
+
+    /// Runs a Redis call under the store's deadline; redis-rs's own response timeout and
+    /// ours read the same to callers.
+    async fn deadline<T>(
+        &self,
+        run: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, run).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) if e.is_timeout() => Err(StoreError::Timeout(self.timeout)),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        }
+    }
+
+    pub(super) async fn reserve(
+        &self,
+        key: &KeyName,
+        shape: WindowShape,
+        limits: &Limits,
+        want: &Usage,
+        charge: Charge,
+        reservation_id: Option<u64>,
+    ) -> Result<Decision, StoreError> {
+        let mut inv = self.scripts.reserve.key(ring_key(key, shape));
+        inv.key(marker_key(key, reservation_id.unwrap_or(0)))
+            .arg(self.now_arg())
+            .arg(shape.precision_ms())
+            .arg(shape.slots())
+            .arg(want.requests)
+            .arg(want.input_tokens)
+            .arg(want.output_tokens)
+            .arg(limits.requests)
+            .arg(limits.input_tokens)
+            .arg(limits.output_tokens)
+            .arg(shape.ttl_ms())
+            .arg(u8::from(reservation_id.is_some()))
+            .arg(u8::from(charge == Charge::Force));
+        let reply = Reply::new(self.call(&inv).await?)?;
+        let now = reply.int(1)?;
+        let totals = [reply.int(2)?, reply.int(3)?, reply.int(4)?];
+        if reply.int(0)? == 1 {
+            let tail = reply.int(5)? as i64;
+            return Ok(Decision::Admitted {
+                snapshot: Snapshot {
+                    now_ms: now,
+                    usage: Usage::from_array(totals),
+                    reset_ms: shape.resets_from_tail(now, tail, totals),
+                },
+                reservation: reservation_id.map(|id| Reservation {
+                    key: key.clone(),
+                    shape,
+                    id,
+                }),
+            });
+        }
+        let ring = RingBytes(reply.bytes(5)?);
+        let head = ring.head();
+        let (want, limits) = (
+            want.to_array(),
+            [limits.requests, limits.input_tokens, limits.output_tokens],
+        );
+        let slot = |x| ring.slot(shape, x);
+        let limit = LimitKind::ALL
+            .into_iter()
+            .find(|k| totals[k.index()] + want[k.index()] > limits[k.index()])
+            .unwrap_or(LimitKind::Requests);
+        Ok(Decision::Denied {
+            snapshot: Snapshot {
+                now_ms: now,
+                usage: Usage::from_array(totals),
+                reset_ms: shape.resets(now, head, slot),
+            },
+            limit,
+            retry_after_ms: Some(shape.retry_after(now, head, totals, want, limits, slot)),
+        })
+    }
+
+    pub(super) async fn settle(
+        &self,
+        reservation: &Reservation,
+        output_tokens: u64,
+    ) -> Result<Settlement, StoreError> {
+        let shape = reservation.shape;
+        let mut inv = self.scripts.settle.key(ring_key(&reservation.key, shape));
+        inv.key(marker_key(&reservation.key, reservation.id))
+            .arg(self.now_arg())
+            .arg(shape.precision_ms())
+            .arg(shape.slots())
+            .arg(output_tokens);
+        let reply = Reply::new(self.call(&inv).await?)?;
+        Ok(match reply.int(0)? {
+            1 => Settlement::Applied {
+                delta: reply.signed(1)?,
+            },
+            2 => Settlement::Expired,
+            _ => Settlement::Unknown,
+        })
+    }
+
+    pub(super) async fn usage(
+        &self,
+        key: &KeyName,
+        shape: WindowShape,
+    ) -> Result<Snapshot, StoreError> {
+        let mut inv = self.scripts.usage.key(ring_key(key, shape));
+        inv.arg(self.now_arg())
+            .arg(shape.precision_ms())
+            .arg(shape.slots())
+            .arg(shape.ttl_ms());
+        let reply = Reply::new(self.call(&inv).await?)?;
+        let now = reply.int(0)?;
+        let ring = RingBytes(reply.bytes(4)?);
+        Ok(Snapshot {
+            now_ms: now,
+            usage: Usage::from_array([reply.int(1)?, reply.int(2)?, reply.int(3)?]),
+            reset_ms: if ring.0.is_empty() {
+                [0; 3]
+            } else {
+                shape.resets(now, ring.head(), |x| ring.slot(shape, x))
+            },
+        })
+    }
+
+    pub(super) async fn ping(&self) -> Result<(), StoreError> {
+        let Some(conn) = self.conn.load_full() else {
+            return Err(StoreError::Protocol("not connected to Redis yet".into()));
+        };
+        let cmd = redis::cmd("PING");
+        let run = async {
+            match conn.as_ref().clone() {
+                Connection::Single(mut c) => cmd.query_async::<Value>(&mut c).await,
+                Connection::Cluster(mut c) => cmd.query_async::<Value>(&mut c).await,
+            }
+        };
+        self.deadline(run).await.map(|_| ())
+    }
+}
+
+/// The ring of one key and window shape. The hash tag keeps a key's data in one slot.
+pub fn ring_key(key: &KeyName, shape: WindowShape) -> String {
+    format!(
+        "llmrl:{{{key}}}:w{}:p{}",
+        shape.window_ms(),
+        shape.precision_ms()
+    )
+}
+
+fn marker_key(key: &KeyName, id: u64) -> String {
+    format!("llmrl:{{{key}}}:r:{id:016x}")
+}
+
+/// A script's array reply.
+struct Reply(Vec<Value>);
+
+impl Reply {
+    fn new(v: Value) -> Result<Reply, StoreError> {
+        match v {
+            Value::Array(items) => Ok(Reply(items)),
+            other => Err(StoreError::Protocol(format!(
+                "expected an array, got {other:?}"
+            ))),
+        }
+    }
+
+    fn signed(&self, i: usize) -> Result<i64, StoreError> {
+        match self.0.get(i) {
+            Some(Value::Int(n)) => Ok(*n),
+            other => Err(StoreError::Protocol(format!(
+                "expected an integer at {i}, got {other:?}"
+            ))),
+        }
+    }
+
+    fn int(&self, i: usize) -> Result<u64, StoreError> {
+        self.signed(i).map(|n| n.max(0) as u64)
+    }
+
+    fn bytes(&self, i: usize) -> Result<Vec<u8>, StoreError> {
+        match self.0.get(i) {
+            Some(Value::BulkString(b)) => Ok(b.clone()),
+            Some(Value::Nil) => Ok(Vec::new()),
+            other => Err(StoreError::Protocol(format!(
+                "expected bytes at {i}, got {other:?}"
+            ))),
+        }
+    }
+}
+
+/// The raw ring as `lua/window.lua` lays it out (BITFIELD is big-endian).
+struct RingBytes(Vec<u8>);
+
+impl RingBytes {
+    const HEADER: usize = 40;
+    const SLOT: usize = 10;
+
+    fn be(&self, at: usize, len: usize) -> u64 {
+        let Some(b) = self.0.get(at..at + len) else {
+            return 0; // past the end: never written, so zero
+        };
+        b.iter().fold(0u64, |acc, x| (acc << 8) | u64::from(*x))
+    }
+
+    fn head(&self) -> i64 {
+        self.be(0, 8) as i64
+    }
+
+    fn slot(&self, shape: WindowShape, bucket: i64) -> [u64; 3] {
+        let at = Self::HEADER + Self::SLOT * bucket.rem_euclid(shape.slots()) as usize;
+        [self.be(at, 2), self.be(at + 2, 4), self.be(at + 6, 4)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_urls_name_every_seed_node() {
+        assert_eq!(targets("redis://127.0.0.1:6379").unwrap(), None);
+        assert_eq!(
+            targets("redis+cluster://127.0.0.1:7000,127.0.0.1:7001").unwrap(),
+            Some(vec![
+                "redis://127.0.0.1:7000".to_string(),
+                "redis://127.0.0.1:7001".to_string()
+            ])
+        );
+        assert_eq!(
+            targets("redis+cluster://:pw@h1:1,h2:2").unwrap(),
+            Some(vec![
+                "redis://:pw@h1:1".to_string(),
+                "redis://:pw@h2:2".to_string()
+            ])
+        );
+        assert!(targets("redis+cluster://").is_err());
+    }
+
+    #[test]
+    fn ring_keys_carry_the_hash_tag_and_shape() {
+        let shape = WindowShape::new(Duration::from_secs(60), Duration::from_millis(100)).unwrap();
+        let key = KeyName::new("team-a").unwrap();
+        assert_eq!(ring_key(&key, shape), "llmrl:{team-a}:w60000:p100");
+        assert_eq!(marker_key(&key, 255), "llmrl:{team-a}:r:00000000000000ff");
+    }
+}

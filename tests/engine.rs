@@ -1,0 +1,614 @@
+//! The engine's rules, checked against a real Redis (standalone and Cluster) the tests
+//! start, against the in-process store, and against the brute-force reference model.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use common::reference::Reference;
+use common::{RedisCluster, RedisServer};
+use llm_ratelimit::engine::memory::MemoryStore;
+use llm_ratelimit::engine::redis::{ring_key, RedisStore};
+use llm_ratelimit::engine::{
+    Charge, Clock, Decision, KeyName, Limits, Settlement, Store, StoreError, Usage, WindowShape,
+};
+use proptest::prelude::*;
+
+const T0: u64 = 1_700_000_000_000;
+
+fn shape(window_ms: u64, precision_ms: u64) -> WindowShape {
+    WindowShape::new(
+        Duration::from_millis(window_ms),
+        Duration::from_millis(precision_ms),
+    )
+    .unwrap()
+}
+
+fn manual_clock(start: u64) -> (Arc<AtomicU64>, Clock) {
+    let now = Arc::new(AtomicU64::new(start));
+    let read = now.clone();
+    (now, Arc::new(move || read.load(Ordering::SeqCst)))
+}
+
+fn unique_key(prefix: &str) -> KeyName {
+    static N: AtomicU64 = AtomicU64::new(0);
+    KeyName::new(&format!("{prefix}-{}", N.fetch_add(1, Ordering::SeqCst))).unwrap()
+}
+
+fn usage(a: [u64; 3]) -> Usage {
+    Usage {
+        requests: a[0],
+        input_tokens: a[1],
+        output_tokens: a[2],
+    }
+}
+
+/// One Redis and one runtime shared by all property-test cases (each case uses its own key).
+struct Shared {
+    rt: tokio::runtime::Runtime,
+    redis: RedisServer,
+}
+
+fn shared() -> &'static Shared {
+    static S: OnceLock<Shared> = OnceLock::new();
+    S.get_or_init(|| Shared {
+        rt: tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap(),
+        redis: RedisServer::start(),
+    })
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Reserve { want: [u64; 3], settle_later: bool },
+    Settle { pick: usize, actual: u64 },
+    Usage,
+    Wait { ms: u64 },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0u64..3, 0u64..60, 0u64..60, any::<bool>()).prop_map(|(r, i, o, s)| Op::Reserve {
+            want: [r, i, o],
+            settle_later: s,
+        }),
+        2 => (any::<usize>(), 0u64..90).prop_map(|(pick, actual)| Op::Settle { pick, actual }),
+        1 => Just(Op::Usage),
+        4 => prop_oneof![0u64..150, 0u64..1200, 1000u64..5000].prop_map(|ms| Op::Wait { ms }),
+    ]
+}
+
+/// Runs one sequence on both stores and the reference, checking after every step that
+/// the stores agree with each other exactly, with the bucketed reference exactly, and
+/// with the exact sliding window within one bucket.
+async fn run_sequence(
+    redis_url: &str,
+    window_ms: u64,
+    precision_ms: u64,
+    limits: [u64; 3],
+    ops: Vec<Op>,
+) -> Result<(), TestCaseError> {
+    let shape = shape(window_ms, precision_ms);
+    let (clock_now, clock) = manual_clock(T0 + 37);
+    let memory = Store::Memory(MemoryStore::with_clock(clock.clone()));
+    let redis = Store::Redis(
+        RedisStore::connect_with_clock(redis_url, Duration::from_secs(2), clock)
+            .await
+            .unwrap(),
+    );
+    let key = unique_key("prop");
+    let lim = Limits {
+        requests: limits[0],
+        input_tokens: limits[1],
+        output_tokens: limits[2],
+    };
+    let mut model = Reference::new(window_ms, precision_ms);
+    // (model event, memory reservation, redis reservation)
+    let mut open = Vec::new();
+    let mut raised = 0u64; // output tokens added by settlements above the reservation
+    for op in ops {
+        let now = clock_now.load(Ordering::SeqCst);
+        match op {
+            Op::Wait { ms } => {
+                clock_now.fetch_add(ms, Ordering::SeqCst);
+            }
+            Op::Usage => {
+                let m = memory.usage(&key, shape).await.unwrap();
+                let r = redis.usage(&key, shape).await.unwrap();
+                prop_assert_eq!(m, r);
+                prop_assert_eq!(m.usage, usage(model.bucketed(now)));
+            }
+            Op::Reserve { want, settle_later } => {
+                let w = usage(want);
+                let m = memory
+                    .reserve(&key, shape, &lim, &w, Charge::Check, settle_later)
+                    .await
+                    .unwrap();
+                let r = redis
+                    .reserve(&key, shape, &lim, &w, Charge::Check, settle_later)
+                    .await
+                    .unwrap();
+                let fits = model.fits(now, want, limits);
+                match (&m, &r) {
+                    (
+                        Decision::Admitted {
+                            snapshot: ms,
+                            reservation: mr,
+                        },
+                        Decision::Admitted {
+                            snapshot: rs,
+                            reservation: rr,
+                        },
+                    ) => {
+                        prop_assert_eq!(ms, rs);
+                        prop_assert!(fits, "admitted but the reference says it does not fit");
+                        let i = model.admit(now, want);
+                        prop_assert_eq!(ms.usage, usage(model.bucketed(now)));
+                        // Never over a limit in the exact window (output may exceed only
+                        // by what settlements raised above their reservations).
+                        let exact = model.exact(now, window_ms);
+                        prop_assert!(exact[0] <= limits[0] && exact[1] <= limits[1]);
+                        prop_assert!(exact[2] <= limits[2] + raised);
+                        prop_assert_eq!(mr.is_some(), settle_later);
+                        prop_assert_eq!(rr.is_some(), settle_later);
+                        if let (Some(mr), Some(rr)) = (mr.clone(), rr.clone()) {
+                            open.push((i, mr, rr));
+                        }
+                    }
+                    (
+                        Decision::Denied {
+                            snapshot: ms,
+                            limit: ml,
+                            retry_after_ms: mretry,
+                        },
+                        Decision::Denied {
+                            snapshot: rs,
+                            limit: rl,
+                            retry_after_ms: rretry,
+                        },
+                    ) => {
+                        prop_assert_eq!(ms, rs);
+                        prop_assert_eq!(ml, rl);
+                        prop_assert_eq!(mretry, rretry);
+                        prop_assert!(!fits, "denied but the reference says it fits");
+                        prop_assert_eq!(ms.usage, usage(model.bucketed(now)));
+                        // A denial is justified by the window stretched by one bucket.
+                        let stretched = model.exact(now, window_ms + precision_ms);
+                        let too_large = (0..3).any(|k| want[k] > limits[k]);
+                        prop_assert!(
+                            too_large || (0..3).any(|k| stretched[k] + want[k] > limits[k])
+                        );
+                        match mretry {
+                            None => prop_assert!(too_large),
+                            Some(retry) => {
+                                let at = model.first_fit(now, want, limits);
+                                prop_assert_eq!(Some(now + retry), at);
+                            }
+                        }
+                    }
+                    _ => prop_assert!(false, "stores disagree: memory {m:?} redis {r:?}"),
+                }
+            }
+            Op::Settle { pick, actual } => {
+                if open.is_empty() {
+                    continue;
+                }
+                let (i, mr, rr) = open[pick % open.len()].clone();
+                let m = memory.settle(&mr, actual).await.unwrap();
+                let r = redis.settle(&rr, actual).await.unwrap();
+                let expected = model.settle(i, now, actual);
+                let applied = |s: Settlement| match s {
+                    Settlement::Applied { delta } => Some(delta),
+                    _ => None,
+                };
+                prop_assert_eq!(applied(m), applied(r));
+                prop_assert_eq!(applied(m), expected);
+                if let Some(d) = expected {
+                    raised += d.max(0) as u64;
+                }
+            }
+        }
+    }
+    let now = clock_now.load(Ordering::SeqCst);
+    let m = memory.usage(&key, shape).await.unwrap();
+    prop_assert_eq!(m, redis.usage(&key, shape).await.unwrap());
+    prop_assert_eq!(m.usage, usage(model.bucketed(now)));
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    #[test]
+    fn stores_agree_with_each_other_and_the_reference(
+        (window_ms, precision_ms) in prop_oneof![Just((2000u64, 100u64)), Just((1000, 250)), Just((3000, 500))],
+        limits in (1u64..8, 1u64..200, 1u64..200),
+        ops in prop::collection::vec(op(), 1..80),
+    ) {
+        let s = shared();
+        let url = s.redis.url();
+        s.rt.block_on(run_sequence(&url, window_ms, precision_ms, [limits.0, limits.1, limits.2], ops))?;
+    }
+}
+
+fn big_limits() -> Limits {
+    Limits {
+        requests: 1_000_000,
+        input_tokens: 1_000_000,
+        output_tokens: 1_000_000,
+    }
+}
+
+/// Both stores, on one manual clock.
+async fn both_stores(redis: &RedisServer, start: u64) -> (Arc<AtomicU64>, Vec<Store>) {
+    let (now, clock) = manual_clock(start);
+    let r = RedisStore::connect_with_clock(&redis.url(), Duration::from_secs(2), clock.clone())
+        .await
+        .unwrap();
+    (
+        now,
+        vec![
+            Store::Memory(MemoryStore::with_clock(clock)),
+            Store::Redis(r),
+        ],
+    )
+}
+
+#[tokio::test]
+async fn a_denied_request_leaves_usage_unchanged() {
+    let redis = RedisServer::start();
+    let (_, stores) = both_stores(&redis, T0).await;
+    let shape = shape(60_000, 100);
+    let limits = Limits {
+        requests: 5,
+        input_tokens: 100,
+        output_tokens: 100,
+    };
+    for store in &stores {
+        let key = unique_key("deny");
+        let ok = store
+            .reserve(
+                &key,
+                shape,
+                &limits,
+                &usage([1, 60, 60]),
+                Charge::Check,
+                true,
+            )
+            .await
+            .unwrap();
+        assert!(matches!(ok, Decision::Admitted { .. }));
+        let before = store.usage(&key, shape).await.unwrap();
+        for want in [[1, 41, 1], [1, 1, 41], [1, 101, 1]] {
+            let d = store
+                .reserve(&key, shape, &limits, &usage(want), Charge::Check, true)
+                .await
+                .unwrap();
+            assert!(
+                matches!(d, Decision::Denied { .. }),
+                "{want:?} should be denied: {d:?}"
+            );
+        }
+        assert_eq!(store.usage(&key, shape).await.unwrap(), before);
+    }
+}
+
+#[tokio::test]
+async fn a_duplicate_report_settles_once_and_a_late_one_changes_nothing() {
+    let redis = RedisServer::start();
+    let (now, stores) = both_stores(&redis, T0).await;
+    let shape = shape(2_000, 100);
+    for store in &stores {
+        let key = unique_key("settle");
+        let Decision::Admitted {
+            reservation: Some(res),
+            ..
+        } = store
+            .reserve(
+                &key,
+                shape,
+                &big_limits(),
+                &usage([1, 10, 500]),
+                Charge::Check,
+                true,
+            )
+            .await
+            .unwrap()
+        else {
+            panic!("admission expected");
+        };
+        assert_eq!(
+            store.settle(&res, 120).await.unwrap(),
+            Settlement::Applied { delta: -380 }
+        );
+        assert_eq!(store.settle(&res, 120).await.unwrap(), Settlement::Unknown);
+        assert_eq!(
+            store.usage(&key, shape).await.unwrap().usage.output_tokens,
+            120
+        );
+
+        // Higher than reserved is settled too.
+        let Decision::Admitted {
+            reservation: Some(up),
+            ..
+        } = store
+            .reserve(
+                &key,
+                shape,
+                &big_limits(),
+                &usage([1, 0, 10]),
+                Charge::Check,
+                true,
+            )
+            .await
+            .unwrap()
+        else {
+            panic!("admission expected");
+        };
+        assert_eq!(
+            store.settle(&up, 25).await.unwrap(),
+            Settlement::Applied { delta: 15 }
+        );
+        assert_eq!(
+            store.usage(&key, shape).await.unwrap().usage.output_tokens,
+            145
+        );
+
+        // A reservation whose bucket has left the window changes nothing, even a fresh one.
+        let Decision::Admitted {
+            reservation: Some(late),
+            ..
+        } = store
+            .reserve(
+                &key,
+                shape,
+                &big_limits(),
+                &usage([1, 0, 300]),
+                Charge::Check,
+                true,
+            )
+            .await
+            .unwrap()
+        else {
+            panic!("admission expected");
+        };
+        now.fetch_add(2_100, Ordering::SeqCst);
+        let fresh = store
+            .reserve(
+                &key,
+                shape,
+                &big_limits(),
+                &usage([1, 0, 7]),
+                Charge::Check,
+                false,
+            )
+            .await
+            .unwrap();
+        assert!(matches!(fresh, Decision::Admitted { .. }));
+        let before = store.usage(&key, shape).await.unwrap();
+        assert_eq!(before.usage, usage([1, 0, 7]));
+        let s = store.settle(&late, 0).await.unwrap();
+        assert!(
+            matches!(s, Settlement::Expired | Settlement::Unknown),
+            "{s:?}"
+        );
+        assert_eq!(store.usage(&key, shape).await.unwrap(), before);
+    }
+}
+
+#[tokio::test]
+async fn a_denial_says_when_the_request_fits_from_the_buckets() {
+    let redis = RedisServer::start();
+    let (now, stores) = both_stores(&redis, T0).await;
+    let shape = shape(60_000, 100);
+    let limits = Limits {
+        requests: 3,
+        input_tokens: 1000,
+        output_tokens: 1000,
+    };
+    for store in &stores {
+        now.store(T0, Ordering::SeqCst);
+        let key = unique_key("retry");
+        for step in [0, 10_000, 20_000] {
+            now.store(T0 + step, Ordering::SeqCst);
+            let d = store
+                .reserve(
+                    &key,
+                    shape,
+                    &limits,
+                    &usage([1, 1, 1]),
+                    Charge::Check,
+                    false,
+                )
+                .await
+                .unwrap();
+            assert!(matches!(d, Decision::Admitted { .. }));
+        }
+        now.store(T0 + 30_050, Ordering::SeqCst);
+        let Decision::Denied {
+            retry_after_ms,
+            limit,
+            snapshot,
+        } = store
+            .reserve(
+                &key,
+                shape,
+                &limits,
+                &usage([1, 1, 1]),
+                Charge::Check,
+                false,
+            )
+            .await
+            .unwrap()
+        else {
+            panic!("denial expected");
+        };
+        assert_eq!(limit.as_str(), "requests");
+        // The first request's bucket [T0, T0+100) leaves the window at T0 + 60_100.
+        assert_eq!(retry_after_ms, Some(60_100 - 30_050));
+        assert_eq!(snapshot.reset_ms[0], 60_100 - 30_050);
+    }
+}
+
+#[tokio::test]
+async fn an_idle_key_expires_and_its_ring_stays_bounded() {
+    let redis = RedisServer::start();
+    let (now, clock) = manual_clock(T0);
+    let store = Store::Redis(
+        RedisStore::connect_with_clock(&redis.url(), Duration::from_secs(2), clock)
+            .await
+            .unwrap(),
+    );
+    let shape = shape(60_000, 100);
+    let key = unique_key("mem");
+    for i in 0..3_000u64 {
+        now.store(T0 + i * 37, Ordering::SeqCst);
+        store
+            .reserve(
+                &key,
+                shape,
+                &big_limits(),
+                &usage([1, 100, 50]),
+                Charge::Check,
+                false,
+            )
+            .await
+            .unwrap();
+    }
+    let ring = ring_key(&key, shape);
+    let len: usize = redis.cli(&["STRLEN", &ring]).parse().unwrap();
+    assert!(
+        len <= 40 + 10 * shape.slots() as usize,
+        "ring is {len} bytes"
+    );
+    let ttl: i64 = redis.cli(&["PTTL", &ring]).parse().unwrap();
+    assert!(ttl > 0 && ttl <= shape.ttl_ms() as i64, "ttl {ttl}");
+}
+
+/// `nodes` independent connections fire `per_node` concurrent reservations each at one key.
+async fn race(url: &str, nodes: usize, per_node: usize, limits: Limits, want: Usage) -> usize {
+    let shape = shape(60_000, 100);
+    let key = unique_key("race");
+    let mut stores = Vec::new();
+    for _ in 0..nodes {
+        let s = RedisStore::connect(url, Duration::from_secs(2)).unwrap();
+        let store = Arc::new(Store::Redis(s));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while store.ping().await.is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "store did not connect"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stores.push(store);
+    }
+    let mut tasks = Vec::new();
+    for store in &stores {
+        for _ in 0..per_node {
+            let (store, key) = (store.clone(), key.clone());
+            tasks.push(tokio::spawn(async move {
+                store
+                    .reserve(&key, shape, &limits, &want, Charge::Check, true)
+                    .await
+                    .unwrap()
+            }));
+        }
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        if matches!(t.await.unwrap(), Decision::Admitted { .. }) {
+            admitted += 1;
+        }
+    }
+    let used = stores[0].usage(&key, shape).await.unwrap().usage;
+    assert_eq!(used.requests, admitted as u64 * want.requests);
+    assert_eq!(used.input_tokens, admitted as u64 * want.input_tokens);
+    admitted
+}
+
+async fn races_admit_exactly_the_limit(url: &str) {
+    let by_requests = Limits {
+        requests: 100,
+        input_tokens: 1_000_000,
+        output_tokens: 1_000_000,
+    };
+    assert_eq!(race(url, 3, 150, by_requests, usage([1, 7, 3])).await, 100);
+    let by_input = Limits {
+        requests: 10_000,
+        input_tokens: 1_000,
+        output_tokens: 1_000_000,
+    };
+    assert_eq!(
+        race(url, 3, 150, by_input, usage([1, 7, 3])).await,
+        1_000 / 7
+    );
+    let by_output = Limits {
+        requests: 10_000,
+        input_tokens: 1_000_000,
+        output_tokens: 999,
+    };
+    assert_eq!(race(url, 3, 150, by_output, usage([1, 7, 10])).await, 99);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_nodes_admit_exactly_the_limit() {
+    let redis = RedisServer::start();
+    races_admit_exactly_the_limit(&redis.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_nodes_admit_exactly_the_limit_on_a_cluster() {
+    let cluster = RedisCluster::start(3);
+    races_admit_exactly_the_limit(&cluster.url()).await;
+    // Keys of different names spread over the masters, and each key's data is in one slot.
+    let keys: usize = cluster
+        .nodes
+        .iter()
+        .map(|n| n.cli(&["DBSIZE"]).parse::<usize>().unwrap())
+        .sum();
+    assert!(keys >= 3);
+}
+
+#[tokio::test]
+async fn a_store_that_does_not_answer_errors_within_its_deadline() {
+    let redis = RedisServer::start();
+    let store = Store::Redis(RedisStore::connect(&redis.url(), Duration::from_millis(50)).unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while store.ping().await.is_err() {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Freeze Redis: the call must fail with a timeout rather than hang.
+    let pid = redis
+        .cli(&["INFO", "server"])
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap();
+    let r = store
+        .reserve(
+            &unique_key("stuck"),
+            shape(60_000, 100),
+            &big_limits(),
+            &usage([1, 1, 1]),
+            Charge::Check,
+            false,
+        )
+        .await;
+    std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap();
+    assert!(matches!(r, Err(StoreError::Timeout(_))), "{r:?}");
+}
