@@ -87,9 +87,12 @@ struct Marker {
     expires_ms: u64,
 }
 
+/// Rings by key and window shape (a changed shape starts a fresh ring, as in Redis).
+type Rings = HashMap<(KeyName, WindowShape), Arc<Mutex<Ring>>>;
+
 pub struct MemoryStore {
     clock: Clock,
-    rings: Mutex<HashMap<(KeyName, WindowShape), Arc<Mutex<Ring>>>>,
+    rings: Mutex<Rings>,
     markers: Mutex<Markers>,
 }
 

@@ -36,8 +36,8 @@ impl Reference {
             .iter()
             .filter(|e| e.at_ms + span > now && e.at_ms <= now)
         {
-            for k in 0..3 {
-                sum[k] += e.amounts[k];
+            for (s, a) in sum.iter_mut().zip(e.amounts) {
+                *s += a;
             }
         }
         sum
@@ -54,8 +54,8 @@ impl Reference {
             .iter()
             .filter(|e| self.bucket(e.at_ms) + n >= b && e.at_ms <= now)
         {
-            for k in 0..3 {
-                sum[k] += e.amounts[k];
+            for (s, a) in sum.iter_mut().zip(e.amounts) {
+                *s += a;
             }
         }
         sum
