@@ -56,7 +56,11 @@ fn scaled(number: &str, scale: u128) -> Option<u128> {
     if whole.is_empty() && frac.is_empty() || frac.contains('.') || frac.len() > 9 {
         return None;
     }
-    let whole: u128 = if whole.is_empty() { 0 } else { whole.parse().ok()? };
+    let whole: u128 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().ok()?
+    };
     let mut ns = whole.checked_mul(scale)?;
     if !frac.is_empty() {
         let denominator = 10u128.pow(frac.len() as u32);
@@ -92,7 +96,18 @@ mod tests {
 
     #[test]
     fn rejects_what_is_not_a_duration() {
-        for bad in ["", "60", "s", "1.2.3s", "1 s", "10sec", "-1s", "1.s5", "1ms2", "0.0000000001s"] {
+        for bad in [
+            "",
+            "60",
+            "s",
+            "1.2.3s",
+            "1 s",
+            "10sec",
+            "-1s",
+            "1.s5",
+            "1ms2",
+            "0.0000000001s",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} was accepted");
         }
         assert!(parse_duration("60").unwrap_err().contains("no unit"));

@@ -25,7 +25,11 @@ impl fmt::Display for ConfigError {
         if self.line == 0 {
             write!(f, "{}: {}", self.origin, self.message)
         } else {
-            write!(f, "{}:{}:{}: {}", self.origin, self.line, self.column, self.message)
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.origin, self.line, self.column, self.message
+            )
         }
     }
 }
@@ -111,12 +115,16 @@ mod tests {
             message: "bad".into(),
         };
         assert_eq!(located.to_string(), "c.yaml:3:7: bad");
-        assert_eq!(ConfigError::unlocated("c.yaml", "gone").to_string(), "c.yaml: gone");
+        assert_eq!(
+            ConfigError::unlocated("c.yaml", "gone").to_string(),
+            "c.yaml: gone"
+        );
     }
 
     #[test]
     fn inline_secrets_finds_key_values_in_any_form() {
-        let text = "keys:\n  - key: sk-plain\n    name: a\n  - name: b\n    key: \"sk-quoted\" # c\n";
+        let text =
+            "keys:\n  - key: sk-plain\n    name: a\n  - name: b\n    key: \"sk-quoted\" # c\n";
         assert_eq!(inline_secrets(text), vec!["sk-plain", "sk-quoted"]);
     }
 }
