@@ -62,7 +62,10 @@ impl ConfigError {
         let bare = err.without_snippet();
         let message = serde_saphyr::UserMessageFormatter.format_message(bare);
         // The formatter's contract: sanitize before the text reaches a terminal or log.
-        let mut message: String = message.escape_debug().collect();
+        let mut message: String = message
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
         for secret in inline_secrets(text) {
             message = message.replace(secret, "<redacted>");
         }
@@ -86,17 +89,24 @@ impl ConfigError {
 fn inline_secrets(text: &str) -> Vec<&str> {
     let mut found = Vec::new();
     for line in text.lines() {
-        let line = line.trim_start().trim_start_matches('-').trim_start();
-        let Some(rest) = line.strip_prefix("key:") else {
-            continue;
-        };
-        let rest = rest.trim();
-        let rest = rest.split(" #").next().unwrap_or(rest).trim();
-        let value = rest.trim_matches(|c| c == '"' || c == '\'');
-        // Short values would redact ordinary words out of messages; a real bearer
-        // secret is never this short.
-        if value.len() >= 4 {
-            found.push(value);
+        // Block style (`key: sk-...`, `- key: sk-...`) and flow style
+        // (`{name: a, key: sk-...}`) alike: a `key:` that starts a token.
+        for (at, _) in line.match_indices("key:") {
+            let starts_token = line[..at]
+                .chars()
+                .next_back()
+                .is_none_or(|c| c.is_whitespace() || matches!(c, '-' | '{' | ',' | '?'));
+            if !starts_token {
+                continue;
+            }
+            let rest = line[at + "key:".len()..].trim_start();
+            let end = rest.find([',', '}', '#']).unwrap_or(rest.len());
+            let value = rest[..end].trim().trim_matches(|c| c == '"' || c == '\'');
+            // Short values would redact ordinary words out of messages; a real bearer
+            // secret is never this short.
+            if value.len() >= 4 {
+                found.push(value);
+            }
         }
     }
     found
