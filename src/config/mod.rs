@@ -117,3 +117,53 @@ impl fmt::Debug for Config {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_reads_the_example_file() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config/example.yaml");
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.window(), Duration::from_secs(60));
+        assert_eq!(config.keys().len(), 2);
+        assert_eq!(
+            config
+                .key_by_secret("sk-test-tier-b")
+                .unwrap()
+                .name
+                .as_str(),
+            "team-b"
+        );
+        assert_eq!(config.key_by_name("team-b").unwrap().limits.requests, 60);
+    }
+
+    #[test]
+    fn load_failure_is_an_unlocated_config_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("absent.yaml");
+        let err = Config::load(&path).unwrap_err();
+        assert_eq!((err.line, err.column), (0, 0));
+        let shown = err.to_string();
+        assert!(
+            shown.starts_with(&format!("{}: cannot read config: ", path.display())),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn load_reports_errors_against_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.yaml");
+        std::fs::write(&path, "keys: []\nprecision: 2s\n").unwrap();
+        let err = Config::load(&path).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}:2:12: precision must be less than 1s, got `2s`",
+                path.display()
+            )
+        );
+    }
+}
