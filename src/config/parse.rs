@@ -113,7 +113,7 @@ fn validate(raw: RawFile, origin: &str) -> Result<Config, ConfigError> {
 
     let mut keys = Vec::with_capacity(raw.keys.len());
     let mut by_name: HashMap<String, usize> = HashMap::new();
-    // Digest → (index, where its secret was written), to name the first holder.
+    // Digest → index into `keys`, so a duplicate secret can name its first holder.
     let mut by_digest: HashMap<[u8; 32], usize> = HashMap::new();
     let mut name_lines = Vec::with_capacity(raw.keys.len());
 
