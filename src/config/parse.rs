@@ -1,0 +1,651 @@
+//! From YAML text to a validated [`Config`].
+//!
+//! Two steps: serde reads the text into `Raw*` structs that mirror the file and keep
+//! each value's location (`Spanned`), catching syntax errors, unknown fields, missing
+//! fields and wrong types; then [`validate`] checks what serde cannot (ranges,
+//! duplicates, the window/precision relation) and builds the `Config`. The first
+//! problem found is the one reported.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_saphyr::{Location, Spanned};
+use sha2::{Digest, Sha256};
+
+use super::duration::parse_duration;
+use super::{Config, ConfigError, KeySpec};
+use crate::engine::{KeyName, Limits};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    window: Option<Spanned<String>>,
+    precision: Option<Spanned<String>>,
+    default_max_output_tokens: Option<Spanned<Count>>,
+    max_body_bytes: Option<Spanned<Count>>,
+    keys: Vec<Spanned<RawKey>>,
+}
+
+// No Debug, here or on `SecretText`: this struct holds a secret. Every field is
+// optional so that a missing one is reported by `validate`, at the entry and with the
+// key's name, rather than by serde at wherever the mapping happened to end.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    name: Option<Spanned<String>>,
+    key: Option<Spanned<SecretText>>,
+    key_sha256: Option<Spanned<String>>,
+    rpm: Option<Spanned<Count>>,
+    input_tpm: Option<Spanned<Count>>,
+    output_tpm: Option<Spanned<Count>>,
+}
+
+/// An integer as written, sign and all, so that `rpm: -5` is reported as "must be
+/// greater than 0" rather than as a type error. Anything else that is not an
+/// integer is refused without repeating it (it may be a misplaced secret).
+struct Count(i128);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Count, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Count;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a whole number")
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Count, E> {
+                Ok(Count(v.into()))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Count, E> {
+                Ok(Count(v.into()))
+            }
+            fn visit_i128<E>(self, v: i128) -> Result<Count, E> {
+                Ok(Count(v))
+            }
+            fn visit_u128<E: serde::de::Error>(self, v: u128) -> Result<Count, E> {
+                i128::try_from(v)
+                    .map(Count)
+                    .map_err(|_| E::custom("number is too large"))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Count, E> {
+                // The YAML layer hands over integers beyond 64 bits as floats; keep
+                // them as (saturated) integers so the range check names the field.
+                if v.fract() == 0.0 && v.abs() > i64::MAX as f64 {
+                    return Ok(Count(v as i128));
+                }
+                Err(E::custom(format!("expected a whole number, found {v}")))
+            }
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Count, E> {
+                Err(E::custom("expected a whole number, found text"))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// A bearer secret while the file is being read; only its digest outlives parsing.
+#[derive(Deserialize)]
+#[serde(transparent)]
+struct SecretText(String);
+
+pub(super) fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    let raw: RawFile =
+        serde_saphyr::from_str(text).map_err(|e| ConfigError::from_yaml(origin, text, &e))?;
+    validate(raw, origin)
+}
+
+fn validate(raw: RawFile, origin: &str) -> Result<Config, ConfigError> {
+    let err = |at: Location, message: String| ConfigError::at(origin, at, message);
+
+    let (window, precision) = window_and_precision(&raw, origin)?;
+
+    let default_max_output_tokens = match &raw.default_max_output_tokens {
+        Some(v) => positive(v, "default_max_output_tokens", u64::MAX as i128)
+            .map_err(|m| err(v.referenced, m))? as u64,
+        None => Config::DEFAULT_MAX_OUTPUT_TOKENS,
+    };
+    let max_body_bytes = match &raw.max_body_bytes {
+        Some(v) => positive(v, "max_body_bytes", usize::MAX as i128)
+            .map_err(|m| err(v.referenced, m))? as usize,
+        None => Config::DEFAULT_MAX_BODY_BYTES,
+    };
+
+    let mut keys = Vec::with_capacity(raw.keys.len());
+    let mut by_name: HashMap<String, usize> = HashMap::new();
+    // Digest → index into `keys`, so a duplicate secret can name its first holder.
+    let mut by_digest: HashMap<[u8; 32], usize> = HashMap::new();
+    let mut name_lines = Vec::with_capacity(raw.keys.len());
+
+    for (position, entry) in raw.keys.iter().enumerate() {
+        let entry_at = entry.referenced;
+        let entry = &entry.value;
+
+        let Some(raw_name) = &entry.name else {
+            return Err(err(
+                entry_at,
+                format!("entry {} of `keys` is missing `name`", position + 1),
+            ));
+        };
+        let name = KeyName::new(&raw_name.value).map_err(|m| err(raw_name.referenced, m))?;
+        if let Some(&first) = by_name.get(name.as_str()) {
+            return Err(err(
+                raw_name.referenced,
+                format!(
+                    "duplicate key name `{name}` (first defined at line {})",
+                    name_lines[first]
+                ),
+            ));
+        }
+
+        let (digest, secret_at) = match (&entry.key, &entry.key_sha256) {
+            (Some(_), Some(hashed)) => {
+                return Err(err(
+                    hashed.referenced,
+                    format!("key `{name}` sets both `key` and `key_sha256`; set exactly one"),
+                ))
+            }
+            (None, None) => {
+                return Err(err(
+                    entry_at,
+                    format!("key `{name}` sets neither `key` nor `key_sha256`; set exactly one"),
+                ))
+            }
+            (Some(secret), None) => {
+                if secret.value.0.is_empty() {
+                    return Err(err(
+                        secret.referenced,
+                        format!("key `{name}` has an empty `key`"),
+                    ));
+                }
+                let digest: [u8; 32] = Sha256::digest(secret.value.0.as_bytes()).into();
+                (digest, secret.referenced)
+            }
+            (None, Some(hashed)) => (
+                sha256_hex(&hashed.value)
+                    .map_err(|m| err(hashed.referenced, format!("key `{name}`: {m}")))?,
+                hashed.referenced,
+            ),
+        };
+        if let Some(&first) = by_digest.get(&digest) {
+            let first: &KeySpec = &keys[first];
+            return Err(err(
+                secret_at,
+                format!("key `{name}` has the same secret as key `{}`", first.name),
+            ));
+        }
+
+        let limit = |value: &Option<Spanned<Count>>, field: &str| match value {
+            None => Err(err(entry_at, format!("key `{name}` is missing `{field}`"))),
+            Some(v) => positive(v, field, u64::MAX as i128)
+                .map(|n| n as u64)
+                .map_err(|m| err(v.referenced, m)),
+        };
+        let limits = Limits {
+            requests: limit(&entry.rpm, "rpm")?,
+            input_tokens: limit(&entry.input_tpm, "input_tpm")?,
+            output_tokens: limit(&entry.output_tpm, "output_tpm")?,
+        };
+
+        let index = keys.len();
+        by_name.insert(name.as_str().to_owned(), index);
+        by_digest.insert(digest, index);
+        name_lines.push(raw_name.referenced.line());
+        keys.push(KeySpec { name, limits });
+    }
+
+    Ok(Config {
+        window,
+        precision,
+        default_max_output_tokens,
+        max_body_bytes,
+        keys,
+        by_digest,
+        by_name,
+    })
+}
+
+/// The window and bucket width, checked against each other. A problem with their
+/// relation is reported on `window` when the file sets it, else on `precision`.
+fn window_and_precision(raw: &RawFile, origin: &str) -> Result<(Duration, Duration), ConfigError> {
+    let err = |at: Location, message: String| ConfigError::at(origin, at, message);
+    let read = |field: &Option<Spanned<String>>, name: &str, default: Duration| match field {
+        Some(text) => parse_duration(&text.value)
+            .map(|d| (d, format!("`{}`", text.value), Some(text.referenced)))
+            .map_err(|m| err(text.referenced, format!("{name}: {m}"))),
+        None => Ok((default, format!("{default:?} (the default)"), None)),
+    };
+    let (precision, precision_text, precision_at) =
+        read(&raw.precision, "precision", Config::DEFAULT_PRECISION)?;
+    let (window, window_text, window_at) = read(&raw.window, "window", Config::DEFAULT_WINDOW)?;
+
+    if let Some(at) = precision_at {
+        if precision.is_zero() {
+            return Err(err(at, "precision must be greater than 0".into()));
+        }
+        if precision >= Duration::from_secs(1) {
+            return Err(err(
+                at,
+                format!("precision must be less than 1s, got {precision_text}"),
+            ));
+        }
+    }
+    // Both are known to be set here if they break a rule: the defaults agree.
+    let Some(at) = window_at.or(precision_at) else {
+        return Ok((window, precision));
+    };
+    if window.is_zero() {
+        return Err(err(at, "window must be greater than 0".into()));
+    }
+    if window < precision {
+        return Err(err(
+            at,
+            format!("window {window_text} is shorter than precision {precision_text}"),
+        ));
+    }
+    if window.as_nanos() % precision.as_nanos() != 0 {
+        return Err(err(
+            at,
+            format!("window {window_text} is not a whole multiple of precision {precision_text}"),
+        ));
+    }
+    Ok((window, precision))
+}
+
+/// `value` if it is in `1..=max`, else the message saying why not.
+fn positive(value: &Spanned<Count>, field: &str, max: i128) -> Result<i128, String> {
+    match value.value.0 {
+        v if v <= 0 => Err(format!("{field} must be greater than 0, got {v}")),
+        // Not "got {v}": a value this large may have been rounded on the way in.
+        v if v > max => Err(format!("{field} must be at most {max}")),
+        v => Ok(v),
+    }
+}
+
+/// Decodes a `key_sha256` value. The message never repeats the value: a digest is
+/// not the secret, but it is not for logs either.
+fn sha256_hex(text: &str) -> Result<[u8; 32], String> {
+    let what = "`key_sha256` must be 64 hexadecimal characters (a SHA-256 digest)";
+    if text.len() != 64 {
+        return Err(format!("{what}, got {} characters", text.chars().count()));
+    }
+    let mut digest = [0u8; 32];
+    hex::decode_to_slice(text, &mut digest)
+        .map_err(|_| format!("{what}, found a character that is not hexadecimal"))?;
+    Ok(digest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SHA-256 of `sk-test-tier-b`.
+    const TIER_B_SHA256: &str = "0f8b43cc04dd00411e678eb452ffa207345b57430267115e59dbbba21ef45372";
+
+    const VALID: &str = "\
+window: 1m30s
+precision: 250ms
+default_max_output_tokens: 512
+max_body_bytes: 2048
+keys:
+  - name: team-a
+    key: sk-test-tier-a
+    rpm: 600
+    input_tpm: 200000
+    output_tpm: 50000
+  - name: team.b_2
+    key_sha256: 0F8B43CC04DD00411E678EB452FFA207345B57430267115E59DBBBA21EF45372
+    rpm: 1
+    input_tpm: 2
+    output_tpm: 3
+";
+
+    /// One valid key entry at lines 2-6, for tests to break one line of.
+    fn one_key(extra_top: &str, entry: &str) -> String {
+        format!("{extra_top}keys:\n{entry}")
+    }
+
+    const ENTRY: &str =
+        "  - name: a\n    key: sk-secret-one\n    rpm: 1\n    input_tpm: 1\n    output_tpm: 1\n";
+
+    /// Parses `text`, expecting an error at `line:column` whose message contains
+    /// `needle`, and checks that no secret leaked into it.
+    #[track_caller]
+    fn assert_error(text: &str, line: usize, column: usize, needle: &str) {
+        let err = match parse(text, "cfg.yaml") {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(e) => e,
+        };
+        let shown = err.to_string();
+        assert_eq!((err.line, err.column), (line, column), "{shown}");
+        assert!(err.message.contains(needle), "{shown:?} lacks {needle:?}");
+        assert!(
+            shown.starts_with(&format!("cfg.yaml:{line}:{column}: ")),
+            "{shown}"
+        );
+        // Every secret in these tests starts with `sk-`; digests are not echoed either.
+        assert!(
+            !shown.contains("sk-") && !format!("{err:?}").contains("sk-"),
+            "{shown}"
+        );
+        assert!(!shown.to_lowercase().contains("0f8b43cc"), "{shown}");
+    }
+
+    #[test]
+    fn valid_file_parses_to_its_values() {
+        let config = parse(VALID, "cfg.yaml").unwrap();
+        assert_eq!(config.window(), Duration::from_secs(90));
+        assert_eq!(config.precision(), Duration::from_millis(250));
+        assert_eq!(config.default_max_output_tokens(), 512);
+        assert_eq!(config.max_body_bytes(), 2048);
+        let names: Vec<_> = config.keys().iter().map(|k| k.name.as_str()).collect();
+        assert_eq!(names, ["team-a", "team.b_2"]);
+        assert_eq!(
+            config.key_by_secret("sk-test-tier-a").unwrap().limits,
+            Limits {
+                requests: 600,
+                input_tokens: 200_000,
+                output_tokens: 50_000
+            }
+        );
+        // Found through `key_sha256` alone (written in upper case).
+        let b = config.key_by_secret("sk-test-tier-b").unwrap();
+        assert_eq!(b.name.as_str(), "team.b_2");
+        assert_eq!(
+            b.limits,
+            Limits {
+                requests: 1,
+                input_tokens: 2,
+                output_tokens: 3
+            }
+        );
+        assert!(config.key_by_secret("sk-test-tier-c").is_none());
+        assert!(config.key_by_secret("").is_none());
+        assert_eq!(
+            config.key_by_name("team-a"),
+            config.key_by_secret("sk-test-tier-a")
+        );
+        assert!(config.key_by_name("sk-test-tier-a").is_none());
+    }
+
+    #[test]
+    fn omitted_settings_take_their_defaults() {
+        let config = parse(&one_key("", ENTRY), "cfg.yaml").unwrap();
+        assert_eq!(config.window(), Duration::from_secs(60));
+        assert_eq!(config.precision(), Duration::from_millis(100));
+        assert_eq!(config.default_max_output_tokens(), 1024);
+        assert_eq!(config.max_body_bytes(), 1024 * 1024);
+    }
+
+    #[test]
+    fn empty_key_list_is_allowed() {
+        let config = parse("keys: []\n", "cfg.yaml").unwrap();
+        assert!(config.keys().is_empty());
+        assert!(config.key_by_secret("anything").is_none());
+    }
+
+    #[test]
+    fn debug_output_shows_no_secret_or_digest() {
+        let shown = format!("{:?}", parse(VALID, "cfg.yaml").unwrap());
+        assert!(shown.contains("team-a"), "{shown}");
+        assert!(!shown.contains("sk-"), "{shown}");
+        assert!(!shown.to_lowercase().contains("0f8b43cc"), "{shown}");
+        // The digest of `sk-test-tier-a`, as bytes: 0xcc, 0x94, ...
+        assert!(!shown.contains("204, 148"), "{shown}");
+    }
+
+    #[test]
+    fn yaml_syntax_error() {
+        let text = "keys:\n  - name: a\n    key: \"sk-unterminated\n    rpm: 1\n";
+        assert_error(text, 3, 10, "unclosed quote");
+        assert_error(
+            "window: 60s\n  precision: 100ms\nkeys: []\n",
+            2,
+            12,
+            "mapping values are not allowed",
+        );
+    }
+
+    #[test]
+    fn unknown_fields_anywhere() {
+        assert_error("windo: 60s\nkeys: []\n", 1, 1, "unknown field `windo`");
+        let entry = format!("{ENTRY}    burst: 3\n");
+        assert_error(&one_key("", &entry), 7, 5, "unknown field `burst`");
+    }
+
+    #[test]
+    fn missing_required_fields() {
+        assert_error("window: 60s\n", 1, 1, "missing field `keys`");
+        let entry = ENTRY.replace("    output_tpm: 1\n", "");
+        assert_error(
+            &one_key("", &entry),
+            2,
+            5,
+            "key `a` is missing `output_tpm`",
+        );
+        let entry = ENTRY.replace("  - name: a\n    key", "  - key");
+        assert_error(
+            &one_key("", &entry),
+            2,
+            5,
+            "entry 1 of `keys` is missing `name`",
+        );
+    }
+
+    #[test]
+    fn wrong_types() {
+        assert_error(
+            &one_key("", &ENTRY.replace("rpm: 1", "rpm: lots")),
+            4,
+            10,
+            "whole number",
+        );
+        assert_error(
+            &one_key("", &ENTRY.replace("rpm: 1", "rpm: 1.5")),
+            4,
+            10,
+            "whole number",
+        );
+        // A secret pasted into a number field is not repeated.
+        assert_error(
+            &one_key("", &ENTRY.replace("rpm: 1", "rpm: sk-oops")),
+            4,
+            10,
+            "text",
+        );
+        assert_error(
+            &one_key("", &ENTRY.replace("key: sk-secret-one", "key: [sk-a]")),
+            3,
+            10,
+            "expected string",
+        );
+        assert_error("window: [1]\nkeys: []\n", 1, 9, "expected string");
+        assert_error("keys: {}\n", 1, 7, "expected sequence");
+        assert_error("- a\n", 1, 1, "expected mapping");
+    }
+
+    #[test]
+    fn zero_or_negative_limits() {
+        let zero = one_key("", &ENTRY.replace("input_tpm: 1", "input_tpm: 0"));
+        assert_error(&zero, 5, 16, "input_tpm must be greater than 0, got 0");
+        let negative = one_key("", &ENTRY.replace("output_tpm: 1", "output_tpm: -5"));
+        assert_error(
+            &negative,
+            6,
+            17,
+            "output_tpm must be greater than 0, got -5",
+        );
+        let huge = one_key("", &ENTRY.replace("rpm: 1", "rpm: 18446744073709551616"));
+        assert_error(&huge, 4, 10, "rpm must be at most 18446744073709551615");
+        let huge = one_key(
+            "",
+            &ENTRY.replace("rpm: 1", "rpm: 99999999999999999999999999999999999999999"),
+        );
+        assert_error(&huge, 4, 10, "rpm must be at most 18446744073709551615");
+        assert_error(
+            &one_key("default_max_output_tokens: 0\n", ENTRY),
+            1,
+            28,
+            "greater than 0",
+        );
+        assert_error(
+            &one_key("max_body_bytes: -1\n", ENTRY),
+            1,
+            17,
+            "greater than 0",
+        );
+    }
+
+    #[test]
+    fn precision_must_be_under_a_second_and_not_zero() {
+        assert_error(
+            &one_key("precision: 1s\n", ENTRY),
+            1,
+            12,
+            "less than 1s, got `1s`",
+        );
+        assert_error(
+            &one_key("precision: 1500ms\n", ENTRY),
+            1,
+            12,
+            "less than 1s",
+        );
+        assert_error(
+            &one_key("precision: 0ms\n", ENTRY),
+            1,
+            12,
+            "precision must be greater than 0",
+        );
+        assert_error(&one_key("precision: 100\n", ENTRY), 1, 12, "no unit");
+        assert!(parse(&one_key("precision: 999ms\nwindow: 999ms\n", ENTRY), "c").is_ok());
+    }
+
+    #[test]
+    fn window_must_be_a_whole_multiple_of_precision() {
+        let text = one_key("precision: 100ms\nwindow: 1050ms\n", ENTRY);
+        assert_error(
+            &text,
+            2,
+            9,
+            "window `1050ms` is not a whole multiple of precision `100ms`",
+        );
+        let text = one_key("window: 50ms\n", ENTRY);
+        assert_error(&text, 1, 9, "shorter than precision 100ms (the default)");
+        // Only precision set, and the default window does not divide by it.
+        let text = one_key("precision: 70ms\n", ENTRY);
+        assert_error(
+            &text,
+            1,
+            12,
+            "window 60s (the default) is not a whole multiple",
+        );
+        assert_error(
+            &one_key("window: 0s\n", ENTRY),
+            1,
+            9,
+            "window must be greater than 0",
+        );
+        assert_error(
+            &one_key("window: 1.5.s\n", ENTRY),
+            1,
+            9,
+            "window: expected a duration",
+        );
+    }
+
+    #[test]
+    fn duplicate_names() {
+        let second = ENTRY.replace("sk-secret-one", "sk-secret-two");
+        let text = one_key("", &format!("{ENTRY}{second}"));
+        assert_error(
+            &text,
+            7,
+            11,
+            "duplicate key name `a` (first defined at line 2)",
+        );
+    }
+
+    #[test]
+    fn duplicate_secrets_name_both_keys() {
+        let second = ENTRY.replace("name: a", "name: b");
+        let text = one_key("", &format!("{ENTRY}{second}"));
+        assert_error(&text, 8, 10, "key `b` has the same secret as key `a`");
+
+        // The same secret once in clear and once as its digest.
+        let clear = ENTRY.replace("sk-secret-one", "sk-test-tier-b");
+        let hashed = format!(
+            "  - name: b\n    key_sha256: {TIER_B_SHA256}\n    rpm: 1\n    input_tpm: 1\n    output_tpm: 1\n"
+        );
+        assert_error(
+            &one_key("", &format!("{clear}{hashed}")),
+            8,
+            17,
+            "key `b` has the same secret as key `a`",
+        );
+        // And the same digest twice, either case.
+        let upper = hashed
+            .replace("name: b", "name: c")
+            .replace(TIER_B_SHA256, &TIER_B_SHA256.to_uppercase());
+        assert_error(
+            &one_key("", &format!("{hashed}{upper}")),
+            8,
+            17,
+            "key `c` has the same secret as key `b`",
+        );
+    }
+
+    #[test]
+    fn exactly_one_of_key_and_key_sha256() {
+        let both = ENTRY.replace(
+            "    rpm",
+            &format!("    key_sha256: {TIER_B_SHA256}\n    rpm"),
+        );
+        assert_error(
+            &one_key("", &both),
+            4,
+            17,
+            "sets both `key` and `key_sha256`",
+        );
+        let neither = ENTRY.replace("    key: sk-secret-one\n", "");
+        assert_error(
+            &one_key("", &neither),
+            2,
+            5,
+            "sets neither `key` nor `key_sha256`",
+        );
+        let empty = ENTRY.replace("key: sk-secret-one", "key: ''");
+        assert_error(&one_key("", &empty), 3, 10, "empty `key`");
+    }
+
+    #[test]
+    fn bad_hex_digest() {
+        let entry =
+            |digest: &str| ENTRY.replace("key: sk-secret-one", &format!("key_sha256: {digest}"));
+        let short = one_key("", &entry("abc123"));
+        assert_error(
+            &short,
+            3,
+            17,
+            "64 hexadecimal characters (a SHA-256 digest), got 6 characters",
+        );
+        let not_hex = one_key("", &entry(&format!("{}zz", &TIER_B_SHA256[..62])));
+        assert_error(&not_hex, 3, 17, "not hexadecimal");
+    }
+
+    #[test]
+    fn bad_name() {
+        let text = one_key("", &ENTRY.replace("name: a", "name: team a"));
+        assert_error(&text, 2, 11, "may contain only letters");
+        let text = one_key("", &ENTRY.replace("name: a", "name: ''"));
+        assert_error(&text, 2, 11, "1 to 64 characters");
+    }
+
+    #[test]
+    fn parser_messages_have_secrets_redacted() {
+        // A message built by the YAML parser, on the line of a secret.
+        let text = "keys:\n  - name: a\n    key: sk-secret-one: oops\n";
+        let err = parse(text, "cfg.yaml").unwrap_err();
+        assert_eq!((err.line, err.column), (3, 23), "{err}");
+        assert!(!err.to_string().contains("sk-secret-one"), "{err}");
+    }
+}
