@@ -1,1 +1,100 @@
-fn main() {}
+//! The `llm-ratelimit` binary: `serve` and `check-config`. Thin: the work is in the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use llm_ratelimit::config::Config;
+use llm_ratelimit::serve::{run, Options};
+
+#[derive(Parser)]
+#[command(name = "llm-ratelimit", version, about = "Sliding-window RPM / input TPM / output TPM limits for OpenAI-compatible traffic")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the limiter.
+    Serve {
+        /// The key configuration (YAML).
+        #[arg(long, env = "LLM_RATELIMIT_CONFIG")]
+        config: PathBuf,
+        /// gRPC listener (Envoy ext_authz, ext_proc, ShouldRateLimit).
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        grpc_addr: SocketAddr,
+        /// HTTP listener (/v1/check, /v1/report, /v1/usage, /metrics, /healthz, /readyz).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http_addr: SocketAddr,
+        /// redis://, rediss:// or redis+cluster://host:port[,host:port...]; absent = in-process store.
+        #[arg(long, env = "REDIS_URL")]
+        redis_url: Option<String>,
+        /// Deadline of one store call, in milliseconds.
+        #[arg(long, default_value_t = 50)]
+        redis_timeout_ms: u64,
+        /// This node's name in logs (default: the hostname).
+        #[arg(long, env = "NODE_ID")]
+        node_id: Option<String>,
+    },
+    /// Validate a config file: exit 0 if valid, else 1 with file:line:col and why.
+    CheckConfig {
+        path: PathBuf,
+    },
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "node".into())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { path } => match Config::load(&path) {
+            Ok(config) => {
+                println!("{}: ok, {} keys", path.display(), config.keys().len());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Serve { config, grpc_addr, http_addr, redis_url, redis_timeout_ms, node_id } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .init();
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let options = Options {
+                config,
+                grpc_addr,
+                http_addr,
+                redis_url: redis_url.filter(|u| !u.is_empty()),
+                redis_timeout: Duration::from_millis(redis_timeout_ms),
+                node_id: node_id.unwrap_or_else(hostname),
+            };
+            match runtime.block_on(run(options)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("llm-ratelimit: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use crate::engine::{KeyName, Limits};
+use crate::engine::{KeyName, Limits, WindowShape};
 
 pub use error::ConfigError;
 pub use watch::{spawn_watcher, ReloadOutcome};
@@ -37,6 +37,7 @@ pub struct KeySpec {
 pub struct Config {
     window: Duration,
     precision: Duration,
+    shape: WindowShape,
     default_max_output_tokens: u64,
     max_body_bytes: usize,
     keys: Vec<KeySpec>,
@@ -73,6 +74,11 @@ impl Config {
     /// Width of one bucket of the window: the window's error bound.
     pub fn precision(&self) -> Duration {
         self.precision
+    }
+
+    /// The window as the stores count it.
+    pub fn shape(&self) -> WindowShape {
+        self.shape
     }
 
     /// Output tokens reserved for a request that sets no maximum.

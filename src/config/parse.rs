@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 
 use super::duration::parse_duration;
 use super::{Config, ConfigError, KeySpec};
+use crate::engine::WindowShape;
 use crate::engine::{KeyName, Limits};
 
 #[derive(Deserialize)]
@@ -194,9 +195,12 @@ fn validate(raw: RawFile, origin: &str) -> Result<Config, ConfigError> {
         keys.push(KeySpec { name, limits });
     }
 
+    let shape = WindowShape::new(window, precision)
+        .map_err(|m| ConfigError::unlocated(origin, m))?;
     Ok(Config {
         window,
         precision,
+        shape,
         default_max_output_tokens,
         max_body_bytes,
         keys,
@@ -227,6 +231,13 @@ fn window_and_precision(raw: &RawFile, origin: &str) -> Result<(Duration, Durati
             return Err(err(
                 at,
                 format!("precision must be less than 1s, got {precision_text}"),
+            ));
+        }
+        // The stores count buckets in whole milliseconds (Redis TIME is read in ms).
+        if precision.subsec_nanos() % 1_000_000 != 0 {
+            return Err(err(
+                at,
+                format!("precision must be a whole number of milliseconds, got {precision_text}"),
             ));
         }
     }

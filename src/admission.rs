@@ -1,0 +1,287 @@
+//! The request path, in one place for every caller (HTTP `/v1/check` and `/v1/report`
+//! now, Envoy's gRPC APIs next): key from the bearer header → the OpenAI request
+//! understood (input tokens, output reservation) → one store call → an [`Answer`].
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+
+use crate::answer::Answer;
+use crate::config::Config;
+use crate::engine::{Charge, Decision, KeyName, Reservation, Settlement, Store, Usage};
+use crate::metrics::{DecisionLabels, Metrics, OutcomeLabels, TokenLabels};
+use crate::openai::{Endpoint, OutputMeter, Tokenizer};
+
+/// A client request as it reached the gateway.
+pub struct ClientRequest<'a> {
+    pub authorization: Option<&'a str>,
+    pub path: &'a str,
+    pub body: &'a [u8],
+}
+
+/// An admitted request: what the upstream and the settlement hook need.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Admitted {
+    pub key: KeyName,
+    /// Opaque handle for the post-response hook; `None` when nothing is to settle.
+    pub reservation: Option<String>,
+    pub input_tokens: u64,
+    pub output_reserved: u64,
+}
+
+/// What `check` decided: the answer to give, and on admission what was admitted.
+pub struct Verdict {
+    pub answer: Answer,
+    pub admitted: Option<Admitted>,
+}
+
+impl From<Answer> for Verdict {
+    fn from(answer: Answer) -> Verdict {
+        Verdict { answer, admitted: None }
+    }
+}
+
+/// What a settlement found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Report {
+    /// The real output tokens settled; `None` when the response showed none and the
+    /// reservation was left as it was.
+    pub output_tokens: Option<u64>,
+    pub settlement: Option<Settlement>,
+}
+
+pub struct Limiter {
+    config: Arc<ArcSwap<Config>>,
+    store: Store,
+    tokenizer: Tokenizer,
+    metrics: Arc<Metrics>,
+}
+
+/// The bearer secret from an `Authorization` value (`Bearer <key>`, any case).
+fn bearer(authorization: Option<&str>) -> Option<&str> {
+    let value = authorization?.trim();
+    let (scheme, key) = value.split_once(' ')?;
+    let key = key.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
+}
+
+/// The endpoint travels inside the settlement handle, so the hook knows how to read
+/// the response: `<endpoint letter><engine handle>`.
+fn endpoint_letter(e: Endpoint) -> char {
+    match e {
+        Endpoint::ChatCompletions => 'c',
+        Endpoint::Completions => 't',
+        Endpoint::Embeddings => 'e',
+        Endpoint::Responses => 'r',
+        Endpoint::Other => 'o',
+    }
+}
+
+fn endpoint_of(letter: char) -> Option<Endpoint> {
+    Some(match letter {
+        'c' => Endpoint::ChatCompletions,
+        't' => Endpoint::Completions,
+        'e' => Endpoint::Embeddings,
+        'r' => Endpoint::Responses,
+        'o' => Endpoint::Other,
+        _ => return None,
+    })
+}
+
+impl Limiter {
+    pub fn new(config: Arc<ArcSwap<Config>>, store: Store, metrics: Arc<Metrics>) -> Limiter {
+        Limiter {
+            config,
+            store,
+            tokenizer: Tokenizer::new(),
+            metrics,
+        }
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Admission: all three limits reserved at once, or a denial that records nothing.
+    pub async fn check(&self, req: ClientRequest<'_>) -> Verdict {
+        let config = self.config.load();
+        let Some(secret) = bearer(req.authorization) else {
+            self.metrics.reject("unauthorized");
+            return Answer::invalid_api_key(req.authorization.is_none()).into();
+        };
+        let Some(spec) = config.key_by_secret(secret) else {
+            self.metrics.reject("unauthorized");
+            return Answer::invalid_api_key(false).into();
+        };
+        if req.body.len() > config.max_body_bytes() {
+            self.metrics.reject("body_too_large");
+            return Answer::body_too_large(config.max_body_bytes()).into();
+        }
+        let endpoint = Endpoint::from_path(req.path);
+        let request = match self.tokenizer.understand(endpoint, req.body) {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.reject("invalid_request");
+                return Answer::invalid_request(&e.message, e.param.as_deref()).into();
+            }
+        };
+        let output_reserved = if request.reserves_output {
+            request
+                .max_output_tokens
+                .unwrap_or(config.default_max_output_tokens())
+        } else {
+            0
+        };
+        let want = Usage {
+            requests: 1,
+            input_tokens: request.input_tokens,
+            output_tokens: output_reserved,
+        };
+        let started = Instant::now();
+        let decision = self
+            .store
+            .reserve(&spec.name, config.shape(), &spec.limits, &want, Charge::Check, request.reserves_output)
+            .await;
+        self.metrics.store_seconds.observe(started.elapsed().as_secs_f64());
+        let decision = match decision {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(key = %spec.name, error = %e, "store failed; answering 503");
+                self.metrics.reject("store_unavailable");
+                return Answer::store_unavailable().into();
+            }
+        };
+        let key = spec.name.to_string();
+        match decision {
+            Decision::Admitted { snapshot, reservation } => {
+                self.metrics
+                    .decisions
+                    .get_or_create(&DecisionLabels { key: key.clone(), outcome: "admitted" })
+                    .inc();
+                self.count_tokens(&key, "input", want.input_tokens);
+                self.count_tokens(&key, "output_reserved", output_reserved);
+                Verdict {
+                    answer: Answer::admitted(&spec.limits, &snapshot),
+                    admitted: Some(Admitted {
+                        key: spec.name.clone(),
+                        reservation: reservation
+                            .map(|r| format!("{}{}", endpoint_letter(endpoint), r.handle())),
+                        input_tokens: want.input_tokens,
+                        output_reserved,
+                    }),
+                }
+            }
+            Decision::Denied { snapshot, limit, retry_after_ms } => {
+                self.metrics
+                    .decisions
+                    .get_or_create(&DecisionLabels { key, outcome: limit.as_str() })
+                    .inc();
+                Answer::rate_limited(&spec.name, &spec.limits, &snapshot, limit, &want, retry_after_ms)
+                    .into()
+            }
+        }
+    }
+
+    fn count_tokens(&self, key: &str, kind: &'static str, n: u64) {
+        if n > 0 {
+            self.metrics
+                .tokens
+                .get_or_create(&TokenLabels { key: key.to_string(), kind })
+                .inc_by(n);
+        }
+    }
+
+    /// Reads a settlement handle; `None` for anything that is not one of ours.
+    pub fn parse_handle(handle: &str) -> Option<(Endpoint, Reservation)> {
+        let mut chars = handle.chars();
+        let endpoint = endpoint_of(chars.next()?)?;
+        Some((endpoint, Reservation::from_handle(chars.as_str())?))
+    }
+
+    /// Settles a reservation from the upstream's response: its usage, or the tokens of
+    /// its streamed text; an upstream error without usage releases the reservation. A
+    /// response that shows nothing usable leaves the reservation as it was.
+    pub async fn settle(
+        &self,
+        reservation: &Reservation,
+        upstream_status: Option<u16>,
+        meter: OutputMeter,
+    ) -> Result<Report, Answer> {
+        let failed = upstream_status.is_some_and(|s| s >= 400);
+        let tokens = match meter.finish(&self.tokenizer) {
+            Some(count) => Some(count.tokens),
+            None if failed => Some(0),
+            None => None,
+        };
+        let Some(tokens) = tokens else {
+            self.metrics.settlements.get_or_create(&OutcomeLabels { outcome: "no_usage" }).inc();
+            return Ok(Report { output_tokens: None, settlement: None });
+        };
+        let settlement = self.store.settle(reservation, tokens).await.map_err(|e| {
+            tracing::warn!(key = %reservation.key, error = %e, "store failed while settling");
+            self.metrics.reject("store_unavailable");
+            Answer::store_unavailable()
+        })?;
+        let outcome = match settlement {
+            Settlement::Applied { .. } => {
+                self.count_tokens(reservation.key.as_str(), "output_settled", tokens);
+                "applied"
+            }
+            Settlement::Expired => "expired",
+            Settlement::Unknown => "unknown",
+        };
+        self.metrics.settlements.get_or_create(&OutcomeLabels { outcome }).inc();
+        Ok(Report { output_tokens: Some(tokens), settlement: Some(settlement) })
+    }
+
+    /// A key's current window, by name.
+    pub async fn usage(&self, name: &str) -> Result<serde_json::Value, Answer> {
+        let config = self.config.load();
+        let Some(spec) = config.key_by_name(name) else {
+            return Err(Answer::not_found(&format!("No key named '{name}' is configured.")));
+        };
+        let snap = self
+            .store
+            .usage(&spec.name, config.shape())
+            .await
+            .map_err(|_| Answer::store_unavailable())?;
+        let part = |used: u64, limit: u64, reset_ms: u64| {
+            serde_json::json!({"used": used, "limit": limit, "remaining": limit.saturating_sub(used), "reset_ms": reset_ms})
+        };
+        Ok(serde_json::json!({
+            "key": spec.name.as_str(),
+            "window_ms": config.shape().window_ms(),
+            "precision_ms": config.shape().precision_ms(),
+            "requests": part(snap.usage.requests, spec.limits.requests, snap.reset_ms[0]),
+            "input_tokens": part(snap.usage.input_tokens, spec.limits.input_tokens, snap.reset_ms[1]),
+            "output_tokens": part(snap.usage.output_tokens, spec.limits.output_tokens, snap.reset_ms[2]),
+        }))
+    }
+
+    pub async fn ready(&self) -> bool {
+        self.store.ping().await.is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_keys_are_read_from_the_authorization_header() {
+        assert_eq!(bearer(Some("Bearer sk-1")), Some("sk-1"));
+        assert_eq!(bearer(Some("bearer   sk-1 ")), Some("sk-1"));
+        assert_eq!(bearer(Some("Basic abc")), None);
+        assert_eq!(bearer(Some("Bearer ")), None);
+        assert_eq!(bearer(None), None);
+    }
+}

@@ -1,0 +1,126 @@
+//! The HTTP surface (`--http-addr`): admission and settlement for Nginx and other
+//! non-Envoy callers, usage, health, readiness and metrics. Handlers only translate
+//! HTTP to [`Limiter`] calls and [`Answer`]s back.
+
+use std::sync::Arc;
+
+use axum::body::{to_bytes, Body};
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::admission::{ClientRequest, Limiter};
+use crate::answer::Answer;
+use crate::openai::OutputMeter;
+
+pub fn router(limiter: Arc<Limiter>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/usage/{name}", get(usage))
+        .route("/v1/check", post(check))
+        .route("/v1/report", post(report))
+        .with_state(limiter)
+}
+
+fn render(answer: Answer) -> Response {
+    let mut response = Response::new(Body::from(answer.body));
+    *response.status_mut() = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = response.headers_mut();
+    for (name, value) in answer.headers {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.append(name, v);
+        }
+    }
+    response
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn readyz(State(limiter): State<Arc<Limiter>>) -> Response {
+    if limiter.ready().await {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n").into_response()
+    }
+}
+
+async fn metrics(State(limiter): State<Arc<Limiter>>) -> Response {
+    (
+        [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        limiter.metrics().render(),
+    )
+        .into_response()
+}
+
+async fn usage(State(limiter): State<Arc<Limiter>>, Path(name): Path<String>) -> Response {
+    match limiter.usage(&name).await {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(answer) => render(answer),
+    }
+}
+
+/// Reads at most `limit` bytes of body; `None` when there are more.
+async fn body_within(body: Body, limit: usize) -> Option<axum::body::Bytes> {
+    to_bytes(body, limit).await.ok()
+}
+
+async fn check(State(limiter): State<Arc<Limiter>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let limit = limiter.config().max_body_bytes();
+    // One byte over the limit is enough to know it is too large.
+    let Some(body) = body_within(body, limit + 1).await else {
+        limiter.metrics().reject("body_too_large");
+        return render(Answer::body_too_large(limit));
+    };
+    let path = header(&parts.headers, "x-original-uri").unwrap_or("/v1/chat/completions");
+    let verdict = limiter
+        .check(ClientRequest {
+            authorization: header(&parts.headers, "authorization"),
+            path,
+            body: &body,
+        })
+        .await;
+    let mut response = render(verdict.answer);
+    if let Some(admitted) = verdict.admitted {
+        let headers = response.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(admitted.key.as_str()) {
+            headers.insert("x-llm-ratelimit-key", v);
+        }
+        if let Some(Ok(v)) = admitted.reservation.as_deref().map(HeaderValue::from_str) {
+            headers.insert("x-llm-ratelimit-reservation", v);
+        }
+    }
+    response
+}
+
+async fn report(State(limiter): State<Arc<Limiter>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let Some((endpoint, reservation)) = header(&parts.headers, "x-llm-ratelimit-reservation")
+        .and_then(Limiter::parse_handle)
+    else {
+        return render(Answer::invalid_request(
+            "x-llm-ratelimit-reservation is missing or is not a reservation handle.",
+            Some("x-llm-ratelimit-reservation"),
+        ));
+    };
+    let status = header(&parts.headers, "x-upstream-status").and_then(|s| s.trim().parse().ok());
+    let mut meter = OutputMeter::new(endpoint, "");
+    let mut stream = body.into_data_stream();
+    use futures_util::StreamExt;
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(bytes) => meter.feed(&bytes),
+            Err(_) => break,
+        }
+    }
+    match limiter.settle(&reservation, status, meter).await {
+        Ok(report) => axum::Json(serde_json::json!({ "output_tokens": report.output_tokens })).into_response(),
+        Err(answer) => render(answer),
+    }
+}

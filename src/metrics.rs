@@ -1,0 +1,83 @@
+//! Prometheus metrics, every series prefixed `llm_ratelimit_`. Keys appear by *name*
+//! only; a secret never reaches a label.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub key: String,
+    /// `admitted`, or the limit that denied: `requests`, `input_tokens`, `output_tokens`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectLabels {
+    /// `unauthorized`, `invalid_request`, `body_too_large`, `store_unavailable`.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub key: String,
+    /// `input`, `output_reserved`, `output_settled`.
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub decisions: Family<DecisionLabels, Counter>,
+    pub rejections: Family<RejectLabels, Counter>,
+    pub tokens: Family<TokenLabels, Counter>,
+    pub settlements: Family<OutcomeLabels, Counter>,
+    pub config_reloads: Family<OutcomeLabels, Counter>,
+    pub config_keys: Gauge,
+    pub store_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("llm_ratelimit");
+        let m = Metrics {
+            decisions: Family::default(),
+            rejections: Family::default(),
+            tokens: Family::default(),
+            settlements: Family::default(),
+            config_reloads: Family::default(),
+            config_keys: Gauge::default(),
+            store_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 14)),
+            registry: Registry::default(),
+        };
+        registry.register("decisions", "Admission decisions by key and outcome", m.decisions.clone());
+        registry.register("rejections", "Requests answered before a decision (401, 400, 413, 503)", m.rejections.clone());
+        registry.register("tokens", "Tokens counted by key: input, output reserved, output settled", m.tokens.clone());
+        registry.register("settlements", "Reservation settlements by outcome", m.settlements.clone());
+        registry.register("config_reloads", "Config reloads by outcome (applied, rejected)", m.config_reloads.clone());
+        registry.register("config_keys", "Keys in the config in force", m.config_keys.clone());
+        registry.register("store_call_seconds", "Latency of one store call", m.store_seconds.clone());
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn reject(&self, reason: &'static str) {
+        self.rejections.get_or_create(&RejectLabels { reason }).inc();
+    }
+}

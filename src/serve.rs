@@ -1,0 +1,86 @@
+//! `llm-ratelimit serve`: loads the config, opens the store, watches the config file,
+//! and runs the listeners until SIGTERM or Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::admission::Limiter;
+use crate::config::{spawn_watcher, Config, ReloadOutcome};
+use crate::engine::memory::MemoryStore;
+use crate::engine::redis::RedisStore;
+use crate::engine::Store;
+use crate::metrics::{Metrics, OutcomeLabels};
+
+pub struct Options {
+    pub config: PathBuf,
+    pub http_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    pub redis_url: Option<String>,
+    pub redis_timeout: Duration,
+    pub node_id: String,
+}
+
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    let config = Config::load(&options.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let metrics = Arc::new(Metrics::default());
+    metrics.config_keys.set(config.keys().len() as i64);
+    let config = Arc::new(ArcSwap::from_pointee(config));
+
+    let store = match &options.redis_url {
+        Some(url) => Store::Redis(RedisStore::connect(url, options.redis_timeout).map_err(anyhow::Error::msg)?),
+        None => Store::Memory(MemoryStore::new()),
+    };
+    let watcher = {
+        let (metrics, current) = (metrics.clone(), config.clone());
+        spawn_watcher(options.config.clone(), config.clone(), Duration::from_secs(1), move |outcome| {
+            let label = match outcome {
+                ReloadOutcome::Applied => {
+                    metrics.config_keys.set(current.load().keys().len() as i64);
+                    tracing::info!("config reloaded");
+                    "applied"
+                }
+                ReloadOutcome::Unchanged => return,
+                ReloadOutcome::Rejected(_) => "rejected",
+            };
+            metrics.config_reloads.get_or_create(&OutcomeLabels { outcome: label }).inc();
+        })
+    };
+
+    let limiter = Arc::new(Limiter::new(config, store, metrics));
+    let listener = tokio::net::TcpListener::bind(options.http_addr).await?;
+    tracing::info!(
+        node = %options.node_id,
+        http = %listener.local_addr()?,
+        grpc = %options.grpc_addr,
+        store = if options.redis_url.is_some() { "redis" } else { "memory" },
+        "llm-ratelimit serving"
+    );
+    axum::serve(listener, crate::http::router(limiter))
+        .with_graceful_shutdown(shutdown())
+        .await?;
+    watcher.abort();
+    Ok(())
+}
+
+async fn shutdown() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down");
+}
