@@ -11,11 +11,15 @@
 //! Counting follows OpenAI's own accounting where it is documented (the cookbook "How to
 //! count tokens with tiktoken"); the places where it is an estimate say so in their docs.
 
+mod chat;
 mod endpoint;
 mod error;
 mod json;
+mod request;
+mod responses;
 mod tokens;
 
 pub use endpoint::Endpoint;
 pub use error::RequestError;
+pub use request::LlmRequest;
 pub use tokens::Tokenizer;
