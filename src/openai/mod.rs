@@ -15,11 +15,13 @@ mod chat;
 mod endpoint;
 mod error;
 mod json;
+mod output;
 mod request;
 mod responses;
 mod tokens;
 
 pub use endpoint::Endpoint;
 pub use error::RequestError;
+pub use output::{OutputCount, OutputMeter, OutputSource};
 pub use request::LlmRequest;
 pub use tokens::Tokenizer;
