@@ -142,9 +142,9 @@ fn count_content(
 }
 
 /// Content parts of Chat (`text`, `image_url`, `refusal`, ...) and Responses (`input_text`,
-/// `output_text`, `input_image`, ...). Text parts count their text; a part's own framing
-/// is not billed separately as far as OpenAI documents, so none is added. Images use the
-/// vision rule above. Audio and file parts are not counted: their token cost depends on
+/// `output_text`, `input_image`, ...). Text parts count their text, summed with no joiner
+/// or per-part framing: an approximation, as OpenAI does not document how parts are joined
+/// (one text part counts exactly like a string content). Images use the vision rule above. Audio and file parts are not counted: their token cost depends on
 /// decoding the media, which the limiter does not do.
 pub(crate) fn count_parts(
     tokenizer: &Tokenizer,
