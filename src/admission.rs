@@ -38,7 +38,10 @@ pub struct Verdict {
 
 impl From<Answer> for Verdict {
     fn from(answer: Answer) -> Verdict {
-        Verdict { answer, admitted: None }
+        Verdict {
+            answer,
+            admitted: None,
+        }
     }
 }
 
@@ -149,9 +152,18 @@ impl Limiter {
         let started = Instant::now();
         let decision = self
             .store
-            .reserve(&spec.name, config.shape(), &spec.limits, &want, Charge::Check, request.reserves_output)
+            .reserve(
+                &spec.name,
+                config.shape(),
+                &spec.limits,
+                &want,
+                Charge::Check,
+                request.reserves_output,
+            )
             .await;
-        self.metrics.store_seconds.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .store_seconds
+            .observe(started.elapsed().as_secs_f64());
         let decision = match decision {
             Ok(d) => d,
             Err(e) => {
@@ -162,10 +174,16 @@ impl Limiter {
         };
         let key = spec.name.to_string();
         match decision {
-            Decision::Admitted { snapshot, reservation } => {
+            Decision::Admitted {
+                snapshot,
+                reservation,
+            } => {
                 self.metrics
                     .decisions
-                    .get_or_create(&DecisionLabels { key: key.clone(), outcome: "admitted" })
+                    .get_or_create(&DecisionLabels {
+                        key: key.clone(),
+                        outcome: "admitted",
+                    })
                     .inc();
                 self.count_tokens(&key, "input", want.input_tokens);
                 self.count_tokens(&key, "output_reserved", output_reserved);
@@ -180,13 +198,27 @@ impl Limiter {
                     }),
                 }
             }
-            Decision::Denied { snapshot, limit, retry_after_ms } => {
+            Decision::Denied {
+                snapshot,
+                limit,
+                retry_after_ms,
+            } => {
                 self.metrics
                     .decisions
-                    .get_or_create(&DecisionLabels { key, outcome: limit.as_str() })
+                    .get_or_create(&DecisionLabels {
+                        key,
+                        outcome: limit.as_str(),
+                    })
                     .inc();
-                Answer::rate_limited(&spec.name, &spec.limits, &snapshot, limit, &want, retry_after_ms)
-                    .into()
+                Answer::rate_limited(
+                    &spec.name,
+                    &spec.limits,
+                    &snapshot,
+                    limit,
+                    &want,
+                    retry_after_ms,
+                )
+                .into()
             }
         }
     }
@@ -195,7 +227,10 @@ impl Limiter {
         if n > 0 {
             self.metrics
                 .tokens
-                .get_or_create(&TokenLabels { key: key.to_string(), kind })
+                .get_or_create(&TokenLabels {
+                    key: key.to_string(),
+                    kind,
+                })
                 .inc_by(n);
         }
     }
@@ -223,8 +258,16 @@ impl Limiter {
             None => None,
         };
         let Some(tokens) = tokens else {
-            self.metrics.settlements.get_or_create(&OutcomeLabels { outcome: "no_usage" }).inc();
-            return Ok(Report { output_tokens: None, settlement: None });
+            self.metrics
+                .settlements
+                .get_or_create(&OutcomeLabels {
+                    outcome: "no_usage",
+                })
+                .inc();
+            return Ok(Report {
+                output_tokens: None,
+                settlement: None,
+            });
         };
         let settlement = self.store.settle(reservation, tokens).await.map_err(|e| {
             tracing::warn!(key = %reservation.key, error = %e, "store failed while settling");
@@ -239,24 +282,30 @@ impl Limiter {
             Settlement::Expired => "expired",
             Settlement::Unknown => "unknown",
         };
-        self.metrics.settlements.get_or_create(&OutcomeLabels { outcome }).inc();
-        Ok(Report { output_tokens: Some(tokens), settlement: Some(settlement) })
+        self.metrics
+            .settlements
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+        Ok(Report {
+            output_tokens: Some(tokens),
+            settlement: Some(settlement),
+        })
     }
 
     /// A key's current window, by name.
     pub async fn usage(&self, name: &str) -> Result<serde_json::Value, Answer> {
         let config = self.config.load();
         let Some(spec) = config.key_by_name(name) else {
-            return Err(Answer::not_found(&format!("No key named '{name}' is configured.")));
+            return Err(Answer::not_found(&format!(
+                "No key named '{name}' is configured."
+            )));
         };
         let snap = self
             .store
             .usage(&spec.name, config.shape())
             .await
             .map_err(|_| Answer::store_unavailable())?;
-        let part = |used: u64, limit: u64, reset_ms: u64| {
-            serde_json::json!({"used": used, "limit": limit, "remaining": limit.saturating_sub(used), "reset_ms": reset_ms})
-        };
+        let part = |used: u64, limit: u64, reset_ms: u64| serde_json::json!({"used": used, "limit": limit, "remaining": limit.saturating_sub(used), "reset_ms": reset_ms});
         Ok(serde_json::json!({
             "key": spec.name.as_str(),
             "window_ms": config.shape().window_ms(),

@@ -20,7 +20,13 @@ fn error_body(message: &str, kind: &str, param: Option<&str>, code: Option<&str>
 }
 
 impl Answer {
-    fn error(status: u16, message: &str, kind: &str, param: Option<&str>, code: Option<&str>) -> Answer {
+    fn error(
+        status: u16,
+        message: &str,
+        kind: &str,
+        param: Option<&str>,
+        code: Option<&str>,
+    ) -> Answer {
         Answer {
             status,
             headers: vec![("content-type", "application/json".into())],
@@ -35,7 +41,13 @@ impl Answer {
         } else {
             "Incorrect API key provided. You can find your API key in your account settings."
         };
-        Answer::error(401, message, "invalid_request_error", None, Some("invalid_api_key"))
+        Answer::error(
+            401,
+            message,
+            "invalid_request_error",
+            None,
+            Some("invalid_api_key"),
+        )
     }
 
     /// 400: not a valid OpenAI request for its path.
@@ -45,8 +57,15 @@ impl Answer {
 
     /// 413: a body over the configured size.
     pub fn body_too_large(limit: usize) -> Answer {
-        let message = format!("The request body is larger than the {limit} bytes this endpoint accepts.");
-        Answer::error(413, &message, "invalid_request_error", None, Some("request_too_large"))
+        let message =
+            format!("The request body is larger than the {limit} bytes this endpoint accepts.");
+        Answer::error(
+            413,
+            &message,
+            "invalid_request_error",
+            None,
+            Some("request_too_large"),
+        )
     }
 
     /// 503: the store could not decide; nothing was counted.
@@ -115,16 +134,31 @@ impl Answer {
 /// and OpenAI's own `-tokens` trio for the token limit with the least room left.
 pub fn rate_limit_headers(limits: &Limits, snapshot: &Snapshot) -> Vec<(&'static str, String)> {
     const NAMES: [[&str; 3]; 3] = [
-        ["x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"],
-        ["x-ratelimit-limit-input-tokens", "x-ratelimit-remaining-input-tokens", "x-ratelimit-reset-input-tokens"],
-        ["x-ratelimit-limit-output-tokens", "x-ratelimit-remaining-output-tokens", "x-ratelimit-reset-output-tokens"],
+        [
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-reset-requests",
+        ],
+        [
+            "x-ratelimit-limit-input-tokens",
+            "x-ratelimit-remaining-input-tokens",
+            "x-ratelimit-reset-input-tokens",
+        ],
+        [
+            "x-ratelimit-limit-output-tokens",
+            "x-ratelimit-remaining-output-tokens",
+            "x-ratelimit-reset-output-tokens",
+        ],
     ];
     let mut headers = Vec::with_capacity(12);
     let remaining = |k: LimitKind| limits.of(k).saturating_sub(snapshot.usage.of(k));
     for (kind, names) in LimitKind::ALL.into_iter().zip(NAMES) {
         headers.push((names[0], limits.of(kind).to_string()));
         headers.push((names[1], remaining(kind).to_string()));
-        headers.push((names[2], go_duration(snapshot.reset(kind).as_millis() as u64)));
+        headers.push((
+            names[2],
+            go_duration(snapshot.reset(kind).as_millis() as u64),
+        ));
     }
     // Least room as a share of the limit: input vs output.
     let share = |k: LimitKind| remaining(k) as f64 / limits.of(k).max(1) as f64;
@@ -134,7 +168,10 @@ pub fn rate_limit_headers(limits: &Limits, snapshot: &Snapshot) -> Vec<(&'static
         LimitKind::InputTokens
     };
     headers.push(("x-ratelimit-limit-tokens", limits.of(tightest).to_string()));
-    headers.push(("x-ratelimit-remaining-tokens", remaining(tightest).to_string()));
+    headers.push((
+        "x-ratelimit-remaining-tokens",
+        remaining(tightest).to_string(),
+    ));
     headers.push((
         "x-ratelimit-reset-tokens",
         go_duration(snapshot.reset(tightest).as_millis() as u64),
@@ -180,17 +217,36 @@ mod tests {
     fn snapshot(usage: [u64; 3], reset_ms: [u64; 3]) -> Snapshot {
         Snapshot {
             now_ms: 0,
-            usage: Usage { requests: usage[0], input_tokens: usage[1], output_tokens: usage[2] },
+            usage: Usage {
+                requests: usage[0],
+                input_tokens: usage[1],
+                output_tokens: usage[2],
+            },
             reset_ms,
         }
     }
 
     #[test]
     fn a_429_names_the_limit_and_when_to_retry() {
-        let limits = Limits { requests: 10, input_tokens: 1000, output_tokens: 500 };
+        let limits = Limits {
+            requests: 10,
+            input_tokens: 1000,
+            output_tokens: 500,
+        };
         let key = KeyName::new("team-a").unwrap();
-        let want = Usage { requests: 1, input_tokens: 300, output_tokens: 100 };
-        let a = Answer::rate_limited(&key, &limits, &snapshot([4, 800, 100], [1, 2, 3]), LimitKind::InputTokens, &want, Some(1234));
+        let want = Usage {
+            requests: 1,
+            input_tokens: 300,
+            output_tokens: 100,
+        };
+        let a = Answer::rate_limited(
+            &key,
+            &limits,
+            &snapshot([4, 800, 100], [1, 2, 3]),
+            LimitKind::InputTokens,
+            &want,
+            Some(1234),
+        );
         assert_eq!(a.status, 429);
         let body: serde_json::Value = serde_json::from_str(&a.body).unwrap();
         assert_eq!(
@@ -200,7 +256,12 @@ mod tests {
         assert_eq!(body["error"]["type"], "input_tokens");
         assert_eq!(body["error"]["code"], "rate_limit_exceeded");
         assert!(body["error"]["param"].is_null());
-        let h = |n: &str| a.headers.iter().find(|(k, _)| *k == n).map(|(_, v)| v.as_str());
+        let h = |n: &str| {
+            a.headers
+                .iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| v.as_str())
+        };
         assert_eq!(h("retry-after"), Some("2"));
         assert_eq!(h("retry-after-ms"), Some("1234"));
         assert_eq!(h("x-should-retry"), None);
@@ -214,11 +275,28 @@ mod tests {
 
     #[test]
     fn a_request_that_can_never_fit_says_not_to_retry() {
-        let limits = Limits { requests: 10, input_tokens: 1000, output_tokens: 500 };
+        let limits = Limits {
+            requests: 10,
+            input_tokens: 1000,
+            output_tokens: 500,
+        };
         let key = KeyName::new("k").unwrap();
-        let want = Usage { requests: 1, input_tokens: 10, output_tokens: 501 };
-        let a = Answer::rate_limited(&key, &limits, &snapshot([0; 3], [0; 3]), LimitKind::OutputTokens, &want, None);
-        assert!(a.body.contains("Request too large for k on output_tokens: Limit 500, Requested 501."));
+        let want = Usage {
+            requests: 1,
+            input_tokens: 10,
+            output_tokens: 501,
+        };
+        let a = Answer::rate_limited(
+            &key,
+            &limits,
+            &snapshot([0; 3], [0; 3]),
+            LimitKind::OutputTokens,
+            &want,
+            None,
+        );
+        assert!(a
+            .body
+            .contains("Request too large for k on output_tokens: Limit 500, Requested 501."));
         assert!(a.headers.contains(&("x-should-retry", "false".into())));
         assert!(!a.headers.iter().any(|(k, _)| *k == "retry-after"));
     }

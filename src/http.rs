@@ -28,7 +28,8 @@ pub fn router(limiter: Arc<Limiter>) -> Router {
 
 fn render(answer: Answer) -> Response {
     let mut response = Response::new(Body::from(answer.body));
-    *response.status_mut() = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    *response.status_mut() =
+        StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let headers = response.headers_mut();
     for (name, value) in answer.headers {
         if let Ok(v) = HeaderValue::from_str(&value) {
@@ -52,7 +53,10 @@ async fn readyz(State(limiter): State<Arc<Limiter>>) -> Response {
 
 async fn metrics(State(limiter): State<Arc<Limiter>>) -> Response {
     (
-        [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         limiter.metrics().render(),
     )
         .into_response()
@@ -101,8 +105,8 @@ async fn check(State(limiter): State<Arc<Limiter>>, request: Request) -> Respons
 
 async fn report(State(limiter): State<Arc<Limiter>>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    let Some((endpoint, reservation)) = header(&parts.headers, "x-llm-ratelimit-reservation")
-        .and_then(Limiter::parse_handle)
+    let Some((endpoint, reservation)) =
+        header(&parts.headers, "x-llm-ratelimit-reservation").and_then(Limiter::parse_handle)
     else {
         return render(Answer::invalid_request(
             "x-llm-ratelimit-reservation is missing or is not a reservation handle.",
@@ -120,7 +124,9 @@ async fn report(State(limiter): State<Arc<Limiter>>, request: Request) -> Respon
         }
     }
     match limiter.settle(&reservation, status, meter).await {
-        Ok(report) => axum::Json(serde_json::json!({ "output_tokens": report.output_tokens })).into_response(),
+        Ok(report) => {
+            axum::Json(serde_json::json!({ "output_tokens": report.output_tokens })).into_response()
+        }
         Err(answer) => render(answer),
     }
 }

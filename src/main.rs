@@ -10,7 +10,11 @@ use llm_ratelimit::config::Config;
 use llm_ratelimit::serve::{run, Options};
 
 #[derive(Parser)]
-#[command(name = "llm-ratelimit", version, about = "Sliding-window RPM / input TPM / output TPM limits for OpenAI-compatible traffic")]
+#[command(
+    name = "llm-ratelimit",
+    version,
+    about = "Sliding-window RPM / input TPM / output TPM limits for OpenAI-compatible traffic"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -40,9 +44,7 @@ enum Command {
         node_id: Option<String>,
     },
     /// Validate a config file: exit 0 if valid, else 1 with file:line:col and why.
-    CheckConfig {
-        path: PathBuf,
-    },
+    CheckConfig { path: PathBuf },
 }
 
 fn hostname() -> String {
@@ -66,7 +68,14 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Serve { config, grpc_addr, http_addr, redis_url, redis_timeout_ms, node_id } => {
+        Command::Serve {
+            config,
+            grpc_addr,
+            http_addr,
+            redis_url,
+            redis_timeout_ms,
+            node_id,
+        } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()

@@ -57,13 +57,41 @@ impl Default for Metrics {
             store_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 14)),
             registry: Registry::default(),
         };
-        registry.register("decisions", "Admission decisions by key and outcome", m.decisions.clone());
-        registry.register("rejections", "Requests answered before a decision (401, 400, 413, 503)", m.rejections.clone());
-        registry.register("tokens", "Tokens counted by key: input, output reserved, output settled", m.tokens.clone());
-        registry.register("settlements", "Reservation settlements by outcome", m.settlements.clone());
-        registry.register("config_reloads", "Config reloads by outcome (applied, rejected)", m.config_reloads.clone());
-        registry.register("config_keys", "Keys in the config in force", m.config_keys.clone());
-        registry.register("store_call_seconds", "Latency of one store call", m.store_seconds.clone());
+        registry.register(
+            "decisions",
+            "Admission decisions by key and outcome",
+            m.decisions.clone(),
+        );
+        registry.register(
+            "rejections",
+            "Requests answered before a decision (401, 400, 413, 503)",
+            m.rejections.clone(),
+        );
+        registry.register(
+            "tokens",
+            "Tokens counted by key: input, output reserved, output settled",
+            m.tokens.clone(),
+        );
+        registry.register(
+            "settlements",
+            "Reservation settlements by outcome",
+            m.settlements.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config reloads by outcome (applied, rejected)",
+            m.config_reloads.clone(),
+        );
+        registry.register(
+            "config_keys",
+            "Keys in the config in force",
+            m.config_keys.clone(),
+        );
+        registry.register(
+            "store_call_seconds",
+            "Latency of one store call",
+            m.store_seconds.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -78,6 +106,8 @@ impl Metrics {
     }
 
     pub fn reject(&self, reason: &'static str) {
-        self.rejections.get_or_create(&RejectLabels { reason }).inc();
+        self.rejections
+            .get_or_create(&RejectLabels { reason })
+            .inc();
     }
 }

@@ -31,23 +31,33 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let config = Arc::new(ArcSwap::from_pointee(config));
 
     let store = match &options.redis_url {
-        Some(url) => Store::Redis(RedisStore::connect(url, options.redis_timeout).map_err(anyhow::Error::msg)?),
+        Some(url) => Store::Redis(
+            RedisStore::connect(url, options.redis_timeout).map_err(anyhow::Error::msg)?,
+        ),
         None => Store::Memory(MemoryStore::new()),
     };
     let watcher = {
         let (metrics, current) = (metrics.clone(), config.clone());
-        spawn_watcher(options.config.clone(), config.clone(), Duration::from_secs(1), move |outcome| {
-            let label = match outcome {
-                ReloadOutcome::Applied => {
-                    metrics.config_keys.set(current.load().keys().len() as i64);
-                    tracing::info!("config reloaded");
-                    "applied"
-                }
-                ReloadOutcome::Unchanged => return,
-                ReloadOutcome::Rejected(_) => "rejected",
-            };
-            metrics.config_reloads.get_or_create(&OutcomeLabels { outcome: label }).inc();
-        })
+        spawn_watcher(
+            options.config.clone(),
+            config.clone(),
+            Duration::from_secs(1),
+            move |outcome| {
+                let label = match outcome {
+                    ReloadOutcome::Applied => {
+                        metrics.config_keys.set(current.load().keys().len() as i64);
+                        tracing::info!("config reloaded");
+                        "applied"
+                    }
+                    ReloadOutcome::Unchanged => return,
+                    ReloadOutcome::Rejected(_) => "rejected",
+                };
+                metrics
+                    .config_reloads
+                    .get_or_create(&OutcomeLabels { outcome: label })
+                    .inc();
+            },
+        )
     };
 
     let limiter = Arc::new(Limiter::new(config, store, metrics));

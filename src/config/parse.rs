@@ -195,8 +195,8 @@ fn validate(raw: RawFile, origin: &str) -> Result<Config, ConfigError> {
         keys.push(KeySpec { name, limits });
     }
 
-    let shape = WindowShape::new(window, precision)
-        .map_err(|m| ConfigError::unlocated(origin, m))?;
+    let shape =
+        WindowShape::new(window, precision).map_err(|m| ConfigError::unlocated(origin, m))?;
     Ok(Config {
         window,
         precision,
