@@ -508,6 +508,19 @@ keys:
     }
 
     #[test]
+    fn precision_must_be_whole_milliseconds() {
+        assert_error(
+            &one_key("window: 1s\nprecision: 500us\n", ENTRY),
+            2,
+            12,
+            "whole number of milliseconds, got `500us`",
+        );
+        let ok =
+            Config::parse(&one_key("window: 2s\nprecision: 250ms\n", ENTRY), "c.yaml").unwrap();
+        assert_eq!(ok.shape().slots(), 9);
+    }
+
+    #[test]
     fn precision_must_be_under_a_second_and_not_zero() {
         assert_error(
             &one_key("precision: 1s\n", ENTRY),
