@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test of llm-ratelimit. Installs what the tests need first (redis-server and
-# redis-cli from Debian's packages); the tests start their own Redis on free loopback
+# redis-cli from Debian's packages, openssl for the TLS test); the tests start their own Redis on free loopback
 # ports and stop it by pid, so a Redis already running is neither needed nor touched.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if ((${#missing[@]})); then
   sudo=""
   [ "$(id -u)" -ne 0 ] && sudo="sudo"

@@ -612,3 +612,36 @@ async fn a_store_that_does_not_answer_errors_within_its_deadline() {
         .unwrap();
     assert!(matches!(r, Err(StoreError::Timeout(_))), "{r:?}");
 }
+
+#[tokio::test]
+async fn rediss_urls_speak_tls() {
+    let redis = RedisServer::start_tls();
+    // The server's certificate is verified against the test's own CA (rustls-native-certs
+    // reads SSL_CERT_FILE); no other test in this binary uses TLS.
+    std::env::set_var("SSL_CERT_FILE", redis.ca_file());
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+    let (_, clock) = manual_clock(T0);
+    let store = Store::Redis(
+        RedisStore::connect_with_clock(&url, Duration::from_secs(2), clock)
+            .await
+            .unwrap(),
+    );
+    let key = unique_key("tls");
+    let shape = shape(60_000, 100);
+    let d = store
+        .reserve(
+            &key,
+            shape,
+            &big_limits(),
+            &usage([1, 5, 5]),
+            Charge::Check,
+            false,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(d, Decision::Admitted { .. }));
+    assert_eq!(
+        store.usage(&key, shape).await.unwrap().usage,
+        usage([1, 5, 5])
+    );
+}

@@ -76,6 +76,8 @@ fn targets(url: &str) -> Result<Option<Vec<String>>, String> {
 }
 
 async fn open(url: &str, timeout: Duration) -> redis::RedisResult<Connection> {
+    // rediss:// uses rustls; install its ring provider once (a second install is a no-op).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match targets(url).map_err(|e| {
         redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "bad url", e))
     })? {

@@ -70,8 +70,122 @@ impl RedisServer {
         }
     }
 
+    /// A server that speaks only TLS, with a certificate for 127.0.0.1 signed by a CA
+    /// made by `openssl` in the server's temp dir; `ca_file()` is that CA.
+    pub fn start_tls() -> RedisServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let p = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+        let (ca, ca_key, cert, key, csr, ext) = (
+            p("ca.pem"),
+            p("ca.key"),
+            p("cert.pem"),
+            p("key.pem"),
+            p("req.csr"),
+            p("ext.cnf"),
+        );
+        std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\n").unwrap();
+        let steps: [Vec<&str>; 3] = [
+            vec![
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=llm-ratelimit test CA",
+                "-keyout",
+                &ca_key,
+                "-out",
+                &ca,
+            ],
+            vec![
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+            ],
+            vec![
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &ca,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                &ext,
+                "-out",
+                &cert,
+            ],
+        ];
+        for args in steps {
+            let ok = Command::new("openssl")
+                .args(&args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("run openssl");
+            assert!(ok.success(), "openssl {args:?} failed");
+        }
+        let port = free_port();
+        let mut child = Command::new(redis_server())
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--tls-auth-clients",
+                "no",
+            ])
+            .args([
+                "--tls-cert-file",
+                &cert,
+                "--tls-key-file",
+                &key,
+                "--tls-ca-cert-file",
+                &ca,
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        wait_for_port(port, &mut child);
+        RedisServer {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The CA that signed a TLS server's certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self._dir.path().join("ca.pem")
     }
 
     pub fn cli(&self, args: &[&str]) -> String {
