@@ -11,7 +11,7 @@ use crate::answer::Answer;
 use crate::config::Config;
 use crate::engine::{Charge, Decision, KeyName, Reservation, Settlement, Store, Usage};
 use crate::metrics::{DecisionLabels, Metrics, OutcomeLabels, TokenLabels};
-use crate::openai::{Endpoint, OutputMeter, Tokenizer};
+use crate::openai::{Encoding, Endpoint, OutputMeter, Tokenizer};
 
 /// A client request as it reached the gateway.
 pub struct ClientRequest<'a> {
@@ -69,27 +69,62 @@ fn bearer(authorization: Option<&str>) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
 }
 
-/// The endpoint travels inside the settlement handle, so the hook knows how to read
-/// the response: `<endpoint letter><engine handle>`.
-fn endpoint_letter(e: Endpoint) -> char {
-    match e {
-        Endpoint::ChatCompletions => 'c',
-        Endpoint::Completions => 't',
-        Endpoint::Embeddings => 'e',
-        Endpoint::Responses => 'r',
-        Endpoint::Other => 'o',
-    }
+/// How to read the response travels inside the settlement handle:
+/// `<endpoint letter><encoding letter><engine handle>`.
+const ENDPOINTS: [(Endpoint, char); 5] = [
+    (Endpoint::ChatCompletions, 'c'),
+    (Endpoint::Completions, 't'),
+    (Endpoint::Embeddings, 'e'),
+    (Endpoint::Responses, 'r'),
+    (Endpoint::Other, 'o'),
+];
+const ENCODINGS: [(Encoding, char); 2] = [(Encoding::O200k, 'o'), (Encoding::Cl100k, 'k')];
+
+fn letter<T: PartialEq + Copy>(table: &[(T, char)], value: T) -> char {
+    table
+        .iter()
+        .find(|(v, _)| *v == value)
+        .map_or('?', |(_, c)| *c)
 }
 
-fn endpoint_of(letter: char) -> Option<Endpoint> {
-    Some(match letter {
-        'c' => Endpoint::ChatCompletions,
-        't' => Endpoint::Completions,
-        'e' => Endpoint::Embeddings,
-        'r' => Endpoint::Responses,
-        'o' => Endpoint::Other,
-        _ => return None,
-    })
+fn from_letter<T: Copy>(table: &[(T, char)], c: char) -> Option<T> {
+    table.iter().find(|(_, l)| *l == c).map(|(v, _)| *v)
+}
+
+/// A settlement handle read back: how to read the response, and what to settle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Handle {
+    pub endpoint: Endpoint,
+    pub encoding: Encoding,
+    pub reservation: Reservation,
+}
+
+impl Handle {
+    pub fn encode(endpoint: Endpoint, model: &str, reservation: &Reservation) -> String {
+        format!(
+            "{}{}{}",
+            letter(&ENDPOINTS, endpoint),
+            letter(&ENCODINGS, Encoding::for_model(model)),
+            reservation.handle()
+        )
+    }
+
+    /// `None` for anything that is not one of ours.
+    pub fn parse(handle: &str) -> Option<Handle> {
+        let mut chars = handle.chars();
+        let endpoint = from_letter(&ENDPOINTS, chars.next()?)?;
+        let encoding = from_letter(&ENCODINGS, chars.next()?)?;
+        Some(Handle {
+            endpoint,
+            encoding,
+            reservation: Reservation::from_handle(chars.as_str())?,
+        })
+    }
+
+    /// A meter for the response this handle's request gets.
+    pub fn meter(&self) -> OutputMeter {
+        OutputMeter::with_encoding(self.endpoint, self.encoding)
+    }
 }
 
 impl Limiter {
@@ -192,7 +227,7 @@ impl Limiter {
                     admitted: Some(Admitted {
                         key: spec.name.clone(),
                         reservation: reservation
-                            .map(|r| format!("{}{}", endpoint_letter(endpoint), r.handle())),
+                            .map(|r| Handle::encode(endpoint, &request.model, &r)),
                         input_tokens: want.input_tokens,
                         output_reserved,
                     }),
@@ -233,13 +268,6 @@ impl Limiter {
                 })
                 .inc_by(n);
         }
-    }
-
-    /// Reads a settlement handle; `None` for anything that is not one of ours.
-    pub fn parse_handle(handle: &str) -> Option<(Endpoint, Reservation)> {
-        let mut chars = handle.chars();
-        let endpoint = endpoint_of(chars.next()?)?;
-        Some((endpoint, Reservation::from_handle(chars.as_str())?))
     }
 
     /// Settles a reservation from the upstream's response: its usage, or the tokens of
@@ -332,5 +360,29 @@ mod tests {
         assert_eq!(bearer(Some("Basic abc")), None);
         assert_eq!(bearer(Some("Bearer ")), None);
         assert_eq!(bearer(None), None);
+    }
+
+    #[test]
+    fn handles_carry_endpoint_encoding_and_reservation() {
+        let reservation = Reservation {
+            key: KeyName::new("team.a").unwrap(),
+            shape: crate::engine::WindowShape::new(
+                std::time::Duration::from_secs(60),
+                std::time::Duration::from_millis(100),
+            )
+            .unwrap(),
+            id: 42,
+        };
+        let h = Handle::encode(
+            Endpoint::Completions,
+            "gpt-3.5-turbo-instruct",
+            &reservation,
+        );
+        let back = Handle::parse(&h).unwrap();
+        assert_eq!(back.endpoint, Endpoint::Completions);
+        assert_eq!(back.encoding, Encoding::Cl100k);
+        assert_eq!(back.reservation, reservation);
+        assert!(Handle::parse("zz").is_none());
+        assert!(Handle::parse(&h[1..]).is_none());
     }
 }

@@ -11,9 +11,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 
-use crate::admission::{ClientRequest, Limiter};
+use crate::admission::{ClientRequest, Handle, Limiter};
 use crate::answer::Answer;
-use crate::openai::OutputMeter;
 
 pub fn router(limiter: Arc<Limiter>) -> Router {
     Router::new()
@@ -105,8 +104,8 @@ async fn check(State(limiter): State<Arc<Limiter>>, request: Request) -> Respons
 
 async fn report(State(limiter): State<Arc<Limiter>>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    let Some((endpoint, reservation)) =
-        header(&parts.headers, "x-llm-ratelimit-reservation").and_then(Limiter::parse_handle)
+    let Some(handle) =
+        header(&parts.headers, "x-llm-ratelimit-reservation").and_then(Handle::parse)
     else {
         return render(Answer::invalid_request(
             "x-llm-ratelimit-reservation is missing or is not a reservation handle.",
@@ -114,7 +113,7 @@ async fn report(State(limiter): State<Arc<Limiter>>, request: Request) -> Respon
         ));
     };
     let status = header(&parts.headers, "x-upstream-status").and_then(|s| s.trim().parse().ok());
-    let mut meter = OutputMeter::new(endpoint, "");
+    let mut meter = handle.meter();
     let mut stream = body.into_data_stream();
     use futures_util::StreamExt;
     while let Some(chunk) = stream.next().await {
@@ -123,7 +122,7 @@ async fn report(State(limiter): State<Arc<Limiter>>, request: Request) -> Respon
             Err(_) => break,
         }
     }
-    match limiter.settle(&reservation, status, meter).await {
+    match limiter.settle(&handle.reservation, status, meter).await {
         Ok(report) => {
             axum::Json(serde_json::json!({ "output_tokens": report.output_tokens })).into_response()
         }

@@ -24,7 +24,7 @@ pub use endpoint::Endpoint;
 pub use error::RequestError;
 pub use output::{OutputCount, OutputMeter, OutputSource};
 pub use request::LlmRequest;
-pub use tokens::Tokenizer;
+pub use tokens::{Encoding, Tokenizer};
 
 /// Robustness: every body a client or an upstream can send must be answered, never panic.
 #[cfg(test)]

@@ -65,9 +65,15 @@ pub struct OutputMeter {
 
 impl OutputMeter {
     pub fn new(endpoint: Endpoint, model: &str) -> OutputMeter {
+        OutputMeter::with_encoding(endpoint, Encoding::for_model(model))
+    }
+
+    /// A meter that counts streamed text in `encoding` (when only the encoding of the
+    /// request's model travelled with its reservation).
+    pub fn with_encoding(endpoint: Endpoint, encoding: Encoding) -> OutputMeter {
         OutputMeter {
             endpoint,
-            encoding: Encoding::for_model(model),
+            encoding,
             format: if endpoint.reserves_output() {
                 Format::Undecided
             } else {

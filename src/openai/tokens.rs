@@ -9,7 +9,7 @@ use tiktoken_rs::CoreBPE;
 
 /// The two encodings current OpenAI models use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Encoding {
+pub enum Encoding {
     /// gpt-4o, gpt-4.1, o-series, gpt-5 and every model we do not recognise.
     O200k,
     /// gpt-4 (not 4o/4.1), gpt-4-turbo, gpt-3.5, the embedding models.
@@ -20,7 +20,7 @@ impl Encoding {
     /// The encoding for a model name. A fine-tune (`ft:gpt-4o-mini:org::id`) uses its base
     /// model's; a provider prefix (`openai/gpt-4`) is ignored. Unknown models get o200k,
     /// the encoding of every model OpenAI has released since gpt-4o.
-    pub(crate) fn for_model(model: &str) -> Encoding {
+    pub fn for_model(model: &str) -> Encoding {
         let model = match model.strip_prefix("ft:") {
             Some(rest) => rest.split(':').next().unwrap_or_default(),
             None => model,
