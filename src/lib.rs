@@ -11,5 +11,6 @@ pub mod config;
 pub mod engine;
 pub mod http;
 pub mod metrics;
+pub mod mock;
 pub mod openai;
 pub mod serve;
