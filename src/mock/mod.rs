@@ -143,9 +143,8 @@ struct StreamOptions {
 }
 
 impl Mock {
-    /// Understands the body as the tokenizer does and decides the reply. `Err` is the
-    /// finished 400.
-    fn turn<'b>(&self, body: &'b [u8], request: &'b LlmRequest) -> Result<Turn<'b>, Response> {
+    /// Decides the reply to a request the tokenizer accepted. `Err` is a 400.
+    fn turn<'b>(&self, body: &'b [u8], request: &'b LlmRequest) -> Result<Turn<'b>, Answer> {
         let include_usage = if request.stream {
             // Only streams need it, so the common non-streaming request is parsed once.
             match serde_json::from_slice::<StreamFields>(body) {
@@ -154,11 +153,11 @@ impl Mock {
                     .and_then(|o| o.include_usage)
                     .unwrap_or(false),
                 Err(_) => {
-                    return Err(render(Answer::invalid_request(
+                    return Err(Answer::invalid_request(
                         "Invalid type for 'stream_options': expected an object with a boolean \
                          'include_usage'.",
                         Some("stream_options"),
-                    )))
+                    ))
                 }
             }
         } else {
@@ -197,7 +196,7 @@ async fn answer(
     };
     match mock.turn(body, &request) {
         Ok(turn) => respond(&turn, &request, mock.options.stream_interval),
-        Err(response) => response,
+        Err(answer) => render(answer),
     }
 }
 
