@@ -16,9 +16,7 @@ local ttl = tonumber(ARGV[10])
 local marker = tonumber(ARGV[11]) == 1
 local force = tonumber(ARGV[12]) == 1
 
-local h, b = advance(ring, math.floor(now / precision), slots)
-local bit = slot_bit(b, slots)
-local cur = redis.call('BITFIELD_RO', ring, 'GET', 'u16', bit, 'GET', 'u32', bit + 16, 'GET', 'u32', bit + 48)
+local h, b, cur = advance(ring, math.floor(now / precision), slots)
 -- A slot that would overflow its width denies too (retry in the next bucket); a forced
 -- charge saturates instead.
 local fits = true
@@ -37,11 +35,14 @@ end
 -- Only what the slot can hold is added, so the totals stay the sums of the slots.
 local add = {math.min(want[1], U16_MAX - cur[1]), math.min(want[2], U32_MAX - cur[2]),
   math.min(want[3], U32_MAX - cur[3])}
-redis.call('BITFIELD', ring,
-  'INCRBY', 'u16', bit, add[1], 'INCRBY', 'u32', bit + 16, add[2], 'INCRBY', 'u32', bit + 48, add[3])
 h[3] = h[3] + add[1]; h[4] = h[4] + add[2]; h[5] = h[5] + add[3]
+-- The tail scan stops at the head at the latest, so it may run before the slot is written.
 settle_tail(ring, h, slots)
-write_header(ring, h)
+local bit = slot_bit(b, slots)
+redis.call('BITFIELD', ring,
+  'INCRBY', 'u16', bit, add[1], 'INCRBY', 'u32', bit + 16, add[2], 'INCRBY', 'u32', bit + 48, add[3],
+  'SET', 'i64', 0, h[1], 'SET', 'i64', 64, h[2], 'SET', 'i64', 128, h[3], 'SET', 'i64', 192, h[4],
+  'SET', 'i64', 256, h[5])
 redis.call('PEXPIRE', ring, ttl)
 if marker then
   redis.call('SET', KEYS[2], b .. ':' .. want[3], 'PX', ttl)

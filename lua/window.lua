@@ -38,12 +38,15 @@ local function write_header(ring, h)
     'SET', 'i64', 128, h[3], 'SET', 'i64', 192, h[4], 'SET', 'i64', 256, h[5])
 end
 
--- Reads the slots of buckets first..last (at most `slots` of them), in batches so the
--- argument list stays small: calls fn(bucket, requests, input, output) for each.
-local function each_slot(ring, slots, first, last, fn)
+-- Reads the slots of buckets first..last (at most `slots` of them) and calls
+-- fn(bucket, requests, input, output) for each until fn returns true. With `grow`, the
+-- first read is of one slot and each next read twice as many (a scan that usually stops
+-- at once stays cheap); otherwise reads are whole batches.
+local function each_slot(ring, slots, first, last, fn, grow)
   local x = first
+  local batch = grow and 1 or BATCH
   while x <= last do
-    local upto = math.min(last, x + BATCH - 1)
+    local upto = math.min(last, x + batch - 1)
     local args = {}
     for y = x, upto do
       local bit = slot_bit(y, slots)
@@ -57,20 +60,34 @@ local function each_slot(ring, slots, first, last, fn)
       if fn(y, v[k + 1], v[k + 2], v[k + 3]) then return end
     end
     x = upto + 1
+    batch = math.min(batch * 2, BATCH)
   end
 end
 
 -- Brings the ring to bucket b: each bucket that leaves the window is subtracted from the
 -- totals and its slot zeroed. Amortised O(1): a bucket leaves once. A ring idle for a whole
 -- window is dropped at once. A clock that steps back is held at the last head.
--- Returns the header and the bucket the caller should act in.
+-- Returns the header, the bucket to act in, and that bucket's slot {requests, input, output};
+-- the usual call (same bucket as the last one) is a single read.
 local function advance(ring, b, slots)
-  local h = read_header(ring)
+  local bit = slot_bit(b, slots)
+  local v = redis.call('BITFIELD_RO', ring, 'GET', 'i64', 0, 'GET', 'i64', 64,
+    'GET', 'i64', 128, 'GET', 'i64', 192, 'GET', 'i64', 256,
+    'GET', 'u16', bit, 'GET', 'u32', bit + 16, 'GET', 'u32', bit + 48)
+  local h = {v[1], v[2], v[3], v[4], v[5]}
   if h[1] == 0 or b - h[1] >= slots then
     if h[1] ~= 0 then redis.call('DEL', ring) end
-    return {b, b, 0, 0, 0}, b
+    -- Made at full length at once: one allocation of the right size class, rather than
+    -- a string grown (and over-allocated) as later buckets are written.
+    redis.call('SETRANGE', ring, HDR_BYTES + SLOT_BYTES * slots - 1, '\0')
+    return {b, b, 0, 0, 0}, b, {0, 0, 0}
   end
-  if b <= h[1] then return h, h[1] end
+  if b == h[1] then return h, b, {v[6], v[7], v[8]} end
+  if b < h[1] then
+    local hb = slot_bit(h[1], slots)
+    local c = redis.call('BITFIELD_RO', ring, 'GET', 'u16', hb, 'GET', 'u32', hb + 16, 'GET', 'u32', hb + 48)
+    return h, h[1], c
+  end
   local zero = {}
   each_slot(ring, slots, h[1] + 1, b, function(x, r, i, o)
     -- the slot still holds bucket x - slots, which leaves the window now
@@ -78,33 +95,34 @@ local function advance(ring, b, slots)
       h[3] = h[3] - r; h[4] = h[4] - i; h[5] = h[5] - o
       zero[#zero + 1] = x
     end
-  end)
+  end, false)
   for n = 1, #zero, BATCH do
     local args = {}
     for k = n, math.min(#zero, n + BATCH - 1) do
-      local bit = slot_bit(zero[k], slots)
-      args[#args + 1] = 'SET'; args[#args + 1] = 'u16'; args[#args + 1] = bit; args[#args + 1] = 0
-      args[#args + 1] = 'SET'; args[#args + 1] = 'u32'; args[#args + 1] = bit + 16; args[#args + 1] = 0
-      args[#args + 1] = 'SET'; args[#args + 1] = 'u32'; args[#args + 1] = bit + 48; args[#args + 1] = 0
+      local zb = slot_bit(zero[k], slots)
+      args[#args + 1] = 'SET'; args[#args + 1] = 'u16'; args[#args + 1] = zb; args[#args + 1] = 0
+      args[#args + 1] = 'SET'; args[#args + 1] = 'u32'; args[#args + 1] = zb + 16; args[#args + 1] = 0
+      args[#args + 1] = 'SET'; args[#args + 1] = 'u32'; args[#args + 1] = zb + 48; args[#args + 1] = 0
     end
     redis.call('BITFIELD', ring, unpack(args))
   end
   h[1] = b
-  return h, b
+  return h, b, {0, 0, 0}
 end
 
 -- Moves the tail (a lower bound of the oldest non-empty bucket) to the oldest bucket in
--- the window that holds anything. Amortised O(1): the tail only moves forward.
+-- the window that holds anything, or to the head. Amortised O(1): the tail only moves
+-- forward, and a busy key's tail slot is non-empty, found by the first one-slot read.
 local function settle_tail(ring, h, slots)
   local first = h[1] - slots + 1
   if h[2] < first then h[2] = first end
-  if h[3] == 0 and h[4] == 0 and h[5] == 0 then
+  if (h[3] == 0 and h[4] == 0 and h[5] == 0) or h[2] >= h[1] then
     h[2] = h[1]
     return
   end
   local found = h[1]
-  each_slot(ring, slots, h[2], h[1], function(x, r, i, o)
+  each_slot(ring, slots, h[2], h[1] - 1, function(x, r, i, o)
     if r ~= 0 or i ~= 0 or o ~= 0 then found = x; return true end
-  end)
+  end, true)
   h[2] = found
 end
