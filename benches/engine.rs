@@ -457,8 +457,8 @@ async fn fill(store: &Arc<Store>, at: &AtomicU64, names: &[KeyName], first_ms: u
     for j in 0..(shape.slots() as u64 - 1) {
         at.store(first_ms + j * shape.precision_ms(), Ordering::Relaxed);
         let mut set = tokio::task::JoinSet::new();
-        for k in names.iter().cloned() {
-            let store = store.clone();
+        for k in names {
+            let (store, k) = (store.clone(), k.clone());
             set.spawn(async move {
                 store
                     .reserve(&k, shape, &LIMITS, &WANT, Charge::Check, false)
@@ -577,34 +577,31 @@ fn rb_args(port: u16, sha: &str, now_ms: u64, c: usize, p: usize) -> Vec<String>
         a.extend(["-P".into(), p.to_string()]);
     }
     a.extend(["-r".into(), KEYS.to_string()]);
-    a.extend(
-        [
-            "EVALSHA".to_string(),
-            sha.to_string(),
-            "2".into(),
-            // ring over KEYS names; the marker over KEYS^3 names, so that nearly every
-            // call creates a new marker as the engine's random reservation ids do
-            format!(
-                "llmrl:{{rb-__rand_int__}}:w{}:p{}",
-                shape.window_ms(),
-                shape.precision_ms()
-            ),
-            "llmrl:{rb-__rand_int__}:r:__rand_int__-__rand_int__".into(),
-            now_ms.to_string(),
-            shape.precision_ms().to_string(),
-            shape.slots().to_string(),
-            WANT.requests.to_string(),
-            WANT.input_tokens.to_string(),
-            WANT.output_tokens.to_string(),
-            HUGE.to_string(),
-            HUGE.to_string(),
-            HUGE.to_string(),
-            shape.ttl_ms().to_string(),
-            "1".into(),
-            "0".into(),
-        ]
-        .into_iter(),
-    );
+    a.extend([
+        "EVALSHA".to_string(),
+        sha.to_string(),
+        "2".into(),
+        // ring over KEYS names; the marker over KEYS^3 names, so that nearly every
+        // call creates a new marker as the engine's random reservation ids do
+        format!(
+            "llmrl:{{rb-__rand_int__}}:w{}:p{}",
+            shape.window_ms(),
+            shape.precision_ms()
+        ),
+        "llmrl:{rb-__rand_int__}:r:__rand_int__-__rand_int__".into(),
+        now_ms.to_string(),
+        shape.precision_ms().to_string(),
+        shape.slots().to_string(),
+        WANT.requests.to_string(),
+        WANT.input_tokens.to_string(),
+        WANT.output_tokens.to_string(),
+        HUGE.to_string(),
+        HUGE.to_string(),
+        HUGE.to_string(),
+        shape.ttl_ms().to_string(),
+        "1".into(),
+        "0".into(),
+    ]);
     a
 }
 
@@ -640,8 +637,7 @@ async fn rb_timed(args: &[String], probe: &mut Probe, measure: Duration) -> (Cmd
     // "...: rps=9870.0 (overall: 9912.3) avg_msec=12.345 (overall: 12.101)"
     let avg = text
         .split(['\r', '\n'])
-        .filter(|l| l.contains("avg_msec="))
-        .last()
+        .rfind(|l| l.contains("avg_msec="))
         .and_then(|l| l.rsplit_once("(overall: "))
         .map(|(_, r)| r.trim_end_matches(')').trim().to_string())
         .unwrap_or_else(|| "-".into());
