@@ -9,6 +9,7 @@ pub mod admission;
 pub mod answer;
 pub mod config;
 pub mod engine;
+pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod mock;

@@ -1,6 +1,7 @@
 //! `llm-ratelimit serve`: loads the config, opens the store, watches the config file,
 //! and runs the listeners until SIGTERM or Ctrl-C.
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -61,19 +62,32 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     };
 
     let limiter = Arc::new(Limiter::new(config, store, metrics));
-    let listener = tokio::net::TcpListener::bind(options.http_addr).await?;
+    let http = tokio::net::TcpListener::bind(options.http_addr).await?;
+    let grpc = tokio::net::TcpListener::bind(options.grpc_addr).await?;
     tracing::info!(
         node = %options.node_id,
-        http = %listener.local_addr()?,
-        grpc = %options.grpc_addr,
+        http = %http.local_addr()?,
+        grpc = %grpc.local_addr()?,
         store = if options.redis_url.is_some() { "redis" } else { "memory" },
         "llm-ratelimit serving"
     );
-    axum::serve(listener, crate::http::router(limiter))
-        .with_graceful_shutdown(shutdown())
-        .await?;
+    // One signal stops both listeners.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let http = axum::serve(http, crate::http::router(limiter.clone()))
+        .with_graceful_shutdown(wait(stopped.clone()))
+        .into_future();
+    let grpc = crate::grpc::serve(grpc, limiter, wait(stopped));
+    let signal = async move {
+        shutdown().await;
+        let _ = stop.send(true);
+    };
+    let (http, grpc, ()) = tokio::join!(http, grpc, signal);
     watcher.abort();
-    Ok(())
+    http?;
+    grpc
 }
 
 async fn shutdown() {

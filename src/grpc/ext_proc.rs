@@ -1,0 +1,151 @@
+//! ext_proc `Process`: the post-response hook. Envoy runs it in observability mode with
+//! the response body STREAMED, so SSE reaches the client as it is produced while a copy
+//! comes here. The handle that ext_authz put in dynamic metadata arrives through
+//! `metadata_context`; the body is metered (usage, or the streamed text counted) and the
+//! reservation settled at end of stream.
+//!
+//! The stream is ended by us right after end-of-stream, and at once when the request
+//! carries no reservation (a 429, an embeddings call): Envoy otherwise holds each
+//! observability stream open until its `deferred_close_timeout`, and under load the open
+//! streams exhaust the cluster's circuit breakers (see FIELD-NOTES).
+
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Phase;
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Reply;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    BodyResponse, HeadersResponse, HttpHeaders, ProcessingRequest, ProcessingResponse,
+    TrailersResponse,
+};
+use envoy_types::pb::google::protobuf::value::Kind;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{METADATA_NAMESPACE, RESERVATION_FIELD};
+use crate::admission::{Handle, Limiter};
+
+pub struct Settlement {
+    limiter: Arc<Limiter>,
+}
+
+impl Settlement {
+    pub fn new(limiter: Arc<Limiter>) -> Settlement {
+        Settlement { limiter }
+    }
+}
+
+/// The settlement handle ext_authz left in dynamic metadata, if any.
+fn handle_of(message: &ProcessingRequest) -> Option<Handle> {
+    let fields = &message
+        .metadata_context
+        .as_ref()?
+        .filter_metadata
+        .get(METADATA_NAMESPACE)?
+        .fields;
+    match fields.get(RESERVATION_FIELD)?.kind.as_ref()? {
+        Kind::StringValue(s) => Handle::parse(s),
+        _ => None,
+    }
+}
+
+fn status_of(headers: &HttpHeaders) -> Option<u16> {
+    let h = headers
+        .headers
+        .as_ref()?
+        .headers
+        .iter()
+        .find(|h| h.key == ":status")?;
+    let text = if h.raw_value.is_empty() {
+        h.value.clone()
+    } else {
+        String::from_utf8_lossy(&h.raw_value).into_owned()
+    };
+    text.trim().parse().ok()
+}
+
+/// The empty answer to one message, for a processor not in observability mode.
+fn pass(phase: &Phase) -> ProcessingResponse {
+    let response = match phase {
+        Phase::RequestHeaders(_) => Reply::RequestHeaders(HeadersResponse::default()),
+        Phase::ResponseHeaders(_) => Reply::ResponseHeaders(HeadersResponse::default()),
+        Phase::RequestBody(_) => Reply::RequestBody(BodyResponse::default()),
+        Phase::ResponseBody(_) => Reply::ResponseBody(BodyResponse::default()),
+        Phase::RequestTrailers(_) => Reply::RequestTrailers(TrailersResponse::default()),
+        Phase::ResponseTrailers(_) => Reply::ResponseTrailers(TrailersResponse::default()),
+    };
+    ProcessingResponse {
+        response: Some(response),
+        ..Default::default()
+    }
+}
+
+async fn run(
+    limiter: Arc<Limiter>,
+    mut inbound: Streaming<ProcessingRequest>,
+    replies: mpsc::Sender<Result<ProcessingResponse, Status>>,
+) {
+    let mut handle: Option<Handle> = None;
+    let mut meter = None;
+    let mut status = None;
+    let mut saw_body = false;
+    let mut done = false;
+    while let Ok(Some(message)) = inbound.message().await {
+        if handle.is_none() {
+            handle = handle_of(&message);
+            let Some(h) = &handle else {
+                break; // nothing to settle: end the stream now
+            };
+            meter = Some(h.meter());
+        }
+        let Some(phase) = message.request.as_ref() else {
+            continue;
+        };
+        let end = match phase {
+            Phase::ResponseHeaders(h) => {
+                status = status_of(h);
+                h.end_of_stream
+            }
+            Phase::ResponseBody(b) => {
+                saw_body = true;
+                if let Some(m) = meter.as_mut() {
+                    m.feed(&b.body);
+                }
+                b.end_of_stream
+            }
+            Phase::ResponseTrailers(_) => true,
+            _ => false,
+        };
+        if !message.observability_mode && replies.send(Ok(pass(phase))).await.is_err() {
+            break;
+        }
+        if end {
+            done = true;
+            break;
+        }
+    }
+    // A response cut short (the client went away) is settled from what was seen of it.
+    if let (Some(h), Some(m)) = (handle, meter) {
+        if done || saw_body {
+            if let Err(answer) = limiter.settle(&h.reservation, status, m).await {
+                tracing::warn!(status = answer.status, "settlement failed");
+            }
+        }
+    }
+    drop(replies); // ends our side of the stream
+}
+
+#[tonic::async_trait]
+impl ExternalProcessor for Settlement {
+    type ProcessStream = ReceiverStream<Result<ProcessingResponse, Status>>;
+
+    async fn process(
+        &self,
+        request: Request<Streaming<ProcessingRequest>>,
+    ) -> Result<Response<Self::ProcessStream>, Status> {
+        let (tx, rx) = mpsc::channel(8);
+        tokio::spawn(run(self.limiter.clone(), request.into_inner(), tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

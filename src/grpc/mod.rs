@@ -1,0 +1,73 @@
+//! The gRPC surface (`--grpc-addr`, HTTP/2): Envoy's ext_authz `Check` (admission),
+//! ext_proc `Process` (settlement after the response), `grpc.health.v1.Health` and server
+//! reflection. Each service only translates Envoy's messages to [`Limiter`] calls.
+
+mod authz;
+mod ext_proc;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::admission::Limiter;
+
+pub use authz::Admission;
+pub use ext_proc::Settlement;
+
+/// Where ext_authz puts our dynamic metadata, and ext_proc finds it again.
+pub const METADATA_NAMESPACE: &str = "envoy.filters.http.ext_authz";
+/// The metadata field holding the settlement handle.
+pub const RESERVATION_FIELD: &str = "reservation";
+
+/// Descriptors of the Envoy services, for reflection (`scripts/gen-proto-descriptors.sh`).
+const ENVOY_DESCRIPTORS: &[u8] = include_bytes!("../../proto/envoy-services.desc");
+
+/// Serves every gRPC service on `listener` until `shutdown` completes. Health reports
+/// SERVING while the store answers.
+pub async fn serve(
+    listener: TcpListener,
+    limiter: Arc<Limiter>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ENVOY_DESCRIPTORS)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let watch = {
+        let limiter = limiter.clone();
+        tokio::spawn(async move {
+            loop {
+                let status = if limiter.ready().await {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
+                for service in [
+                    "",
+                    "envoy.service.auth.v3.Authorization",
+                    "envoy.service.ext_proc.v3.ExternalProcessor",
+                ] {
+                    reporter.set_service_status(service, status).await;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    };
+    let result = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(AuthorizationServer::new(Admission::new(limiter.clone())))
+        .add_service(ExternalProcessorServer::new(Settlement::new(limiter)))
+        .add_service(health)
+        .add_service(reflection)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    watch.abort();
+    Ok(result?)
+}
