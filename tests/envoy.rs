@@ -1,0 +1,343 @@
+//! Through real Envoy: two nodes (Envoy + llm-ratelimit each) on one Redis, in front of
+//! the mock upstream — all started by the test on free loopback ports, stopped by pid.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, RedisServer};
+use serde_json::{json, Value};
+
+const LIMITER: &str = env!("CARGO_BIN_EXE_llm-ratelimit");
+const MOCK: &str = env!("CARGO_BIN_EXE_mock-upstream");
+
+fn envoy_bin() -> PathBuf {
+    std::env::var_os("ENVOY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/envoy"))
+}
+
+/// A child process killed by pid when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(cmd: &mut Command) -> Proc {
+    Proc(
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn"),
+    )
+}
+
+fn wait_ready(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = reqwest::blocking::get(url) {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{url} never became ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+const KEYS: &str = "\
+keys:
+  - name: team-a
+    key: sk-e2e-a
+    rpm: 100
+    input_tpm: 1000000
+    output_tpm: 1000000
+  - name: tight
+    key: sk-e2e-tight
+    rpm: 3
+    input_tpm: 1000000
+    output_tpm: 1000000
+  - name: race
+    key: sk-e2e-race
+    rpm: 25
+    input_tpm: 1000000
+    output_tpm: 1000000
+";
+
+struct Node {
+    url: String,
+    limiter_http: String,
+    _procs: Vec<Proc>,
+}
+
+struct Cluster {
+    nodes: Vec<Node>,
+    _mock: Proc,
+    _redis: RedisServer,
+    _dir: tempfile::TempDir,
+}
+
+/// The repo's envoy.yaml with node 0's ports replaced.
+fn envoy_config(listener: u16, grpc: u16, upstream: u16, admin: u16) -> String {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/envoy/envoy.yaml")).unwrap();
+    text.replace("port_value: 10000", &format!("port_value: {listener}"))
+        .replace("port_value: 10100", &format!("port_value: {grpc}"))
+        .replace("port_value: 10300", &format!("port_value: {upstream}"))
+        .replace("port_value: 10500", &format!("port_value: {admin}"))
+}
+
+fn cluster(nodes: usize, mock_args: &[&str]) -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.yaml");
+    std::fs::write(&keys, KEYS).unwrap();
+    let redis = RedisServer::start();
+    let mock_port = free_port();
+    let mock = spawn(
+        Command::new(MOCK)
+            .args(["--addr", &format!("127.0.0.1:{mock_port}")])
+            .args(mock_args),
+    );
+    wait_ready(&format!("http://127.0.0.1:{mock_port}/healthz"));
+    let nodes = (0..nodes)
+        .map(|i| {
+            let (listener, grpc, http, admin) =
+                (free_port(), free_port(), free_port(), free_port());
+            let limiter = spawn(
+                Command::new(LIMITER)
+                    .args([
+                        "serve",
+                        "--redis-url",
+                        &redis.url(),
+                        "--node-id",
+                        &format!("node-{i}"),
+                    ])
+                    .args([
+                        "--grpc-addr",
+                        &format!("127.0.0.1:{grpc}"),
+                        "--http-addr",
+                        &format!("127.0.0.1:{http}"),
+                    ])
+                    .arg("--config")
+                    .arg(&keys),
+            );
+            let limiter_http = format!("http://127.0.0.1:{http}");
+            wait_ready(&format!("{limiter_http}/readyz"));
+            let config = dir.path().join(format!("envoy-{i}.yaml"));
+            std::fs::write(&config, envoy_config(listener, grpc, mock_port, admin)).unwrap();
+            let envoy = spawn(Command::new(envoy_bin()).arg("-c").arg(&config).args([
+                "--concurrency",
+                "1",
+                "--base-id",
+                &listener.to_string(),
+                "-l",
+                "error",
+            ]));
+            wait_ready(&format!("http://127.0.0.1:{admin}/ready"));
+            Node {
+                url: format!("http://127.0.0.1:{listener}"),
+                limiter_http,
+                _procs: vec![envoy, limiter],
+            }
+        })
+        .collect();
+    Cluster {
+        nodes,
+        _mock: mock,
+        _redis: redis,
+        _dir: dir,
+    }
+}
+
+fn chat(max_tokens: u64, stream: bool) -> String {
+    json!({
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Count the requests, please."}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    })
+    .to_string()
+}
+
+async fn post(client: &reqwest::Client, node: &Node, key: &str, body: String) -> reqwest::Response {
+    client
+        .post(format!("{}/v1/chat/completions", node.url))
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn used(client: &reqwest::Client, node: &Node, name: &str) -> [u64; 3] {
+    let u: Value = client
+        .get(format!("{}/v1/usage/{name}", node.limiter_http))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    ["requests", "input_tokens", "output_tokens"].map(|k| u[k]["used"].as_u64().unwrap())
+}
+
+/// Polls until the usage of `name` equals `want`, for at most 5 s (settlement is
+/// asynchronous to the client's response).
+async fn settles_to(client: &reqwest::Client, node: &Node, name: &str, want: [u64; 3]) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = used(client, node, name).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "usage {got:?}, expected {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn the_envoy_config_validates() {
+    let out = Command::new(envoy_bin())
+        .args([
+            "--mode",
+            "validate",
+            "-c",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/envoy/envoy.yaml"),
+        ])
+        .output()
+        .expect("run envoy (scripts/test.sh installs it into .venv)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_behind_envoy_admit_settle_and_deny_exactly() {
+    // Paced SSE, so "progressively" is visible: 25 ms between chunks.
+    let c = tokio::task::spawn_blocking(|| cluster(2, &["--stream-interval-ms", "25"]))
+        .await
+        .unwrap();
+    let client = reqwest::Client::new();
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+
+    // Admitted through node a: usage headers, OpenAI body; settled to the real figure.
+    let r = post(&client, a, "sk-e2e-a", chat(50, false)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-ratelimit-limit-requests"], "100");
+    assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "99");
+    assert!(r.headers().contains_key("x-ratelimit-reset-tokens"));
+    let body: Value = r.json().await.unwrap();
+    let (prompt, completion) = (
+        body["usage"]["prompt_tokens"].as_u64().unwrap(),
+        body["usage"]["completion_tokens"].as_u64().unwrap(),
+    );
+    assert!(completion < 50);
+    // Node b sees it: the limiter's input count equals the upstream's prompt_tokens, and
+    // the reservation of 50 was settled to completion_tokens by ext_proc.
+    settles_to(&client, b, "team-a", [1, prompt, completion]).await;
+
+    // A stream reaches the client as it is produced, and is settled from its usage chunk.
+    let started = Instant::now();
+    let mut r = post(&client, b, "sk-e2e-a", chat(20, true)).await;
+    assert_eq!(r.status(), 200);
+    let mut first = None;
+    let mut text = String::new();
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        first.get_or_insert_with(|| started.elapsed());
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let total = started.elapsed();
+    assert!(text.contains("data: [DONE]"));
+    assert!(
+        first.unwrap() * 2 < total,
+        "first chunk at {first:?} of {total:?}: not streamed progressively"
+    );
+    assert_eq!(used(&client, a, "team-a").await[0], 2);
+    // The mock answers min(max, 16 + prompt % 48) tokens: the same prompt got `completion`
+    // (< 50) above, so with max 20 it streams min(20, completion). No usage chunk was asked
+    // for: the settled figure is the streamed text counted, not the reservation of 20.
+    settles_to(
+        &client,
+        a,
+        "team-a",
+        [2, 2 * prompt, completion + completion.min(20)],
+    )
+    .await;
+
+    // 401, 400, 413 through Envoy, none counted.
+    assert_eq!(
+        post(&client, a, "sk-wrong", chat(5, false)).await.status(),
+        401
+    );
+    assert_eq!(
+        post(&client, a, "sk-e2e-a", "{nope".into()).await.status(),
+        400
+    );
+    let huge = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x".repeat(1_100_000)}]}).to_string();
+    assert_eq!(post(&client, a, "sk-e2e-a", huge).await.status(), 413);
+    assert_eq!(used(&client, a, "team-a").await[0], 2);
+
+    // Over the limit: exact 429 body and headers, whichever node.
+    for (i, node) in [a, b, a].into_iter().enumerate() {
+        assert_eq!(
+            post(&client, node, "sk-e2e-tight", chat(5, false))
+                .await
+                .status(),
+            200,
+            "request {i}"
+        );
+    }
+    let r = post(&client, b, "sk-e2e-tight", chat(5, false)).await;
+    assert_eq!(r.status(), 429);
+    let h = r.headers().clone();
+    let ms: u64 = h["retry-after-ms"].to_str().unwrap().parse().unwrap();
+    assert!(ms > 50_000 && ms <= 60_100, "{ms}");
+    assert_eq!(
+        h["retry-after"].to_str().unwrap(),
+        ms.div_ceil(1000).to_string()
+    );
+    assert_eq!(h["x-ratelimit-remaining-requests"], "0");
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(e["error"]["type"], "requests");
+    assert!(e["error"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("Rate limit reached for tight on requests: Limit 3, Used 3, Requested 1."));
+
+    // A race across both nodes admits exactly the limit.
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let (client, url) = (client.clone(), c.nodes[i % 2].url.clone());
+        tasks.push(tokio::spawn(async move {
+            client
+                .post(format!("{url}/v1/chat/completions"))
+                .header("authorization", "Bearer sk-e2e-race")
+                .body(chat(5, false))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    let mut codes = Vec::new();
+    for t in tasks {
+        codes.push(t.await.unwrap());
+    }
+    assert_eq!(codes.iter().filter(|c| **c == 200).count(), 25, "{codes:?}");
+    assert_eq!(codes.iter().filter(|c| **c == 429).count(), 35, "{codes:?}");
+    assert_eq!(used(&client, b, "race").await[0], 25);
+}
