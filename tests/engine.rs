@@ -645,3 +645,62 @@ async fn rediss_urls_speak_tls() {
         usage([1, 5, 5])
     );
 }
+
+#[tokio::test]
+async fn a_refund_takes_back_from_the_newest_buckets_and_never_below_zero() {
+    let redis = RedisServer::start();
+    let (now, stores) = both_stores(&redis, T0).await;
+    let shape = shape(2_000, 100);
+    let mut seen = Vec::new();
+    for store in &stores {
+        now.store(T0, Ordering::SeqCst);
+        let key = unique_key("refund");
+        for (step, want) in [(0, [1, 10, 5]), (500, [1, 20, 5]), (900, [2, 30, 5])] {
+            now.store(T0 + step, Ordering::SeqCst);
+            let d = store
+                .reserve(
+                    &key,
+                    shape,
+                    &big_limits(),
+                    &usage(want),
+                    Charge::Check,
+                    false,
+                )
+                .await
+                .unwrap();
+            assert!(matches!(d, Decision::Admitted { .. }));
+        }
+        // 40 input: 30 from the newest bucket, 10 from the one before.
+        let s = store.refund(&key, shape, &usage([1, 40, 0])).await.unwrap();
+        assert_eq!(s.usage, usage([3, 20, 15]));
+        // What leaves the window first is the oldest bucket: still holding its 10 input.
+        now.store(T0 + 2_150, Ordering::SeqCst);
+        assert_eq!(
+            store.usage(&key, shape).await.unwrap().usage,
+            usage([2, 10, 10])
+        );
+        // More than the window holds: down to zero, not below.
+        let s = store
+            .refund(&key, shape, &usage([9, 999, 999]))
+            .await
+            .unwrap();
+        assert_eq!(s.usage, usage([0, 0, 0]));
+        let fresh = store
+            .reserve(
+                &key,
+                shape,
+                &big_limits(),
+                &usage([1, 1, 1]),
+                Charge::Check,
+                false,
+            )
+            .await
+            .unwrap();
+        let Decision::Admitted { snapshot, .. } = fresh else {
+            panic!("admission expected");
+        };
+        assert_eq!(snapshot.usage, usage([1, 1, 1]));
+        seen.push(snapshot);
+    }
+    assert_eq!(seen[0], seen[1], "both stores answer alike");
+}

@@ -248,6 +248,39 @@ impl MemoryStore {
         }
     }
 
+    /// Takes `amount` back from the newest buckets (see lua/refund.lua).
+    pub(super) fn refund(&self, key: &KeyName, shape: WindowShape, amount: &Usage) -> Snapshot {
+        let now = (self.clock)();
+        let ring = self.ring(key, shape);
+        let mut ring = lock(&ring);
+        if ring.head == 0 {
+            return Snapshot {
+                now_ms: now,
+                usage: Usage::default(),
+                reset_ms: [0; 3],
+            };
+        }
+        let b = ring.advance(shape.bucket(now));
+        let mut left = amount.to_array();
+        let mut x = b;
+        while left != [0; 3] && x > b - shape.slots() {
+            let i = ring.index(x);
+            for (k, owed) in left.iter_mut().enumerate() {
+                let take = (*owed).min(ring.slots[i][k]);
+                ring.slots[i][k] -= take;
+                ring.totals[k] -= take;
+                *owed -= take;
+            }
+            x -= 1;
+        }
+        ring.settle_tail();
+        Snapshot {
+            now_ms: now,
+            usage: Usage::from_array(ring.totals),
+            reset_ms: shape.resets_from_tail(now, ring.tail, ring.totals),
+        }
+    }
+
     pub(super) fn usage(&self, key: &KeyName, shape: WindowShape) -> Snapshot {
         let now = (self.clock)();
         let ring = self.ring(key, shape);

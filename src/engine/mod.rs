@@ -305,6 +305,20 @@ impl Store {
         }
     }
 
+    /// Takes `amount` back from the key's newest buckets (Envoy's `is_negative_hits`);
+    /// never below zero, and never from buckets that have left the window.
+    pub async fn refund(
+        &self,
+        key: &KeyName,
+        shape: WindowShape,
+        amount: &Usage,
+    ) -> Result<Snapshot, StoreError> {
+        match self {
+            Store::Memory(s) => Ok(s.refund(key, shape, amount)),
+            Store::Redis(s) => s.refund(key, shape, amount).await,
+        }
+    }
+
     /// Whether the store answers (readiness).
     pub async fn ping(&self) -> Result<(), StoreError> {
         match self {

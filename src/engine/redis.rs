@@ -32,6 +32,7 @@ struct Scripts {
     reserve: Script,
     settle: Script,
     usage: Script,
+    refund: Script,
 }
 
 impl Scripts {
@@ -41,6 +42,7 @@ impl Scripts {
             reserve: with_prelude(include_str!("../../lua/reserve.lua")),
             settle: with_prelude(include_str!("../../lua/settle.lua")),
             usage: with_prelude(include_str!("../../lua/usage.lua")),
+            refund: with_prelude(include_str!("../../lua/refund.lua")),
         }
     }
 }
@@ -291,6 +293,30 @@ impl RedisStore {
             } else {
                 shape.resets(now, ring.head(), |x| ring.slot(shape, x))
             },
+        })
+    }
+
+    pub(super) async fn refund(
+        &self,
+        key: &KeyName,
+        shape: WindowShape,
+        amount: &Usage,
+    ) -> Result<Snapshot, StoreError> {
+        let mut inv = self.scripts.refund.key(ring_key(key, shape));
+        inv.arg(self.now_arg())
+            .arg(shape.precision_ms())
+            .arg(shape.slots())
+            .arg(amount.requests)
+            .arg(amount.input_tokens)
+            .arg(amount.output_tokens)
+            .arg(shape.ttl_ms());
+        let reply = Reply::new(self.call(&inv).await?)?;
+        let now = reply.int(0)?;
+        let totals = [reply.int(1)?, reply.int(2)?, reply.int(3)?];
+        Ok(Snapshot {
+            now_ms: now,
+            usage: Usage::from_array(totals),
+            reset_ms: shape.resets_from_tail(now, reply.int(4)? as i64, totals),
         })
     }
 
