@@ -45,6 +45,24 @@ impl From<Answer> for Verdict {
     }
 }
 
+/// What an Envoy `ShouldRateLimit` charge came to for one key.
+#[derive(Debug)]
+pub enum Charged {
+    /// No configured key has this secret; as in envoyproxy/ratelimit, what the limiter
+    /// does not know is not limited (authentication is ext_authz's job).
+    UnknownKey,
+    /// Recorded; `limits` and `snapshot` give the headers.
+    Admitted {
+        key: KeyName,
+        limits: crate::engine::Limits,
+        snapshot: crate::engine::Snapshot,
+    },
+    /// Not recorded: the 429 to give.
+    Denied { key: KeyName, answer: Answer },
+    /// The store failed.
+    Failed(Answer),
+}
+
 /// What a settlement found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Report {
@@ -318,6 +336,104 @@ impl Limiter {
             output_tokens: Some(tokens),
             settlement: Some(settlement),
         })
+    }
+
+    /// Envoy's `ratelimit` filter path: charges `want` to the key whose secret is given,
+    /// all three limits at once; with `Charge::Force` (after the response) never denied.
+    pub async fn charge(&self, secret: &str, want: &Usage, charge: Charge) -> Charged {
+        let config = self.config.load();
+        let secret = bearer(Some(secret)).unwrap_or(secret.trim());
+        let Some(spec) = config.key_by_secret(secret) else {
+            return Charged::UnknownKey;
+        };
+        match self
+            .store
+            .reserve(
+                &spec.name,
+                config.shape(),
+                &spec.limits,
+                want,
+                charge,
+                false,
+            )
+            .await
+        {
+            Ok(Decision::Admitted { snapshot, .. }) => {
+                let key = spec.name.to_string();
+                self.metrics
+                    .decisions
+                    .get_or_create(&DecisionLabels {
+                        key: key.clone(),
+                        outcome: "admitted",
+                    })
+                    .inc();
+                self.count_tokens(&key, "input", want.input_tokens);
+                self.count_tokens(&key, "output_reserved", want.output_tokens);
+                Charged::Admitted {
+                    key: spec.name.clone(),
+                    limits: spec.limits,
+                    snapshot,
+                }
+            }
+            Ok(Decision::Denied {
+                snapshot,
+                limit,
+                retry_after_ms,
+            }) => {
+                self.metrics
+                    .decisions
+                    .get_or_create(&DecisionLabels {
+                        key: spec.name.to_string(),
+                        outcome: limit.as_str(),
+                    })
+                    .inc();
+                Charged::Denied {
+                    key: spec.name.clone(),
+                    answer: Answer::rate_limited(
+                        &spec.name,
+                        &spec.limits,
+                        &snapshot,
+                        limit,
+                        want,
+                        retry_after_ms,
+                    ),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(key = %spec.name, error = %e, "store failed; answering 503");
+                self.metrics.reject("store_unavailable");
+                Charged::Failed(Answer::store_unavailable())
+            }
+        }
+    }
+
+    /// Envoy's `is_negative_hits`: gives `amount` back to the key's window.
+    pub async fn refund(&self, secret: &str, amount: &Usage) -> Charged {
+        let config = self.config.load();
+        let secret = bearer(Some(secret)).unwrap_or(secret.trim());
+        let Some(spec) = config.key_by_secret(secret) else {
+            return Charged::UnknownKey;
+        };
+        match self.store.refund(&spec.name, config.shape(), amount).await {
+            Ok(snapshot) => Charged::Admitted {
+                key: spec.name.clone(),
+                limits: spec.limits,
+                snapshot,
+            },
+            Err(e) => {
+                tracing::warn!(key = %spec.name, error = %e, "store failed while refunding");
+                Charged::Failed(Answer::store_unavailable())
+            }
+        }
+    }
+
+    /// A key's current window (for the statuses of a denial).
+    pub async fn snapshot(&self, key: &KeyName) -> Result<crate::engine::Snapshot, Answer> {
+        let config = self.config.load();
+        self.store
+            .usage(key, config.shape())
+            .await
+            .map_err(|_| Answer::store_unavailable())
     }
 
     /// A key's current window, by name.

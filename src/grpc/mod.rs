@@ -1,9 +1,10 @@
 //! The gRPC surface (`--grpc-addr`, HTTP/2): Envoy's ext_authz `Check` (admission),
-//! ext_proc `Process` (settlement after the response), `grpc.health.v1.Health` and server
-//! reflection. Each service only translates Envoy's messages to [`Limiter`] calls.
+//! ext_proc `Process` (settlement after the response), `ShouldRateLimit` (Envoy's
+//! `ratelimit` filter), `grpc.health.v1.Health` and server reflection. Each service only translates Envoy's messages to [`Limiter`] calls.
 
 mod authz;
 mod ext_proc;
+mod rls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use std::time::Duration;
 
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
@@ -19,6 +21,7 @@ use crate::admission::Limiter;
 
 pub use authz::Admission;
 pub use ext_proc::Settlement;
+pub use rls::RateLimiter;
 
 /// Where ext_authz puts our dynamic metadata, and ext_proc finds it again.
 pub const METADATA_NAMESPACE: &str = "envoy.filters.http.ext_authz";
@@ -53,6 +56,7 @@ pub async fn serve(
                     "",
                     "envoy.service.auth.v3.Authorization",
                     "envoy.service.ext_proc.v3.ExternalProcessor",
+                    "envoy.service.ratelimit.v3.RateLimitService",
                 ] {
                     reporter.set_service_status(service, status).await;
                 }
@@ -63,7 +67,10 @@ pub async fn serve(
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(AuthorizationServer::new(Admission::new(limiter.clone())))
-        .add_service(ExternalProcessorServer::new(Settlement::new(limiter)))
+        .add_service(ExternalProcessorServer::new(Settlement::new(
+            limiter.clone(),
+        )))
+        .add_service(RateLimitServiceServer::new(RateLimiter::new(limiter)))
         .add_service(health)
         .add_service(reflection)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)

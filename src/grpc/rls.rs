@@ -1,0 +1,268 @@
+//! `RateLimitService/ShouldRateLimit`: Envoy's standard rate-limit API driving the same
+//! sliding-window engine, for the `ratelimit` filter.
+//!
+//! A descriptor is ours when it has an `api_key` entry (the bearer secret, with or without
+//! `Bearer `). Its optional `limit` entry names the limit it is held to (`requests`,
+//! `input_tokens`, `output_tokens`; default `requests`), and it asks for `hits_addend`
+//! (the descriptor's, else the request's, else 1). A `phase: response` entry marks a charge
+//! made after the response (`apply_on_stream_done`): recorded, never denied.
+//! `is_negative_hits` gives the amount back. Descriptors of one key in one call are
+//! charged together in one atomic store call, all or nothing; other descriptors are OK,
+//! as in envoyproxy/ratelimit.
+
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::HeaderValue;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
+    Code, DescriptorStatus, RateLimit,
+};
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use envoy_types::pb::google::protobuf::Duration as ProtoDuration;
+use tonic::{Request, Response, Status};
+
+use crate::admission::{Charged, Limiter};
+use crate::answer::rate_limit_headers;
+use crate::engine::{Charge, LimitKind, Limits, Snapshot, Usage};
+
+pub struct RateLimiter {
+    limiter: Arc<Limiter>,
+}
+
+impl RateLimiter {
+    pub fn new(limiter: Arc<Limiter>) -> RateLimiter {
+        RateLimiter { limiter }
+    }
+}
+
+/// One of our descriptors, read.
+struct Ask {
+    secret: String,
+    kind: LimitKind,
+    hits: u64,
+    after_response: bool,
+    refund: bool,
+}
+
+fn read(d: &RateLimitDescriptor, request_hits: u32) -> Option<Ask> {
+    let mut secret = None;
+    let mut kind = LimitKind::Requests;
+    let mut after_response = false;
+    for e in &d.entries {
+        match e.key.as_str() {
+            "api_key" => secret = Some(e.value.clone()),
+            "limit" => {
+                kind = LimitKind::ALL.into_iter().find(|k| k.as_str() == e.value)?;
+            }
+            "phase" => after_response = e.value == "response",
+            _ => {}
+        }
+    }
+    let hits = match d.hits_addend.as_ref() {
+        Some(h) => h.value,
+        None if request_hits > 0 => u64::from(request_hits),
+        None => 1,
+    };
+    Some(Ask {
+        secret: secret?,
+        kind,
+        hits,
+        after_response,
+        refund: d.is_negative_hits,
+    })
+}
+
+fn add(usage: &mut Usage, kind: LimitKind, n: u64) {
+    let slot = match kind {
+        LimitKind::Requests => &mut usage.requests,
+        LimitKind::InputTokens => &mut usage.input_tokens,
+        LimitKind::OutputTokens => &mut usage.output_tokens,
+    };
+    *slot = slot.saturating_add(n);
+}
+
+fn header(key: &str, value: &str) -> HeaderValue {
+    HeaderValue {
+        key: key.to_string(),
+        value: value.to_string(),
+        raw_value: Vec::new(),
+    }
+}
+
+/// A group: one key, one way of charging, the descriptors it covers.
+struct Group {
+    secret: String,
+    after_response: bool,
+    refund: bool,
+    want: Usage,
+    members: Vec<usize>,
+    outcome: Option<(Limits, Snapshot)>,
+    denied: bool,
+}
+
+fn status_of(
+    kind: LimitKind,
+    outcome: Option<&(Limits, Snapshot)>,
+    denied: bool,
+) -> DescriptorStatus {
+    let Some((limits, snapshot)) = outcome else {
+        return DescriptorStatus {
+            code: Code::Ok as i32,
+            ..Default::default()
+        };
+    };
+    let limit = limits.of(kind);
+    let reset = snapshot.reset(kind);
+    DescriptorStatus {
+        code: if denied { Code::OverLimit } else { Code::Ok } as i32,
+        current_limit: Some(RateLimit {
+            name: kind.as_str().to_string(),
+            requests_per_unit: u32::try_from(limit).unwrap_or(u32::MAX),
+            unit: Unit::Minute as i32,
+        }),
+        limit_remaining: u32::try_from(limit.saturating_sub(snapshot.usage.of(kind)))
+            .unwrap_or(u32::MAX),
+        duration_until_reset: Some(ProtoDuration {
+            seconds: reset.as_secs() as i64,
+            nanos: reset.subsec_nanos() as i32,
+        }),
+        ..Default::default()
+    }
+}
+
+#[tonic::async_trait]
+impl RateLimitService for RateLimiter {
+    async fn should_rate_limit(
+        &self,
+        request: Request<RateLimitRequest>,
+    ) -> Result<Response<RateLimitResponse>, Status> {
+        let request = request.into_inner();
+        let asks: Vec<Option<Ask>> = request
+            .descriptors
+            .iter()
+            .map(|d| read(d, request.hits_addend))
+            .collect();
+        let mut groups: Vec<Group> = Vec::new();
+        for (i, ask) in asks.iter().enumerate() {
+            let Some(ask) = ask else { continue };
+            let g = match groups.iter().position(|g| {
+                g.secret == ask.secret
+                    && g.after_response == ask.after_response
+                    && g.refund == ask.refund
+            }) {
+                Some(g) => g,
+                None => {
+                    groups.push(Group {
+                        secret: ask.secret.clone(),
+                        after_response: ask.after_response,
+                        refund: ask.refund,
+                        want: Usage::default(),
+                        members: Vec::new(),
+                        outcome: None,
+                        denied: false,
+                    });
+                    groups.len() - 1
+                }
+            };
+            add(&mut groups[g].want, ask.kind, ask.hits);
+            groups[g].members.push(i);
+        }
+
+        // Refunds first, then checked charges; a denial gives back what this call charged
+        // for other keys before it, so the call as a whole records nothing.
+        let mut denial = None;
+        let mut charged: Vec<usize> = Vec::new();
+        let order: Vec<usize> = (0..groups.len())
+            .filter(|g| groups[*g].refund)
+            .chain((0..groups.len()).filter(|g| !groups[*g].refund))
+            .collect();
+        for g in order {
+            let group = &groups[g];
+            let result = if group.refund {
+                self.limiter.refund(&group.secret, &group.want).await
+            } else {
+                let charge = if group.after_response {
+                    Charge::Force
+                } else {
+                    Charge::Check
+                };
+                self.limiter
+                    .charge(&group.secret, &group.want, charge)
+                    .await
+            };
+            match result {
+                Charged::UnknownKey => {}
+                Charged::Admitted {
+                    limits, snapshot, ..
+                } => {
+                    groups[g].outcome = Some((limits, snapshot));
+                    if !groups[g].refund {
+                        charged.push(g);
+                    }
+                }
+                Charged::Denied { key, answer } => {
+                    groups[g].denied = true;
+                    if let Some(spec) = self.limiter.config().key_by_name(key.as_str()) {
+                        let limits = spec.limits;
+                        if let Ok(snapshot) = self.limiter.snapshot(&key).await {
+                            groups[g].outcome = Some((limits, snapshot));
+                        }
+                    }
+                    denial = Some(answer);
+                    break;
+                }
+                Charged::Failed(_) => {
+                    return Err(Status::unavailable("the rate-limit store is unavailable"));
+                }
+            }
+        }
+        if denial.is_some() {
+            for g in charged {
+                let _ = self
+                    .limiter
+                    .refund(&groups[g].secret, &groups[g].want)
+                    .await;
+            }
+        }
+
+        let mut statuses = vec![
+            DescriptorStatus {
+                code: Code::Ok as i32,
+                ..Default::default()
+            };
+            asks.len()
+        ];
+        for group in &groups {
+            for &i in &group.members {
+                let kind = asks[i].as_ref().map_or(LimitKind::Requests, |a| a.kind);
+                statuses[i] = status_of(kind, group.outcome.as_ref(), group.denied);
+            }
+        }
+        let response = match denial {
+            Some(answer) => RateLimitResponse {
+                overall_code: Code::OverLimit as i32,
+                statuses,
+                response_headers_to_add: answer.headers.iter().map(|(k, v)| header(k, v)).collect(),
+                raw_body: answer.body.into_bytes(),
+                ..Default::default()
+            },
+            None => {
+                let headers = groups
+                    .iter()
+                    .find(|g| !g.refund && !g.after_response)
+                    .and_then(|g| g.outcome.as_ref())
+                    .map(|(limits, snapshot)| rate_limit_headers(limits, snapshot))
+                    .unwrap_or_default();
+                RateLimitResponse {
+                    overall_code: Code::Ok as i32,
+                    statuses,
+                    response_headers_to_add: headers.iter().map(|(k, v)| header(k, v)).collect(),
+                    ..Default::default()
+                }
+            }
+        };
+        Ok(Response::new(response))
+    }
+}

@@ -1,0 +1,274 @@
+//! The gRPC surface without Envoy: ShouldRateLimit's descriptor rules, Check's answers,
+//! and health — against the in-process server on an ephemeral loopback port.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
+    HttpRequest, Request as AttrRequest,
+};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+use envoy_types::pb::google::protobuf::UInt64Value;
+use llm_ratelimit::admission::Limiter;
+use llm_ratelimit::config::Config;
+use llm_ratelimit::engine::memory::MemoryStore;
+use llm_ratelimit::engine::Store;
+use llm_ratelimit::metrics::Metrics;
+use serde_json::Value;
+
+const KEYS: &str = "keys:\n  - name: team-a\n    key: sk-grpc-a\n    rpm: 5\n    input_tpm: 1000\n    output_tpm: 1000\n";
+
+async fn server() -> (String, Arc<Limiter>) {
+    let limiter = Arc::new(Limiter::new(
+        Arc::new(ArcSwap::from_pointee(
+            Config::parse(KEYS, "k.yaml").unwrap(),
+        )),
+        Store::Memory(MemoryStore::new()),
+        Arc::new(Metrics::default()),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    let l = limiter.clone();
+    tokio::spawn(async move {
+        llm_ratelimit::grpc::serve(listener, l, std::future::pending())
+            .await
+            .unwrap();
+    });
+    (addr, limiter)
+}
+
+fn descriptor(entries: &[(&str, &str)], hits: Option<u64>, negative: bool) -> RateLimitDescriptor {
+    RateLimitDescriptor {
+        entries: entries
+            .iter()
+            .map(|(k, v)| Entry {
+                key: k.to_string(),
+                value: v.to_string(),
+            })
+            .collect(),
+        hits_addend: hits.map(|value| UInt64Value { value }),
+        is_negative_hits: negative,
+        ..Default::default()
+    }
+}
+
+async fn used(limiter: &Limiter) -> [u64; 3] {
+    let u = limiter.usage("team-a").await.unwrap();
+    ["requests", "input_tokens", "output_tokens"].map(|k| u[k]["used"].as_u64().unwrap())
+}
+
+#[tokio::test]
+async fn should_rate_limit_charges_descriptors_together_all_or_nothing() {
+    let (addr, limiter) = server().await;
+    let mut client = RateLimitServiceClient::connect(addr).await.unwrap();
+    let call = |descriptors: Vec<RateLimitDescriptor>, hits: u32| RateLimitRequest {
+        domain: "llm".into(),
+        descriptors,
+        hits_addend: hits,
+    };
+
+    // Requests by default (hits 1), input tokens by hits_addend, an unknown descriptor OK.
+    let r = client
+        .should_rate_limit(call(
+            vec![
+                descriptor(&[("api_key", "Bearer sk-grpc-a")], None, false),
+                descriptor(
+                    &[("api_key", "sk-grpc-a"), ("limit", "input_tokens")],
+                    Some(300),
+                    false,
+                ),
+                descriptor(&[("remote_address", "10.0.0.1")], None, false),
+            ],
+            0,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.overall_code, Code::Ok as i32);
+    assert_eq!(r.statuses.len(), 3);
+    assert_eq!(r.statuses[0].limit_remaining, 4);
+    assert_eq!(r.statuses[1].limit_remaining, 700);
+    assert_eq!(r.statuses[2].code, Code::Ok as i32);
+    assert!(r
+        .response_headers_to_add
+        .iter()
+        .any(|h| h.key == "x-ratelimit-remaining-requests" && h.value == "4"));
+    assert_eq!(used(&limiter).await, [1, 300, 0]);
+
+    // Over on input: nothing of this call is recorded, not even its request.
+    let r = client
+        .should_rate_limit(call(
+            vec![
+                descriptor(&[("api_key", "sk-grpc-a")], None, false),
+                descriptor(
+                    &[("api_key", "sk-grpc-a"), ("limit", "input_tokens")],
+                    Some(701),
+                    false,
+                ),
+            ],
+            0,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.overall_code, Code::OverLimit as i32);
+    assert_eq!(r.statuses[1].code, Code::OverLimit as i32);
+    let body: Value = serde_json::from_slice(&r.raw_body).unwrap();
+    assert_eq!(body["error"]["type"], "input_tokens");
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    assert!(r
+        .response_headers_to_add
+        .iter()
+        .any(|h| h.key == "retry-after-ms"));
+    assert_eq!(used(&limiter).await, [1, 300, 0]);
+
+    // The request-level hits_addend applies where a descriptor has none.
+    let r = client
+        .should_rate_limit(call(
+            vec![descriptor(
+                &[("api_key", "sk-grpc-a"), ("limit", "input_tokens")],
+                None,
+                false,
+            )],
+            50,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.overall_code, Code::Ok as i32);
+    assert_eq!(used(&limiter).await, [1, 350, 0]);
+
+    // After the response (apply_on_stream_done): charged even over the limit, never denied.
+    let r = client
+        .should_rate_limit(call(
+            vec![descriptor(
+                &[
+                    ("api_key", "sk-grpc-a"),
+                    ("limit", "output_tokens"),
+                    ("phase", "response"),
+                ],
+                Some(1500),
+                false,
+            )],
+            0,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.overall_code, Code::Ok as i32);
+    assert_eq!(used(&limiter).await, [1, 350, 1500]);
+
+    // is_negative_hits gives tokens back.
+    let r = client
+        .should_rate_limit(call(
+            vec![descriptor(
+                &[("api_key", "sk-grpc-a"), ("limit", "output_tokens")],
+                Some(1200),
+                true,
+            )],
+            0,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.overall_code, Code::Ok as i32);
+    assert_eq!(used(&limiter).await, [1, 350, 300]);
+
+    // An unknown secret is not ours to limit.
+    let r = client
+        .should_rate_limit(call(
+            vec![descriptor(&[("api_key", "sk-nobody")], Some(99), false)],
+            0,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.overall_code, Code::Ok as i32);
+}
+
+fn check_request(auth: &str, body: &str) -> CheckRequest {
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(AttrRequest {
+                http: Some(HttpRequest {
+                    path: "/v1/chat/completions".into(),
+                    headers: HashMap::from([("authorization".to_string(), auth.to_string())]),
+                    raw_body: body.as_bytes().to_vec(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+#[tokio::test]
+async fn check_allows_with_headers_and_metadata_and_denies_with_the_client_answer() {
+    let (addr, limiter) = server().await;
+    let mut client = AuthorizationClient::connect(addr.clone()).await.unwrap();
+    let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"max_tokens":7}"#;
+    let r = client
+        .check(check_request("Bearer sk-grpc-a", body))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.status.unwrap().code, 0);
+    let Some(HttpResponse::OkResponse(ok)) = r.http_response else {
+        panic!("ok response expected");
+    };
+    let up = ok
+        .headers
+        .iter()
+        .find_map(|h| h.header.as_ref().filter(|h| h.key == "x-llm-ratelimit-key"));
+    assert_eq!(up.unwrap().value, "team-a");
+    assert!(ok.response_headers_to_add.iter().any(|h| h
+        .header
+        .as_ref()
+        .is_some_and(|h| h.key == "x-ratelimit-remaining-requests" && h.value == "4")));
+    let meta = r.dynamic_metadata.unwrap().fields;
+    assert!(meta.contains_key("reservation"));
+    assert_eq!(used(&limiter).await[2], 7);
+
+    let r = client
+        .check(check_request("Bearer sk-wrong", body))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(HttpResponse::DeniedResponse(denied)) = r.http_response else {
+        panic!("denied response expected");
+    };
+    assert_eq!(denied.status.unwrap().code, 401);
+    assert!(denied.body.contains("invalid_api_key"));
+
+    let channel = tonic::transport::Endpoint::from_shared(addr)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let s = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        if s == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never SERVING");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
