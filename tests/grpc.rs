@@ -272,3 +272,49 @@ async fn check_allows_with_headers_and_metadata_and_denies_with_the_client_answe
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn reflection_lets_grpcurl_call_without_proto_files() {
+    let (addr, _limiter) = server().await;
+    let grpcurl = std::env::var("GRPCURL_BIN")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/grpcurl").to_string());
+    let target = addr.trim_start_matches("http://").to_string();
+    let run = move |args: Vec<String>| {
+        let out = std::process::Command::new(&grpcurl)
+            .args(args)
+            .output()
+            .expect("run grpcurl (scripts/test.sh installs it into .venv)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listed = {
+        let (run, target) = (run.clone(), target.clone());
+        tokio::task::spawn_blocking(move || run(vec!["-plaintext".into(), target, "list".into()]))
+            .await
+            .unwrap()
+    };
+    for service in [
+        "envoy.service.auth.v3.Authorization",
+        "envoy.service.ext_proc.v3.ExternalProcessor",
+        "envoy.service.ratelimit.v3.RateLimitService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(listed.contains(service), "{listed}");
+    }
+    let answer = tokio::task::spawn_blocking(move || {
+        run(vec![
+            "-plaintext".into(),
+            "-d".into(),
+            r#"{"domain":"llm","descriptors":[{"entries":[{"key":"api_key","value":"sk-grpc-a"}]}]}"#.into(),
+            target,
+            "envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit".into(),
+        ])
+    })
+    .await
+    .unwrap();
+    assert!(answer.contains("\"overallCode\": \"OK\""), "{answer}");
+}
