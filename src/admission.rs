@@ -167,29 +167,38 @@ impl Limiter {
         &self.tokenizer
     }
 
-    /// Admission: all three limits reserved at once, or a denial that records nothing.
-    pub async fn check(&self, req: ClientRequest<'_>) -> Verdict {
-        let config = self.config.load();
+    /// Who is asking and for what: the key from the bearer header, the request understood
+    /// (input tokens counted, output reservation decided), or the answer to give instead.
+    fn understand(
+        &self,
+        config: &Config,
+        req: &ClientRequest<'_>,
+    ) -> Result<
+        (
+            crate::config::KeySpec,
+            Endpoint,
+            crate::openai::LlmRequest,
+            Usage,
+        ),
+        Answer,
+    > {
         let Some(secret) = bearer(req.authorization) else {
             self.metrics.reject("unauthorized");
-            return Answer::invalid_api_key(req.authorization.is_none()).into();
+            return Err(Answer::invalid_api_key(req.authorization.is_none()));
         };
         let Some(spec) = config.key_by_secret(secret) else {
             self.metrics.reject("unauthorized");
-            return Answer::invalid_api_key(false).into();
+            return Err(Answer::invalid_api_key(false));
         };
         if req.body.len() > config.max_body_bytes() {
             self.metrics.reject("body_too_large");
-            return Answer::body_too_large(config.max_body_bytes()).into();
+            return Err(Answer::body_too_large(config.max_body_bytes()));
         }
         let endpoint = Endpoint::from_path(req.path);
-        let request = match self.tokenizer.understand(endpoint, req.body) {
-            Ok(r) => r,
-            Err(e) => {
-                self.metrics.reject("invalid_request");
-                return Answer::invalid_request(&e.message, e.param.as_deref()).into();
-            }
-        };
+        let request = self.tokenizer.understand(endpoint, req.body).map_err(|e| {
+            self.metrics.reject("invalid_request");
+            Answer::invalid_request(&e.message, e.param.as_deref())
+        })?;
         let output_reserved = if request.reserves_output {
             request
                 .max_output_tokens
@@ -202,6 +211,39 @@ impl Limiter {
             input_tokens: request.input_tokens,
             output_tokens: output_reserved,
         };
+        Ok((spec.clone(), endpoint, request, want))
+    }
+
+    /// Authentication and counting only, no store call: for the wiring where Envoy's
+    /// `ratelimit` filter charges the counts (`envoy/ratelimit-filter.yaml`).
+    pub fn count(&self, req: ClientRequest<'_>) -> Verdict {
+        let config = self.config.load();
+        match self.understand(&config, &req) {
+            Ok((spec, _, _, want)) => Verdict {
+                answer: Answer {
+                    status: 200,
+                    headers: Vec::new(),
+                    body: String::new(),
+                },
+                admitted: Some(Admitted {
+                    key: spec.name,
+                    reservation: None,
+                    input_tokens: want.input_tokens,
+                    output_reserved: want.output_tokens,
+                }),
+            },
+            Err(answer) => answer.into(),
+        }
+    }
+
+    /// Admission: all three limits reserved at once, or a denial that records nothing.
+    pub async fn check(&self, req: ClientRequest<'_>) -> Verdict {
+        let config = self.config.load();
+        let (spec, endpoint, request, want) = match self.understand(&config, &req) {
+            Ok(u) => u,
+            Err(answer) => return answer.into(),
+        };
+        let output_reserved = want.output_tokens;
         let started = Instant::now();
         let decision = self
             .store

@@ -83,17 +83,17 @@ struct Cluster {
     _dir: tempfile::TempDir,
 }
 
-/// The repo's envoy.yaml with node 0's ports replaced.
-fn envoy_config(listener: u16, grpc: u16, upstream: u16, admin: u16) -> String {
-    let text =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/envoy/envoy.yaml")).unwrap();
+/// One of the repo's Envoy files (`envoy/<file>`) with node 0's ports replaced.
+fn envoy_config(file: &str, listener: u16, grpc: u16, upstream: u16, admin: u16) -> String {
+    let path = format!("{}/envoy/{file}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(path).unwrap();
     text.replace("port_value: 10000", &format!("port_value: {listener}"))
         .replace("port_value: 10100", &format!("port_value: {grpc}"))
         .replace("port_value: 10300", &format!("port_value: {upstream}"))
         .replace("port_value: 10500", &format!("port_value: {admin}"))
 }
 
-fn cluster(nodes: usize, mock_args: &[&str]) -> Cluster {
+fn cluster(envoy_file: &'static str, nodes: usize, mock_args: &[&str]) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys.yaml");
     std::fs::write(&keys, KEYS).unwrap();
@@ -130,7 +130,11 @@ fn cluster(nodes: usize, mock_args: &[&str]) -> Cluster {
             let limiter_http = format!("http://127.0.0.1:{http}");
             wait_ready(&format!("{limiter_http}/readyz"));
             let config = dir.path().join(format!("envoy-{i}.yaml"));
-            std::fs::write(&config, envoy_config(listener, grpc, mock_port, admin)).unwrap();
+            std::fs::write(
+                &config,
+                envoy_config(envoy_file, listener, grpc, mock_port, admin),
+            )
+            .unwrap();
             let envoy = spawn(Command::new(envoy_bin()).arg("-c").arg(&config).args([
                 "--concurrency",
                 "1",
@@ -206,29 +210,75 @@ async fn settles_to(client: &reqwest::Client, node: &Node, name: &str, want: [u6
 }
 
 #[test]
-fn the_envoy_config_validates() {
-    let out = Command::new(envoy_bin())
-        .args([
-            "--mode",
-            "validate",
-            "-c",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/envoy/envoy.yaml"),
-        ])
-        .output()
-        .expect("run envoy (scripts/test.sh installs it into .venv)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+fn both_envoy_configs_validate() {
+    for file in ["envoy.yaml", "ratelimit-filter.yaml"] {
+        let path = format!("{}/envoy/{file}", env!("CARGO_MANIFEST_DIR"));
+        let out = Command::new(envoy_bin())
+            .args(["--mode", "validate", "-c", &path])
+            .output()
+            .expect("run envoy (scripts/test.sh installs it into .venv)");
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ratelimit_filter_variant_holds_requests_and_tokens() {
+    let c = tokio::task::spawn_blocking(|| cluster("ratelimit-filter.yaml", 2, &[]))
+        .await
+        .unwrap();
+    let client = reqwest::Client::new();
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+
+    // Requests and input tokens are charged before the call (input from ext_authz's
+    // count, as hits_addend); output tokens after it, at the request's maximum.
+    let r = post(&client, a, "sk-e2e-tight", chat(30, false)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "2");
+    let prompt = r.json::<Value>().await.unwrap()["usage"]["prompt_tokens"]
+        .as_u64()
+        .unwrap();
+    settles_to(&client, b, "tight", [1, prompt, 30]).await;
+    for node in [b, a] {
+        assert_eq!(
+            post(&client, node, "sk-e2e-tight", chat(30, false))
+                .await
+                .status(),
+            200
+        );
+    }
+    settles_to(&client, a, "tight", [3, 3 * prompt, 90]).await;
+
+    // The fourth is over rpm on either node: the limiter's OpenAI body and headers.
+    let r = post(&client, b, "sk-e2e-tight", chat(30, false)).await;
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["type"], "requests");
+    assert_eq!(e["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(
+        used(&client, a, "tight").await,
+        [3, 3 * prompt, 90],
+        "a 429 records nothing"
+    );
+
+    // Authentication is still ext_authz's: an unknown key never reaches the limits.
+    assert_eq!(
+        post(&client, a, "sk-wrong", chat(5, false)).await.status(),
+        401
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_behind_envoy_admit_settle_and_deny_exactly() {
     // Paced SSE, so "progressively" is visible: 25 ms between chunks.
-    let c = tokio::task::spawn_blocking(|| cluster(2, &["--stream-interval-ms", "25"]))
-        .await
-        .unwrap();
+    let c =
+        tokio::task::spawn_blocking(|| cluster("envoy.yaml", 2, &["--stream-interval-ms", "25"]))
+            .await
+            .unwrap();
     let client = reqwest::Client::new();
     let (a, b) = (&c.nodes[0], &c.nodes[1]);
 

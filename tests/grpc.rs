@@ -146,25 +146,39 @@ async fn should_rate_limit_charges_descriptors_together_all_or_nothing() {
     assert_eq!(r.overall_code, Code::Ok as i32);
     assert_eq!(used(&limiter).await, [1, 350, 0]);
 
-    // After the response (apply_on_stream_done): charged even over the limit, never denied.
+    // After the response of a request Envoy answered 429 (no `admitted` entry): nothing.
+    let after = |admitted: bool| {
+        let mut entries = vec![
+            ("api_key", "sk-grpc-a"),
+            ("limit", "output_tokens"),
+            ("phase", "response"),
+        ];
+        if admitted {
+            entries.push(("admitted", "true"));
+        }
+        descriptor(&entries, Some(1500), false)
+    };
     let r = client
-        .should_rate_limit(call(
-            vec![descriptor(
-                &[
-                    ("api_key", "sk-grpc-a"),
-                    ("limit", "output_tokens"),
-                    ("phase", "response"),
-                ],
-                Some(1500),
-                false,
-            )],
-            0,
-        ))
+        .should_rate_limit(call(vec![after(false)], 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.overall_code, Code::Ok as i32);
+    assert_eq!(used(&limiter).await, [1, 350, 0]);
+
+    // After the response of an admitted one: charged even over the limit, never denied.
+    let r = client
+        .should_rate_limit(call(vec![after(true)], 0))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(r.overall_code, Code::Ok as i32);
     assert_eq!(used(&limiter).await, [1, 350, 1500]);
+    let admitted = r.dynamic_metadata.unwrap().fields;
+    assert!(
+        admitted.contains_key("admitted"),
+        "an OK marks the stream admitted"
+    );
 
     // is_negative_hits gives tokens back.
     let r = client

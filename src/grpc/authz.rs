@@ -23,6 +23,9 @@ use super::RESERVATION_FIELD;
 use crate::admission::{Admitted, ClientRequest, Limiter};
 use crate::answer::Answer;
 
+/// The `context_extensions` entry that selects count-only admission.
+const COUNT_EXTENSION: &str = "llm-ratelimit";
+
 pub struct Admission {
     limiter: Arc<Limiter>,
 }
@@ -116,26 +119,30 @@ impl Authorization for Admission {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        let http = request
-            .into_inner()
-            .attributes
-            .and_then(|a| a.request)
-            .and_then(|r| r.http)
-            .unwrap_or_default();
+        let attributes = request.into_inner().attributes.unwrap_or_default();
+        // A route of envoy/ratelimit-filter.yaml says `llm-ratelimit: count`: the
+        // `ratelimit` filter charges, so only authenticate and count here.
+        let count_only = attributes
+            .context_extensions
+            .get(COUNT_EXTENSION)
+            .is_some_and(|v| v == "count");
+        let http = attributes.request.and_then(|r| r.http).unwrap_or_default();
         // `pack_as_bytes: true` sends `raw_body`; without it the body comes as text.
         let body = if http.raw_body.is_empty() {
             http.body.as_bytes()
         } else {
             &http.raw_body
         };
-        let verdict = self
-            .limiter
-            .check(ClientRequest {
-                authorization: http.headers.get("authorization").map(String::as_str),
-                path: &http.path,
-                body,
-            })
-            .await;
+        let client = ClientRequest {
+            authorization: http.headers.get("authorization").map(String::as_str),
+            path: &http.path,
+            body,
+        };
+        let verdict = if count_only {
+            self.limiter.count(client)
+        } else {
+            self.limiter.check(client).await
+        };
         let Some(admitted) = verdict.admitted else {
             return Ok(Response::new(denied(verdict.answer)));
         };

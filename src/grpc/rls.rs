@@ -8,8 +8,11 @@
 //! made after the response (`apply_on_stream_done`): recorded, never denied.
 //! `is_negative_hits` gives the amount back. Descriptors of one key in one call are
 //! charged together in one atomic store call, all or nothing; other descriptors are OK,
-//! as in envoyproxy/ratelimit.
+//! as in envoyproxy/ratelimit. An OK answer sets dynamic metadata `admitted`; an
+//! after-response descriptor counts only with an `admitted: true` entry taken from it (see
+//! envoy/ratelimit-filter.yaml), so a request Envoy answered 429 is never charged.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::HeaderValue;
@@ -20,12 +23,16 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
 };
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
-use envoy_types::pb::google::protobuf::Duration as ProtoDuration;
+use envoy_types::pb::google::protobuf::value::Kind;
+use envoy_types::pb::google::protobuf::{Duration as ProtoDuration, Struct, Value};
 use tonic::{Request, Response, Status};
 
 use crate::admission::{Charged, Limiter};
 use crate::answer::rate_limit_headers;
 use crate::engine::{Charge, LimitKind, Limits, Snapshot, Usage};
+
+/// Dynamic metadata (namespace `envoy.filters.http.ratelimit`) set on an admitted stream.
+pub const ADMITTED_FIELD: &str = "admitted";
 
 pub struct RateLimiter {
     limiter: Arc<Limiter>,
@@ -50,6 +57,7 @@ fn read(d: &RateLimitDescriptor, request_hits: u32) -> Option<Ask> {
     let mut secret = None;
     let mut kind = LimitKind::Requests;
     let mut after_response = false;
+    let mut admitted = false;
     for e in &d.entries {
         match e.key.as_str() {
             "api_key" => secret = Some(e.value.clone()),
@@ -57,8 +65,14 @@ fn read(d: &RateLimitDescriptor, request_hits: u32) -> Option<Ask> {
                 kind = LimitKind::ALL.into_iter().find(|k| k.as_str() == e.value)?;
             }
             "phase" => after_response = e.value == "response",
+            ADMITTED_FIELD => admitted = e.value == "true",
             _ => {}
         }
+    }
+    // Envoy sends the after-response descriptor at stream end even for a request it
+    // answered 429, only without the `admitted` entry: a rejected request never counts.
+    if after_response && !admitted {
+        return None;
     }
     let hits = match d.hits_addend.as_ref() {
         Some(h) => h.value,
@@ -259,6 +273,17 @@ impl RateLimitService for RateLimiter {
                     overall_code: Code::Ok as i32,
                     statuses,
                     response_headers_to_add: headers.iter().map(|(k, v)| header(k, v)).collect(),
+                    // Marks the stream admitted, so the after-response descriptor (which
+                    // Envoy sends at stream end even for a request it answered 429) can
+                    // be skipped for denied requests: `skip_if_absent` on this key.
+                    dynamic_metadata: Some(Struct {
+                        fields: HashMap::from([(
+                            ADMITTED_FIELD.to_string(),
+                            Value {
+                                kind: Some(Kind::StringValue("true".into())),
+                            },
+                        )]),
+                    }),
                     ..Default::default()
                 }
             }
