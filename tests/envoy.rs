@@ -391,3 +391,119 @@ async fn two_nodes_behind_envoy_admit_settle_and_deny_exactly() {
     assert_eq!(codes.iter().filter(|c| **c == 429).count(), 35, "{codes:?}");
     assert_eq!(used(&client, b, "race").await[0], 25);
 }
+
+/// Runs wrk against `url` for `secs` seconds with a chat-completions body.
+fn wrk(url: &str, key: &str, secs: u32, dir: &std::path::Path) -> String {
+    let script = dir.join("post.lua");
+    std::fs::write(
+        &script,
+        format!(
+            "wrk.method = \"POST\"\nwrk.headers[\"content-type\"] = \"application/json\"\nwrk.headers[\"authorization\"] = \"Bearer {key}\"\nwrk.body = '{}'\n",
+            chat(16, false)
+        ),
+    )
+    .unwrap();
+    let out = Command::new("wrk")
+        .args([
+            "-t2",
+            "-c32",
+            &format!("-d{secs}s"),
+            "--timeout",
+            "5s",
+            "-s",
+        ])
+        .arg(&script)
+        .arg(format!("{url}/v1/chat/completions"))
+        .output()
+        .expect("run wrk (scripts/test.sh installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+const LOAD_KEYS: &str = "keys:\n  - name: load\n    key: sk-e2e-load\n    rpm: 100000000\n    input_tpm: 100000000000\n    output_tpm: 100000000000\n";
+
+#[test]
+fn twenty_seconds_of_maximum_load_through_one_node_gives_no_5xx() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.yaml");
+    std::fs::write(&keys, LOAD_KEYS).unwrap();
+    let redis = RedisServer::start();
+    let (mock_port, listener, grpc, http, admin) = (
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    );
+    let _mock = spawn(Command::new(MOCK).args(["--addr", &format!("127.0.0.1:{mock_port}")]));
+    let _limiter = spawn(
+        Command::new(LIMITER)
+            .args(["serve", "--redis-url", &redis.url()])
+            .args([
+                "--grpc-addr",
+                &format!("127.0.0.1:{grpc}"),
+                "--http-addr",
+                &format!("127.0.0.1:{http}"),
+            ])
+            .arg("--config")
+            .arg(&keys),
+    );
+    wait_ready(&format!("http://127.0.0.1:{http}/readyz"));
+    let config = dir.path().join("envoy.yaml");
+    std::fs::write(
+        &config,
+        envoy_config("envoy.yaml", listener, grpc, mock_port, admin),
+    )
+    .unwrap();
+    let _envoy = spawn(Command::new(envoy_bin()).arg("-c").arg(&config).args([
+        "--concurrency",
+        "2",
+        "--base-id",
+        &listener.to_string(),
+        "-l",
+        "error",
+    ]));
+    wait_ready(&format!("http://127.0.0.1:{admin}/ready"));
+
+    let report = wrk(
+        &format!("http://127.0.0.1:{listener}"),
+        "sk-e2e-load",
+        20,
+        dir.path(),
+    );
+    assert!(!report.contains("Non-2xx or 3xx responses"), "{report}");
+    assert!(!report.contains("Socket errors"), "{report}");
+    let stats = reqwest::blocking::get(format!(
+        "http://127.0.0.1:{admin}/stats?filter=http.llm.downstream_rq_"
+    ))
+    .unwrap()
+    .text()
+    .unwrap();
+    let count = |name: &str| -> u64 {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("http.llm.{name}: ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(count("downstream_rq_5xx"), 0, "{stats}");
+    assert_eq!(count("downstream_rq_4xx"), 0, "{stats}");
+    let ok = count("downstream_rq_2xx");
+    assert!(ok > 1000, "{stats}\n{report}");
+    // Every admitted request is counted once. Requests still in flight on wrk's 32
+    // connections when it stopped were admitted but never completed for the client.
+    let usage: Value = reqwest::blocking::get(format!("http://127.0.0.1:{http}/v1/usage/load"))
+        .unwrap()
+        .json()
+        .unwrap();
+    let used = usage["requests"]["used"].as_u64().unwrap();
+    assert!(
+        used >= ok && used <= ok + 32,
+        "{used} counted, {ok} answered 2xx\n{report}"
+    );
+    eprintln!("{report}");
+}
