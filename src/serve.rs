@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use axum::serve::ListenerExt;
 
 use crate::admission::Limiter;
 use crate::config::{spawn_watcher, Config, ReloadOutcome};
@@ -64,9 +65,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let limiter = Arc::new(Limiter::new(config, store, metrics));
     let http = tokio::net::TcpListener::bind(options.http_addr).await?;
     let grpc = tokio::net::TcpListener::bind(options.grpc_addr).await?;
+    let http_addr = http.local_addr()?;
     tracing::info!(
         node = %options.node_id,
-        http = %http.local_addr()?,
+        http = %http_addr,
         grpc = %grpc.local_addr()?,
         store = if options.redis_url.is_some() { "redis" } else { "memory" },
         "llm-ratelimit serving"
@@ -76,6 +78,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    // TCP_NODELAY on every accepted connection: small replies must not wait for Nagle.
+    let http = http.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let http = axum::serve(http, crate::http::router(limiter.clone()))
         .with_graceful_shutdown(wait(stopped.clone()))
         .into_future();

@@ -2,6 +2,7 @@
 //! tests, demos and load tests behind Envoy and the limiter. Thin: the work is in
 //! [`llm_ratelimit::mock`].
 
+use axum::serve::ListenerExt;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -54,6 +55,10 @@ async fn main() -> ExitCode {
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
+    // TCP_NODELAY: small replies must not wait for Nagle.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     match axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
