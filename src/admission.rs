@@ -273,15 +273,7 @@ impl Limiter {
                 snapshot,
                 reservation,
             } => {
-                self.metrics
-                    .decisions
-                    .get_or_create(&DecisionLabels {
-                        key: key.clone(),
-                        outcome: "admitted",
-                    })
-                    .inc();
-                self.count_tokens(&key, "input", want.input_tokens);
-                self.count_tokens(&key, "output_reserved", output_reserved);
+                self.record_admission(&key, &want);
                 Verdict {
                     answer: Answer::admitted(&spec.limits, &snapshot),
                     admitted: Some(Admitted {
@@ -316,6 +308,19 @@ impl Limiter {
                 .into()
             }
         }
+    }
+
+    /// Counts an admission in the metrics: the decision and the tokens it recorded.
+    fn record_admission(&self, key: &str, want: &Usage) {
+        self.metrics
+            .decisions
+            .get_or_create(&DecisionLabels {
+                key: key.to_string(),
+                outcome: "admitted",
+            })
+            .inc();
+        self.count_tokens(key, "input", want.input_tokens);
+        self.count_tokens(key, "output_reserved", want.output_tokens);
     }
 
     fn count_tokens(&self, key: &str, kind: &'static str, n: u64) {
@@ -401,16 +406,7 @@ impl Limiter {
             .await
         {
             Ok(Decision::Admitted { snapshot, .. }) => {
-                let key = spec.name.to_string();
-                self.metrics
-                    .decisions
-                    .get_or_create(&DecisionLabels {
-                        key: key.clone(),
-                        outcome: "admitted",
-                    })
-                    .inc();
-                self.count_tokens(&key, "input", want.input_tokens);
-                self.count_tokens(&key, "output_reserved", want.output_tokens);
+                self.record_admission(&spec.name.to_string(), want);
                 Charged::Admitted {
                     key: spec.name.clone(),
                     limits: spec.limits,

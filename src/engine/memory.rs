@@ -254,11 +254,7 @@ impl MemoryStore {
         let ring = self.ring(key, shape);
         let mut ring = lock(&ring);
         if ring.head == 0 {
-            return Snapshot {
-                now_ms: now,
-                usage: Usage::default(),
-                reset_ms: [0; 3],
-            };
+            return Snapshot::empty(now);
         }
         let b = ring.advance(shape.bucket(now));
         let mut left = amount.to_array();
@@ -286,11 +282,7 @@ impl MemoryStore {
         let ring = self.ring(key, shape);
         let mut ring = lock(&ring);
         if ring.head == 0 {
-            return Snapshot {
-                now_ms: now,
-                usage: Usage::default(),
-                reset_ms: [0; 3],
-            };
+            return Snapshot::empty(now);
         }
         let b = ring.advance(shape.bucket(now));
         ring.settle_tail();

@@ -137,6 +137,15 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// A window with nothing in it.
+    pub fn empty(now_ms: u64) -> Snapshot {
+        Snapshot {
+            now_ms,
+            usage: Usage::default(),
+            reset_ms: [0; 3],
+        }
+    }
+
     pub fn reset(&self, kind: LimitKind) -> Duration {
         Duration::from_millis(self.reset_ms[kind.index()])
     }
