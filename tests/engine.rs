@@ -298,6 +298,26 @@ async fn a_denied_request_leaves_usage_unchanged() {
     }
 }
 
+/// Reserves `want` under generous limits, leaving a reservation to settle.
+async fn admitted_for_settlement(
+    store: &Store,
+    key: &KeyName,
+    shape: WindowShape,
+    want: [u64; 3],
+) -> llm_ratelimit::engine::Reservation {
+    match store
+        .reserve(key, shape, &big_limits(), &usage(want), Charge::Check, true)
+        .await
+        .unwrap()
+    {
+        Decision::Admitted {
+            reservation: Some(r),
+            ..
+        } => r,
+        other => panic!("admission with a reservation expected, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn a_duplicate_report_settles_once_and_a_late_one_changes_nothing() {
     let redis = RedisServer::start();
@@ -305,23 +325,7 @@ async fn a_duplicate_report_settles_once_and_a_late_one_changes_nothing() {
     let shape = shape(2_000, 100);
     for store in &stores {
         let key = unique_key("settle");
-        let Decision::Admitted {
-            reservation: Some(res),
-            ..
-        } = store
-            .reserve(
-                &key,
-                shape,
-                &big_limits(),
-                &usage([1, 10, 500]),
-                Charge::Check,
-                true,
-            )
-            .await
-            .unwrap()
-        else {
-            panic!("admission expected");
-        };
+        let res = admitted_for_settlement(store, &key, shape, [1, 10, 500]).await;
         assert_eq!(
             store.settle(&res, 120).await.unwrap(),
             Settlement::Applied { delta: -380 }
@@ -333,23 +337,7 @@ async fn a_duplicate_report_settles_once_and_a_late_one_changes_nothing() {
         );
 
         // Higher than reserved is settled too.
-        let Decision::Admitted {
-            reservation: Some(up),
-            ..
-        } = store
-            .reserve(
-                &key,
-                shape,
-                &big_limits(),
-                &usage([1, 0, 10]),
-                Charge::Check,
-                true,
-            )
-            .await
-            .unwrap()
-        else {
-            panic!("admission expected");
-        };
+        let up = admitted_for_settlement(store, &key, shape, [1, 0, 10]).await;
         assert_eq!(
             store.settle(&up, 25).await.unwrap(),
             Settlement::Applied { delta: 15 }
@@ -360,23 +348,7 @@ async fn a_duplicate_report_settles_once_and_a_late_one_changes_nothing() {
         );
 
         // A reservation whose bucket has left the window changes nothing, even a fresh one.
-        let Decision::Admitted {
-            reservation: Some(late),
-            ..
-        } = store
-            .reserve(
-                &key,
-                shape,
-                &big_limits(),
-                &usage([1, 0, 300]),
-                Charge::Check,
-                true,
-            )
-            .await
-            .unwrap()
-        else {
-            panic!("admission expected");
-        };
+        let late = admitted_for_settlement(store, &key, shape, [1, 0, 300]).await;
         now.fetch_add(2_100, Ordering::SeqCst);
         let fresh = store
             .reserve(
