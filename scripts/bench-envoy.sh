@@ -52,13 +52,13 @@ text = text.replace("port_value: 20000", f"port_value: {port}").replace("port_va
 open(dst, "w").write(text)
 PY
 
-redis-server --port $((P+400)) --bind 127.0.0.1 --save "" --appendonly no >/dev/null & pids+=($!)
-target/release/mock-upstream --addr 127.0.0.1:$((P+300)) >/dev/null 2>&1 & pids+=($!)
-target/release/llm-ratelimit serve --config "$run/keys.yaml" --redis-url redis://127.0.0.1:$((P+400)) \
-  --grpc-addr 127.0.0.1:$((P+100)) --http-addr 127.0.0.1:$((P+200)) >"$run/limiter.log" 2>&1 & pids+=($!)
-.venv/bin/envoy -c "$run/full.yaml" --concurrency 2 --base-id $P -l error >"$run/envoy-full.log" 2>&1 & pids+=($!)
-.venv/bin/envoy -c "$run/bare.yaml" --concurrency 2 --base-id $((P+1)) -l error >"$run/envoy-bare.log" 2>&1 & pids+=($!)
-.venv/bin/envoy -c "$run/authz.yaml" --concurrency 2 --base-id $((P+2)) -l error >"$run/envoy-authz.log" 2>&1 & pids+=($!)
+redis-server --port $((P+400)) --bind 127.0.0.1 --save "" --appendonly no >/dev/null & pids+=($!); redis_pid=$!
+target/release/mock-upstream --addr 127.0.0.1:$((P+300)) >/dev/null 2>&1 & pids+=($!); mock_pid=$!
+env ${LIMITER_ENV:-} target/release/llm-ratelimit serve --config "$run/keys.yaml" --redis-url redis://127.0.0.1:$((P+400)) \
+  --grpc-addr 127.0.0.1:$((P+100)) --http-addr 127.0.0.1:$((P+200)) >"$run/limiter.log" 2>&1 & pids+=($!); limiter_pid=$!
+.venv/bin/envoy -c "$run/full.yaml" --concurrency 2 --base-id $P -l error >"$run/envoy-full.log" 2>&1 & pids+=($!); full_pid=$!
+.venv/bin/envoy -c "$run/bare.yaml" --concurrency 2 --base-id $((P+1)) -l error >"$run/envoy-bare.log" 2>&1 & pids+=($!); bare_pid=$!
+.venv/bin/envoy -c "$run/authz.yaml" --concurrency 2 --base-id $((P+2)) -l error >"$run/envoy-authz.log" 2>&1 & pids+=($!); authz_pid=$!
 for url in http://127.0.0.1:$((P+200))/readyz http://127.0.0.1:$((P+500))/ready http://127.0.0.1:$((P+501))/ready http://127.0.0.1:$((P+502))/ready; do
   for _ in $(seq 100); do curl -sf "$url" >/dev/null && break; sleep 0.1; done
 done
@@ -71,8 +71,46 @@ wrk.headers["authorization"] = "Bearer sk-bench"
 wrk.body = '$body'
 LUA
 
-measure() { # name port
+# CPU time (user + system, in clock ticks) of a process so far, and of the whole machine.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
+hz=$(getconf CLK_TCK)
+measure() { # name port envoy-pid
+  local before_l before_r before_m before_e before_all
+  before_l=$(ticks "$limiter_pid"); before_r=$(ticks "$redis_pid"); before_m=$(ticks "$mock_pid")
+  before_e=$(ticks "$3"); before_all=$(busy)
+  # PROFILE=1: a system-wide CPU profile during this run (perf's software clock: this VM
+  # has no hardware counters), reported per process and library, and per symbol.
+  local perf_pid=""
+  if [[ -n "${PROFILE:-}" ]]; then
+    mkdir -p "${PROFILE_DIR:-target/profile}"
+    perf record -q -a -e cpu-clock -F 499 -o "$run/$1.perf" -- sleep "$secs" 2>/dev/null & perf_pid=$!
+    if [[ "$1" == full ]]; then # the limiter alone, with call stacks (no frame pointers: DWARF)
+      perf record -q -p "$limiter_pid" --call-graph dwarf,16384 -e cpu-clock -F 199 \
+        -o "${PROFILE_DIR:-target/profile}/limiter.perf" -- sleep "$secs" 2>/dev/null & perf_pid="$perf_pid $!"
+    fi
+  fi
   wrk -t2 -c32 -d"${secs}s" --latency -s "$run/post.lua" "http://127.0.0.1:$2/v1/chat/completions" > "$run/$1.txt"
+  if [[ -n "$perf_pid" ]]; then
+    # shellcheck disable=SC2086
+    wait $perf_pid || true
+    perf report -i "$run/$1.perf" --stdio --no-children --sort comm,dso -g none --percent-limit 0.5 2>/dev/null \
+      | grep -v '^$' > "${PROFILE_DIR:-target/profile}/$1-by-process.txt" || true
+    perf report -i "$run/$1.perf" --stdio --no-children --pid "$limiter_pid" --sort dso,symbol -g none \
+      --percent-limit 0.3 2>/dev/null | grep -v '^$' > "${PROFILE_DIR:-target/profile}/$1-limiter-symbols.txt" || true
+  fi
+  local n
+  n=$(awk '/requests in/ {print $1}' "$run/$1.txt")
+  # CPU µs per request of each process, and of everything else on the machine (wrk, mostly).
+  python3 - "$n" "$hz" "$(($(ticks "$3") - before_e))" "$(($(ticks "$limiter_pid") - before_l))" \
+    "$(($(ticks "$redis_pid") - before_r))" "$(($(ticks "$mock_pid") - before_m))" "$(($(busy) - before_all))" \
+    > "$run/$1.cpu" <<'PY'
+import sys
+n, hz = int(sys.argv[1]), int(sys.argv[2])
+envoy, limiter, redis, mock, total = (int(x) for x in sys.argv[3:8])
+us = lambda t: f"{t * 1e6 / hz / max(n, 1):.0f}"
+print(us(envoy), us(limiter), us(redis), us(mock), us(total - envoy - limiter - redis - mock), us(total))
+PY
   local rps p50 p99 non2xx
   rps=$(awk '/^Requests\/sec/ {print $2}' "$run/$1.txt")
   p50=$(awk '$1 == "50%" {print $2}' "$run/$1.txt")
@@ -80,9 +118,9 @@ measure() { # name port
   non2xx=$(awk '/Non-2xx/ {print $NF}' "$run/$1.txt")
   echo "$rps ${p50} ${p99} ${non2xx:-0}"
 }
-read -r bare_rps bare_p50 bare_p99 bare_bad < <(measure bare $((P+1)))
-read -r authz_rps authz_p50 authz_p99 authz_bad < <(measure authz $((P+2)))
-read -r full_rps full_p50 full_p99 full_bad < <(measure full $P)
+read -r bare_rps bare_p50 bare_p99 bare_bad < <(measure bare $((P+1)) "$bare_pid")
+read -r authz_rps authz_p50 authz_p99 authz_bad < <(measure authz $((P+2)) "$authz_pid")
+read -r full_rps full_p50 full_p99 full_bad < <(measure full $P "$full_pid")
 ratio=$(python3 -c "print(f'{$full_rps / $bare_rps:.2f}')")
 cat <<MD
 | path (one node, Envoy --concurrency 2) | req/s | p50 | p99 | non-2xx |
@@ -93,4 +131,24 @@ cat <<MD
 | ratio full / no limiter | **$ratio** | | | |
 
 command: \`scripts/bench-envoy.sh $secs\` (wrk -t2 -c32 -d${secs}s --latency, $(nproc) cores, $(date -u +%Y-%m-%dT%H:%MZ))
+MD
+
+cat <<MD
+
+CPU time per request, µs (user + system from /proc, over the same runs; "rest" is the
+machine's other busy time, mostly wrk; all on $(nproc) cores):
+
+| path | Envoy | limiter | Redis | mock upstream | rest (wrk) | total |
+|---|---:|---:|---:|---:|---:|---:|
+| no limiter | $(tr ' ' '|' < "$run/bare.cpu" | sed 's/|/ | /g') |
+| ext_authz only | $(tr ' ' '|' < "$run/authz.cpu" | sed 's/|/ | /g') |
+| full wiring | $(tr ' ' '|' < "$run/full.cpu" | sed 's/|/ | /g') |
+
+The ratio is bounded by CPU: everything shares $(nproc) cores, so req/s ≈ cores / CPU per
+request. Envoy's own work for the two calls is in its column. With a limiter and a Redis
+that cost nothing, the full wiring could reach at most
+$(python3 -c "
+b = [float(x) for x in open('$run/bare.cpu').read().split()]
+f = [float(x) for x in open('$run/full.cpu').read().split()]
+print(f'{b[5] / (f[5] - f[1] - f[2]):.2f}')") of the no-limiter path (its total / the full total without the limiter and Redis columns).
 MD
