@@ -2,13 +2,15 @@
 # A local llm-ratelimit cluster on 127.0.0.1: Redis, the mock upstream and N nodes
 # (Envoy + llm-ratelimit each), all in the background, all state in .run/.
 #
-#   scripts/cluster.sh up [--nodes N] [--config FILE] [--base-port P] [--envoy-concurrency C]
+#   scripts/cluster.sh up [--nodes N] [--config FILE] [--base-port P] [--envoy-concurrency C] [--bare]
 #   scripts/cluster.sh status
 #   scripts/cluster.sh down
 #
 # Ports for base port P (CONTRACT.md §10): node i Envoy listener P+i, its llm-ratelimit
 # gRPC P+100+i and HTTP P+200+i, Envoy admin P+500+i; mock upstream P+300; Redis P+400.
-# With REDIS_URL set, that Redis is used and none is started.
+# With REDIS_URL set, that Redis is used and none is started. --bare starts the same
+# Envoys with only the router (no ext_authz, no ext_proc) and no limiter: the baseline that
+# benchmarks compare the full wiring with.
 #
 # Without --config, .run/keys.yaml is written with three demo keys (sk-demo-a, sk-demo-b,
 # sk-demo-tight). Envoy's configs are envoy/envoy.yaml with node 0's ports replaced
@@ -188,9 +190,12 @@ keys:
 EOF
 }
 
-# The repo's envoy.yaml with node 0's four ports replaced (as tests/envoy.rs does).
+# The repo's envoy.yaml with node 0's four ports replaced (as tests/envoy.rs does); with
+# BARE=1, without the ext_authz and ext_proc filters (from the ext_authz filter up to the
+# router).
 envoy_config() {
-  local listener=$1 grpc=$2 upstream=$3 admin=$4
+  local listener=$1 grpc=$2 upstream=$3 admin=$4 strip='/^$/d'
+  [ "${BARE:-0}" = 1 ] && strip='/- name: envoy.filters.http.ext_authz/,/- name: envoy.filters.http.router/{/- name: envoy.filters.http.router/!d}'
   # Through placeholders, so that a new port equal to one of the old ones is not replaced
   # again.
   sed -e 's/port_value: 10000\b/port_value: @LISTENER@/' \
@@ -198,7 +203,7 @@ envoy_config() {
     -e 's/port_value: 10300\b/port_value: @UPSTREAM@/' \
     -e 's/port_value: 10500\b/port_value: @ADMIN@/' \
     -e "s/@LISTENER@/$listener/; s/@GRPC@/$grpc/; s/@UPSTREAM@/$upstream/; s/@ADMIN@/$admin/" \
-    "$ROOT/envoy/envoy.yaml"
+    -e "$strip" "$ROOT/envoy/envoy.yaml"
 }
 
 # --- commands --------------------------------------------------------------------------
@@ -214,7 +219,7 @@ parts() {
   local i
   [ "$OWN_REDIS" = 1 ] && echo redis
   echo mock
-  for ((i = 0; i < NODES; i++)); do echo "limiter-$i"; done
+  [ "${BARE:-0}" = 1 ] || for ((i = 0; i < NODES; i++)); do echo "limiter-$i"; done
   for ((i = 0; i < NODES; i++)); do echo "envoy-$i"; done
 }
 
@@ -227,13 +232,14 @@ any_alive() {
 }
 
 cmd_up() {
-  local nodes=3 config="" base=10000 concurrency=${ENVOY_CONCURRENCY:-1}
+  local nodes=3 config="" base=10000 concurrency=${ENVOY_CONCURRENCY:-1} bare=0
   while (($#)); do
     case $1 in
     --nodes) nodes=${2:?--nodes N}; shift 2 ;;
     --config) config=${2:?--config FILE}; shift 2 ;;
     --base-port) base=${2:?--base-port P}; shift 2 ;;
     --envoy-concurrency) concurrency=${2:?--envoy-concurrency C}; shift 2 ;;
+    --bare) bare=1; shift ;;
     -h | --help) usage ;;
     *) die "unknown option $1 (see scripts/cluster.sh --help)" ;;
     esac
@@ -287,8 +293,9 @@ CONFIG='$config'
 OWN_REDIS=$own_redis
 REDIS_URL_USED='$redis_url'
 ENVOY_CONCURRENCY=$concurrency
+BARE=$bare
 EOF
-  NODES=$nodes BASE_PORT=$base OWN_REDIS=$own_redis
+  NODES=$nodes BASE_PORT=$base OWN_REDIS=$own_redis BARE=$bare
 
   # On any failure from here on, stop whatever was started.
   trap 'echo "cluster: start-up failed, stopping what was started" >&2; cmd_down >&2' ERR
@@ -305,7 +312,7 @@ EOF
     echo "  redis          redis://127.0.0.1:$((base + 400))"
   fi
   for ((i = 0; i < nodes; i++)); do
-    launch "limiter-$i" "$RUN/limiter-$i.log" "$LIMITER" serve --config "$config" \
+    ((bare)) || launch "limiter-$i" "$RUN/limiter-$i.log" "$LIMITER" serve --config "$config" \
       --grpc-addr "127.0.0.1:$((base + 100 + i))" --http-addr "127.0.0.1:$((base + 200 + i))" \
       --redis-url "$redis_url" --node-id "node-$i"
     envoy_config $((base + i)) $((base + 100 + i)) $((base + 300)) $((base + 500 + i)) \
@@ -316,7 +323,7 @@ EOF
   wait_ready mock "$RUN/mock.log" http_ok "http://127.0.0.1:$((base + 300))/healthz"
   echo "  mock upstream  http://127.0.0.1:$((base + 300))"
   for ((i = 0; i < nodes; i++)); do
-    wait_ready "limiter-$i" "$RUN/limiter-$i.log" http_ok "http://127.0.0.1:$((base + 200 + i))/readyz"
+    ((bare)) || wait_ready "limiter-$i" "$RUN/limiter-$i.log" http_ok "http://127.0.0.1:$((base + 200 + i))/readyz"
     wait_ready "envoy-$i" "$RUN/envoy-$i.log" http_ok "http://127.0.0.1:$((base + 500 + i))/ready"
   done
   # Everything answered; make sure it also survives this script's own exit path.
@@ -326,12 +333,16 @@ EOF
   done
   trap - ERR
 
-  echo "== up: $nodes node(s), keys $config"
+  if ((bare)); then echo "== up: $nodes bare Envoy(s): router only, no limiter"; else echo "== up: $nodes node(s), keys $config"; fi
   for ((i = 0; i < nodes; i++)); do
-    printf '  node-%d  %-24s limiter http://127.0.0.1:%d  envoy admin http://127.0.0.1:%d\n' \
-      "$i" "http://127.0.0.1:$((base + i))" $((base + 200 + i)) $((base + 500 + i))
+    if ((bare)); then
+      printf '  node-%d  %-24s envoy admin http://127.0.0.1:%d\n' "$i" "http://127.0.0.1:$((base + i))" $((base + 500 + i))
+    else
+      printf '  node-%d  %-24s limiter http://127.0.0.1:%d  envoy admin http://127.0.0.1:%d\n' \
+        "$i" "http://127.0.0.1:$((base + i))" $((base + 200 + i)) $((base + 500 + i))
+    fi
   done
-  if [ "$config" = "$RUN/keys.yaml" ]; then
+  if [ "$config" = "$RUN/keys.yaml" ] && ((!bare)); then
     echo "try: curl -si http://127.0.0.1:$base/v1/chat/completions -H 'authorization: Bearer sk-demo-a' \\"
     echo "       -d '{\"model\":\"gpt-4o-mini\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"max_tokens\":20}'"
   fi
