@@ -106,8 +106,7 @@ impl Audit {
         for (i, secret) in secrets.iter().enumerate() {
             let Some(spec) = parsed.key_by_secret(secret) else {
                 bail!(
-                    "--verify: key #{} (the {} --key given) is not in {}",
-                    i + 1,
+                    "--verify: the {} --key is not a key of {}",
                     ordinal(i + 1),
                     config.display()
                 );
@@ -161,7 +160,7 @@ impl Audit {
                     sent,
                     done,
                     want: [1, u64::from(r.prompt_tokens), reserved],
-                    named: r.denied_by.map(lane),
+                    named: r.denied_by.map(limit_index),
                 }),
                 outcome => {
                     let admitted = outcome == Outcome::Ok;
@@ -231,7 +230,7 @@ fn ordinal(n: usize) -> String {
     format!("{n}{suffix}")
 }
 
-fn lane(kind: LimitKind) -> usize {
+fn limit_index(kind: LimitKind) -> usize {
     match kind {
         LimitKind::Requests => 0,
         LimitKind::InputTokens => 1,
@@ -1480,6 +1479,20 @@ mod tests {
     }
 
     #[test]
+    fn ordinals() {
+        let shown: Vec<String> = [1, 2, 3, 4, 11, 12, 13, 21, 22, 101, 111]
+            .map(ordinal)
+            .into();
+        assert_eq!(
+            shown,
+            [
+                "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "101st",
+                "111th"
+            ]
+        );
+    }
+
+    #[test]
     fn secrets_never_appear_in_text_json_or_errors() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys.yaml");
@@ -1514,7 +1527,7 @@ mod tests {
         }
         let missing = vec!["sk-very-secret-a".to_owned(), "sk-not-there".to_owned()];
         let err = format!("{:#}", Audit::load(&path, &missing).unwrap_err());
-        assert!(err.contains("key #2"), "{err}");
+        assert!(err.contains("the 2nd --key is not a key of"), "{err}");
         assert!(!err.contains("sk-"), "{err}");
         let err = format!(
             "{:#}",
