@@ -298,9 +298,7 @@ impl Settings {
                     load.key.len()
                 ))
             }
-            Some(w) if w.contains(&0) => {
-                return Err("--key-weights must all be above 0".into())
-            }
+            Some(w) if w.contains(&0) => return Err("--key-weights must all be above 0".into()),
             Some(w) if w.iter().map(|&w| u64::from(w)).sum::<u64>() > u64::from(u32::MAX) => {
                 return Err("--key-weights add up to more than 4294967295".into())
             }

@@ -151,8 +151,16 @@ where
             rate,
             max_in_flight,
         } => {
-            let (handles, released) = dispatch(&ctx, rate, max_in_flight, &make).await;
-            (handles, Some(released))
+            // The schedule runs on a thread of its own: OS sleeps are precise to tens of
+            // µs, where the runtime's timers round up to the next millisecond.
+            let dispatcher = {
+                let ctx = ctx.clone();
+                tokio::task::spawn_blocking(move || dispatch(&ctx, rate, max_in_flight, &make))
+            };
+            match dispatcher.await {
+                Ok((handles, released)) => (handles, Some(released)),
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            }
         }
     };
     let workers = handles.len();
@@ -202,8 +210,8 @@ struct Slots {
 }
 
 /// Releases the slots on time and starts workers as needed; returns the workers and the
-/// number of slots released.
-async fn dispatch<C, F>(
+/// number of slots released. Runs on a blocking thread inside the runtime.
+fn dispatch<C, F>(
     ctx: &Arc<Ctx>,
     rate: f64,
     max_in_flight: usize,
@@ -245,11 +253,14 @@ where
         if ctx.clock.now_us() >= end_us {
             break;
         }
-        // The next slot, or the end once all are released (the backlog drains until
-        // then); at least every 100 ms, so Ctrl-C is seen.
+        // Until the next slot, or the end once all are released (the backlog drains
+        // until then); at most 100 ms, so Ctrl-C is seen.
         let next = ctx.clock.at(slot_us(released).min(end_us));
-        tokio::time::sleep_until(next.min(Instant::now() + Duration::from_millis(100)).into())
-            .await;
+        let now = Instant::now();
+        std::thread::sleep(
+            next.saturating_duration_since(now)
+                .min(Duration::from_millis(100)),
+        );
     }
     slots.due.close();
     (handles, released)
