@@ -254,7 +254,12 @@ impl Summary {
                 p.p50, p.p90, p.p99, p.p999, p.max
             )
         };
-        out.push_str(&row("latency ms", &self.latency_ms));
+        let answered = r.total - self.status_codes.get(&0).copied().unwrap_or(0);
+        if answered == 0 {
+            out.push_str("latency ms  no answers\n");
+        } else {
+            out.push_str(&row("latency ms", &self.latency_ms));
+        }
         if self.rate.is_some() {
             out.push_str(&row("send lag ms", &self.send_lag_ms));
         }
