@@ -13,7 +13,7 @@
 //! Only requests sent within `--duration` count. Each request's deadline is its
 //! `--timeout`, and never later than the end plus `--grace`, so every worker has returned
 //! by then and every request it sent has a [`Record`] (a timeout is an error). Ctrl-C ends
-//! the run early, keeping what was recorded.
+//! the run early, keeping what was recorded; a second one exits at once.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -134,6 +134,10 @@ where
         tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
                 ctx.end_us.fetch_min(ctx.clock.now_us(), Ordering::Relaxed);
+            }
+            // A second Ctrl-C does not wait for the requests still in flight.
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
             }
         })
     };

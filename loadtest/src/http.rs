@@ -12,8 +12,9 @@
 //! req/s with about a third more user CPU per request (docs/loadtest.md).
 //!
 //! Each worker keeps one connection per target, opened on first use and reopened after
-//! the server closes it or an error; a request on a reused connection that the server had
-//! already closed (nothing answered) is sent once more on a fresh one.
+//! the server closes it or an error. A request on a reused connection that fails before
+//! any byte of an answer (the server had closed the idle connection) is sent once more on
+//! a fresh one, as browsers and hyper do.
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;

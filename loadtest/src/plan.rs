@@ -225,7 +225,72 @@ fn fit(tokenizer: &Tokenizer, settings: &Settings, target: u32) -> anyhow::Resul
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
     use super::*;
+    use crate::cli::Cli;
+
+    fn settings(extra: &[&str]) -> Settings {
+        let mut args = vec![
+            "llm-loadtest",
+            "http",
+            "--target",
+            "http://127.0.0.1:1",
+            "--key",
+            "k",
+            "--duration",
+            "1s",
+            "--concurrency",
+            "1",
+        ];
+        args.extend(extra);
+        Settings::from_cli(Cli::try_parse_from(args).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn bodies_carry_exactly_the_prompt_tokens_asked_for() {
+        let tokenizer = Tokenizer::new();
+        for extra in [
+            &["--endpoint", "chat", "--stream", "--max-tokens", "9"][..],
+            &["--endpoint", "completions"],
+            &[
+                "--endpoint",
+                "embeddings",
+                "--model",
+                "text-embedding-3-small",
+            ],
+            &[
+                "--endpoint",
+                "responses",
+                "--model",
+                "gpt-4",
+                "--max-tokens",
+                "9",
+            ],
+        ] {
+            let settings = settings(extra);
+            for target in [20, 137, 1000] {
+                let v = fit(&tokenizer, &settings, target).unwrap();
+                assert_eq!(v.prompt_tokens, target, "{extra:?}");
+                let request = tokenizer
+                    .understand(settings.endpoint.api(), &v.body)
+                    .unwrap();
+                assert_eq!(request.input_tokens, u64::from(target));
+                assert_eq!(request.stream, settings.stream);
+                assert_eq!(
+                    request.max_output_tokens,
+                    settings.max_tokens.map(u64::from)
+                );
+            }
+        }
+        // Below chat's per-message overhead: the smallest body there is.
+        let v = fit(&tokenizer, &settings(&[]), 1).unwrap();
+        assert!(
+            v.prompt_tokens > 1 && v.prompt_tokens < 12,
+            "{}",
+            v.prompt_tokens
+        );
+    }
 
     #[test]
     fn sizes_spread_over_the_range() {
