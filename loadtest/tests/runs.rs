@@ -219,7 +219,7 @@ async fn open_loop_keeps_its_schedule_and_counts_latency_from_the_slot() {
     let s = summary(&out, &json);
     let total = u(&s["requests"]["total"]);
     assert_eq!(total + u(&s["unsent"]), 200, "{s}");
-    assert!(total >= 195, "{s}");
+    assert!(total >= 190, "{s}");
     assert_eq!(u(&s["requests"]["ok"]), total);
     assert_eq!(s["loop"], "open");
     assert_eq!(s["rate"], 200.0);
