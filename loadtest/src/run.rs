@@ -24,6 +24,7 @@ pub enum Verdict {
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<Verdict> {
+    writable(&settings)?;
     let audit = match &settings.verify {
         Some(path) => Some(
             Audit::load(path, &settings.secrets)
@@ -138,6 +139,22 @@ fn report(
         Some(r) if settings.verify_strict && !r.passed() => Ok(Verdict::VerifyFailed),
         _ => Ok(Verdict::Done),
     }
+}
+
+/// Creates the output files and directory before the run, so a long run never ends in
+/// "cannot write".
+fn writable(settings: &Settings) -> anyhow::Result<()> {
+    for (flag, path) in [("--json", &settings.json), ("--html", &settings.html)] {
+        if let Some(path) = path {
+            std::fs::File::create(path)
+                .with_context(|| format!("{flag}: cannot write {}", path.display()))?;
+        }
+    }
+    if let Some(dir) = &settings.svg_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("--svg-dir: cannot create {}", dir.display()))?;
+    }
+    Ok(())
 }
 
 fn write(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {

@@ -330,7 +330,7 @@ async fn bad_flags_and_unreachable_targets_fail_clearly_and_quickly() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();
     drop(closed);
-    let cases: [(Vec<String>, i32, &str); 5] = [
+    let cases: [(Vec<String>, i32, &str); 6] = [
         (
             args(&[
                 "http",
@@ -411,6 +411,24 @@ async fn bad_flags_and_unreachable_targets_fail_clearly_and_quickly() {
             ]),
             1,
             "https is not supported",
+        ),
+        (
+            // Checked before the run, not after it.
+            args(&[
+                "http",
+                "--target",
+                "http://127.0.0.1:1",
+                "--key",
+                SECRET_A,
+                "--duration",
+                "1h",
+                "--rate",
+                "5",
+                "--json",
+                "/nonexistent-dir/run.json",
+            ]),
+            1,
+            "--json: cannot write /nonexistent-dir/run.json",
         ),
     ];
     for (args, code, message) in cases {
