@@ -92,8 +92,9 @@ async fn loadtest(args: Vec<String>) -> Output {
     .unwrap()
 }
 
-fn args(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| s.to_string()).collect()
+/// A command line's words (no argument here contains a space).
+fn args(line: &str) -> Vec<String> {
+    line.split_whitespace().map(String::from).collect()
 }
 
 /// The run's JSON, after checking the run succeeded and leaked no secret.
@@ -126,28 +127,11 @@ async fn http_closed_loop_sends_only_to_its_targets_and_counts_every_request() {
     let (b, seen_b) = mock(Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("run.json");
-    let out = loadtest(args(&[
-        "http",
-        "--target",
-        &a,
-        "--target",
-        &b,
-        "--key",
-        SECRET_A,
-        "--key",
-        SECRET_B,
-        "--duration",
-        "1s",
-        "--concurrency",
-        "4",
-        "--threads",
-        "1",
-        "--stream",
-        "--max-tokens",
-        "20",
-        "--json",
-        json.to_str().unwrap(),
-    ]))
+    let out = loadtest(args(&format!(
+        "http --target {a} --target {b} --key {SECRET_A} --key {SECRET_B} --duration 1s \
+         --concurrency 4 --threads 1 --stream --max-tokens 20 --json {}",
+        json.display()
+    )))
     .await;
     let s = summary(&out, &json);
 
@@ -202,19 +186,10 @@ async fn open_loop_keeps_its_schedule_and_counts_latency_from_the_slot() {
     // Enough connections: every slot of 200/s × 1 s goes out on time; latency is the
     // server's 100 ms.
     let json = dir.path().join("free.json");
-    let out = loadtest(args(&[
-        "http",
-        "--target",
-        &url,
-        "--key",
-        SECRET_A,
-        "--duration",
-        "1s",
-        "--rate",
-        "200/s",
-        "--json",
-        json.to_str().unwrap(),
-    ]))
+    let out = loadtest(args(&format!(
+        "http --target {url} --key {SECRET_A} --duration 1s --rate 200/s --json {}",
+        json.display()
+    )))
     .await;
     let s = summary(&out, &json);
     let total = u(&s["requests"]["total"]);
@@ -231,21 +206,11 @@ async fn open_loop_keeps_its_schedule_and_counts_latency_from_the_slot() {
     // latency counts the wait for its turn, not just the server's 100 ms.
     let json = dir.path().join("capped.json");
     let before = seen.load(Ordering::Relaxed);
-    let out = loadtest(args(&[
-        "http",
-        "--target",
-        &url,
-        "--key",
-        SECRET_A,
-        "--duration",
-        "1s",
-        "--rate",
-        "200",
-        "--max-in-flight",
-        "5",
-        "--json",
-        json.to_str().unwrap(),
-    ]))
+    let out = loadtest(args(&format!(
+        "http --target {url} --key {SECRET_A} --duration 1s --rate 200 --max-in-flight 5 \
+         --json {}",
+        json.display()
+    )))
     .await;
     let s = summary(&out, &json);
     let total = u(&s["requests"]["total"]);
@@ -265,29 +230,13 @@ async fn grpc_admits_exactly_the_rpm(api: &str) {
     let dir = tempfile::tempdir().unwrap();
     let (addr, config) = limiter(dir.path()).await;
     let json = dir.path().join("run.json");
-    let out = loadtest(args(&[
-        "grpc",
-        "--api",
-        api,
-        "--target",
-        &addr,
-        "--key",
-        SECRET_TINY,
-        "--key",
-        SECRET_A,
-        "--key-weights",
-        "1,1",
-        "--duration",
-        "1s",
-        "--concurrency",
-        "4",
-        "--connections",
-        "2",
-        "--verify",
-        config.to_str().unwrap(),
-        "--json",
-        json.to_str().unwrap(),
-    ]))
+    let out = loadtest(args(&format!(
+        "grpc --api {api} --target {addr} --key {SECRET_TINY} --key {SECRET_A} \
+         --key-weights 1,1 --duration 1s --concurrency 4 --connections 2 --verify {} \
+         --json {}",
+        config.display(),
+        json.display()
+    )))
     .await;
     let s = summary(&out, &json);
     assert_eq!(s["mode"], "grpc");
@@ -332,101 +281,50 @@ async fn bad_flags_and_unreachable_targets_fail_clearly_and_quickly() {
     drop(closed);
     let cases: [(Vec<String>, i32, &str); 6] = [
         (
-            args(&[
-                "http",
-                "--target",
-                &format!("http://127.0.0.1:{port}"),
-                "--key",
-                SECRET_A,
-                "--duration",
-                "1s",
-                "--concurrency",
-                "1",
-            ]),
+            args(&format!(
+                "http --target http://127.0.0.1:{port} --key {SECRET_A} --duration 1s \
+                 --concurrency 1"
+            )),
             1,
             "cannot connect to --target",
         ),
         (
-            args(&[
-                "grpc",
-                "--api",
-                "authz",
-                "--target",
-                &format!("127.0.0.1:{port}"),
-                "--key",
-                SECRET_A,
-                "--duration",
-                "1s",
-                "--concurrency",
-                "1",
-            ]),
+            args(&format!(
+                "grpc --api authz --target 127.0.0.1:{port} --key {SECRET_A} --duration 1s \
+                 --concurrency 1"
+            )),
             1,
             "cannot connect to --target",
         ),
         (
-            args(&[
-                "http",
-                "--target",
-                "http://127.0.0.1:1",
-                "--key",
-                SECRET_A,
-                "--duration",
-                "1s",
-                "--concurrency",
-                "1",
-                "--rate",
-                "5",
-            ]),
+            args(&format!(
+                "http --target http://127.0.0.1:1 --key {SECRET_A} --duration 1s \
+                 --concurrency 1 --rate 5"
+            )),
             2,
             "--rate",
         ),
         (
-            args(&[
-                "http",
-                "--target",
-                "http://127.0.0.1:1",
-                "--key",
-                SECRET_A,
-                "--key-weights",
-                "1,2",
-                "--duration",
-                "1s",
-                "--rate",
-                "5",
-            ]),
+            args(&format!(
+                "http --target http://127.0.0.1:1 --key {SECRET_A} --key-weights 1,2 \
+                 --duration 1s --rate 5"
+            )),
             2,
             "--key-weights has 2 values for 1 keys",
         ),
         (
-            args(&[
-                "http",
-                "--target",
-                "https://127.0.0.1:1",
-                "--key",
-                SECRET_A,
-                "--duration",
-                "1s",
-                "--rate",
-                "5",
-            ]),
+            args(&format!(
+                "http --target https://127.0.0.1:1 --key {SECRET_A} --duration 1s --rate 5"
+            )),
             1,
             "https is not supported",
         ),
         (
             // Checked before the run, not after it.
-            args(&[
-                "http",
-                "--target",
-                "http://127.0.0.1:1",
-                "--key",
-                SECRET_A,
-                "--duration",
-                "1h",
-                "--rate",
-                "5",
-                "--json",
-                "/nonexistent-dir/run.json",
-            ]),
+            args(&format!(
+                "http --target http://127.0.0.1:1 --key {SECRET_A} --duration 1h --rate 5 \
+                 --json /nonexistent-dir/run.json"
+            )),
             1,
             "--json: cannot write /nonexistent-dir/run.json",
         ),
