@@ -96,21 +96,22 @@ fn report(
             finished.lost_workers
         );
     }
-    let summary = Summary::new(settings, finished, &settings.targets, keys);
+    let mut summary = Summary::new(settings, finished, &settings.targets, keys);
     print!("{}", summary.table());
-    let mut json = serde_json::to_value(&summary)?;
     let report = audit.map(|a| a.replay(&finished.records));
     if let Some(report) = &report {
         println!();
         print!("{}", report.render_text());
-        json["verify"] = serde_json::to_value(report)?;
+        summary.verify = Some(serde_json::to_value(report)?);
     }
     if let Some(path) = &settings.json {
-        let mut text = serde_json::to_vec_pretty(&json)?;
+        // From the struct, so the file keeps its field order.
+        let mut text = serde_json::to_vec_pretty(&summary)?;
         text.push(b'\n');
         write(path, &text)?;
     }
     if settings.html.is_some() || settings.svg_dir.is_some() {
+        let json = serde_json::to_value(&summary)?;
         let page = Page {
             title: format!(
                 "llm-loadtest {} {}, {}",

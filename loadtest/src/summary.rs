@@ -54,6 +54,9 @@ pub struct Summary {
     pub tokens: Tokens,
     pub targets: Vec<Labelled>,
     pub keys: Vec<Labelled>,
+    /// With `--verify`: the replay's report.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify: Option<serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -218,6 +221,7 @@ impl Summary {
             tokens,
             targets: labelled(targets, per_target),
             keys: labelled(keys, per_key),
+            verify: None,
         }
     }
 
