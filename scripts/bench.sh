@@ -12,7 +12,8 @@
 #   tool       llm-loadtest against the mock upstream beside wrk, same run
 #   grpc       the sidecar over gRPC without Envoy (Check and ShouldRateLimit)
 #   nodes      1, 2 and 4 nodes through Envoy beside the same Envoys with no limiter
-#   latency    latency added at a fixed 1K QPS on one node (open loop)
+#   latency    latency added at a fixed 1K QPS on one node (open loop, 3 rounds)
+#   sweep      one node under rising open-loop load, past saturation
 #   verify     the window error measured from outside under a load that keeps keys at
 #              their limits (3 nodes, --verify), Redis memory per key
 set -euo pipefail
@@ -20,12 +21,12 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=$ROOT/docs/bench
 SECS=10
-ONLY=engine,envoy,tool,grpc,nodes,latency,verify
+ONLY=engine,envoy,tool,grpc,nodes,latency,sweep,verify
 while (($#)); do
   case $1 in
   --secs) SECS=${2:?--secs S}; shift 2 ;;
   --only) ONLY=${2:?--only PARTS}; shift 2 ;;
-  -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) echo "bench: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -264,32 +265,72 @@ PY
 fi
 
 # --- latency: added at a fixed 1K QPS on one node ----------------------------------------
+# Three rounds, Envoy only and full wiring alternating, so that noise from the shared
+# machine lands on both; the added latency is taken from the median round.
 if want latency; then
-  echo "== latency: one node at 1,000 req/s, open loop"
+  echo "== latency: one node at 1,000 req/s, open loop, 3 rounds"
   lsecs=$((SECS * 2))
-  for kind in bare full; do
-    flag=""
-    [ "$kind" = bare ] && flag=--bare
-    scripts/cluster.sh up $flag --nodes 1 --config "$CHAT_KEYS" --base-port "$BASE" >/dev/null
-    "$LOADTEST" http $(targets 1) "${KEYS[@]}" --rate 1000 --duration "${lsecs}s" \
-      --prompt-tokens 30 --max-tokens 32 --json "$WORK/latency-$kind.json" >/dev/null
-    scripts/cluster.sh down >/dev/null
+  for round in 1 2 3; do
+    for kind in bare full; do
+      flag=""
+      [ "$kind" = bare ] && flag=--bare
+      scripts/cluster.sh up $flag --nodes 1 --config "$CHAT_KEYS" --base-port "$BASE" >/dev/null
+      "$LOADTEST" http $(targets 1) "${KEYS[@]}" --rate 1000 --duration "${lsecs}s" \
+        --prompt-tokens 30 --max-tokens 32 --json "$WORK/latency-$kind-$round.json" >/dev/null
+      scripts/cluster.sh down >/dev/null
+    done
   done
   {
     echo "$HEADER"
-    row "Envoy only, 1000 req/s" "$WORK/latency-bare.json"
-    row "full wiring, 1000 req/s" "$WORK/latency-full.json"
+    for round in 1 2 3; do
+      row "round $round: Envoy only" "$WORK/latency-bare-$round.json"
+      row "round $round: full wiring" "$WORK/latency-full-$round.json"
+    done
+    echo
     python3 - "$WORK" <<'PY'
-import json, sys
+import json, statistics, sys
 w = sys.argv[1]
-b = json.load(open(f"{w}/latency-bare.json"))["latency_ms"]
-f = json.load(open(f"{w}/latency-full.json"))["latency_ms"]
-print(f"| **added by the limiter** | | **{f['p50'] - b['p50']:.2f}** | {f['p90'] - b['p90']:.2f} | **{f['p99'] - b['p99']:.2f}** | {f['p999'] - b['p999']:.2f} | | | | |")
+print("| added by the limiter (full − Envoy only, same round) | p50 ms | p90 ms | p99 ms | p99.9 ms |\n|---|---:|---:|---:|---:|")
+added = []
+for r in (1, 2, 3):
+    b = json.load(open(f"{w}/latency-bare-{r}.json"))["latency_ms"]
+    f = json.load(open(f"{w}/latency-full-{r}.json"))["latency_ms"]
+    d = {k: f[k] - b[k] for k in ("p50", "p90", "p99", "p999")}
+    added.append(d)
+    print(f"| round {r} | {d['p50']:.2f} | {d['p90']:.2f} | {d['p99']:.2f} | {d['p999']:.2f} |")
+m = {k: statistics.median(d[k] for d in added) for k in ("p50", "p90", "p99", "p999")}
+print(f"| **median of the rounds** | **{m['p50']:.2f}** | {m['p90']:.2f} | **{m['p99']:.2f}** | {m['p999']:.2f} |")
 PY
     echo
-    echo "Command: \`scripts/cluster.sh up [--bare] --nodes 1\`, then \`llm-loadtest http --target http://127.0.0.1:$BASE --key sk-bench-a --key sk-bench-b --rate 1000 --duration ${lsecs}s --prompt-tokens 30 --max-tokens 32\` (open loop: latency from each request's intended send time). $(machine)"
+    echo "Command: \`scripts/cluster.sh up [--bare] --nodes 1\`, then \`llm-loadtest http --target http://127.0.0.1:$BASE --key sk-bench-a --key sk-bench-b --rate 1000 --duration ${lsecs}s --prompt-tokens 30 --max-tokens 32\` (open loop: latency from each request's intended send time), three rounds alternating. $(machine)"
   } >"$OUT/latency-1k.md"
   cat "$OUT/latency-1k.md"
+fi
+
+# --- sweep: one node under rising open-loop load, to saturation and past it -------------
+if want sweep; then
+  echo "== sweep: one node, full wiring, rising rate"
+  scripts/cluster.sh up --nodes 1 --config "$CHAT_KEYS" --base-port "$BASE" >/dev/null
+  rates=(1000 2000 3000 4000 5000 6000 8000)
+  for r in "${rates[@]}"; do
+    "$LOADTEST" http $(targets 1) "${KEYS[@]}" --rate "$r" --duration "${SECS}s" --max-in-flight 256 \
+      --prompt-tokens 30 --max-tokens 32 --json "$WORK/sweep-$r.json" >/dev/null
+  done
+  scripts/cluster.sh down >/dev/null
+  {
+    python3 - "$WORK" "${rates[@]}" <<'PY'
+import json, sys
+w, rates = sys.argv[1], sys.argv[2:]
+print("| offered req/s | answered req/s | 2xx | other | not sent in time | p50 ms | p99 ms | max ms |\n|---:|---:|---:|---:|---:|---:|---:|---:|")
+for r in rates:
+    j = json.load(open(f"{w}/sweep-{r}.json"))
+    l, q = j["latency_ms"], j["requests"]
+    print(f"| {int(r):,} | {j['throughput_rps']:,.0f} | {q['ok']:,} | {q['errors']:,} | {j['unsent']:,} | {l['p50']:.2f} | {l['p99']:.2f} | {l['max']:.2f} |")
+PY
+    echo
+    echo "Command: \`scripts/cluster.sh up --nodes 1\`, then for each rate \`llm-loadtest http --target http://127.0.0.1:$BASE --key sk-bench-a --key sk-bench-b --rate R --duration ${SECS}s --max-in-flight 256 --prompt-tokens 30 --max-tokens 32\`. Past saturation the schedule falls behind: latency counts from each request's slot, so it grows with the backlog. $(machine)"
+  } >"$OUT/sweep.md"
+  cat "$OUT/sweep.md"
 fi
 
 # --- verify: the window error from outside, Redis memory per key --------------------------
