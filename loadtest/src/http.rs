@@ -1,29 +1,32 @@
 //! `llm-loadtest http`: OpenAI requests over plain HTTP/1.1 keep-alive connections.
 //!
-//! The client is a minimal HTTP/1.1 exchange on a tokio `TcpStream` (TCP_NODELAY), one
-//! request at a time per connection, like wrk: every request's bytes are built before
-//! the run (a head per target and key, a content-length line and body per prompt size),
-//! sent with one `writev`, and the answer is parsed in place with `httparse` — status,
-//! `content-length` or chunked framing, `connection: close` — and its body scanned for
-//! usage without a copy. One task per connection and no per-request allocation keep the
-//! tool's own CPU per request low, which matters when it shares a small machine with what
-//! it measures: in the same closed loop against the mock upstream, hyper's
-//! `client::conn::http1` (a sender and a connection task per connection) reached the same
-//! req/s with about a third more user CPU per request (docs/loadtest.md).
+//! The HTTP/1.1 exchange is hyper's connection-level client (`client::conn::http1`) over a
+//! tokio `TcpStream` with TCP_NODELAY: one connection per worker and target, one request at
+//! a time on it, like wrk. A maintained client rather than one of our own: against the mock
+//! upstream it sends as many requests per second as wrk does, though with more CPU per
+//! request than the hand-written exchange it replaced (docs/loadtest.md, "Its own
+//! ceiling"). Nothing is built on the hot path: the header map of every target and key and
+//! the body of every prompt size exist before the run, and a request clones
+//! reference-counted bytes. An answer is read to its end (a JSON body or a whole SSE
+//! stream) and its usage found by [`Seen::read`].
 //!
-//! Each worker keeps one connection per target, opened on first use and reopened after
-//! the server closes it or an error. A request on a reused connection that fails before
-//! any byte of an answer (the server had closed the idle connection) is sent once more on
-//! a fresh one, as browsers and hyper do.
+//! A connection is reused once hyper says it is ready for the next request, and replaced
+//! when the server has closed it. A request goes out a second time, on a fresh connection,
+//! only when hyper hands it back unwritten. One whose bytes may have reached the server is
+//! never sent again, since the limiter would count it twice: it is recorded as an error.
 
-use std::io::{self, IoSlice};
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, USER_AGENT};
+use http::{HeaderMap, HeaderValue, Method, Request, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::cli::Endpoint;
@@ -32,17 +35,19 @@ use crate::plan::{Pick, Plan};
 use crate::record::{Outcome, Record};
 use crate::response::Seen;
 
-/// Largest response head or body the tool reads (a guard against a runaway server).
-const MAX_HEAD: usize = 64 * 1024;
+/// Largest answer body the tool reads (a guard against a runaway server).
 const MAX_BODY: usize = 64 * 1024 * 1024;
+
+/// What a request carries as its body.
+type Body = Full<Bytes>;
 
 /// Where requests for one `--target` go.
 pub struct Target {
     pub addr: SocketAddr,
     /// The `host` header.
-    host: String,
+    host: HeaderValue,
     /// The request path: the URL's path prefix, `/v1` and the endpoint's path.
-    path: String,
+    path: Uri,
 }
 
 impl Target {
@@ -87,11 +92,12 @@ impl Target {
         } else {
             format!("{prefix}/v1{}", endpoint.path())
         };
-        Ok(Target {
-            addr,
-            host: authority.as_str().to_string(),
-            path,
-        })
+        let path = path
+            .parse()
+            .map_err(|e| anyhow!("--target {url}: not a request path: {path} ({e})"))?;
+        let host = HeaderValue::from_str(authority.as_str())
+            .map_err(|e| anyhow!("--target {url}: not a host header ({e})"))?;
+        Ok(Target { addr, host, path })
     }
 }
 
@@ -111,14 +117,15 @@ pub async fn preflight(urls: &[String], targets: &[Target]) -> anyhow::Result<()
     Ok(())
 }
 
-/// The wire form of every request, shared by the workers.
+/// Everything a request carries, built before the run and shared by the workers.
 pub struct Requests {
     targets: Vec<Target>,
     keys: usize,
-    /// `[target * keys + key]`: request line and headers up to `content-length`.
-    heads: Vec<Bytes>,
-    /// `[variant]`: `content-length`, the blank line and the body.
-    tails: Vec<Bytes>,
+    /// `[target * keys + key]`: every header; `content-length` is a placeholder each
+    /// request overwrites with its body's (in place: the map keeps its size).
+    headers: Vec<HeaderMap>,
+    /// `[variant]`: the body and its `content-length`.
+    bodies: Vec<(Bytes, HeaderValue)>,
     plan: Arc<Plan>,
 }
 
@@ -128,41 +135,60 @@ impl Requests {
         secrets: &[String],
         stream: bool,
         plan: Arc<Plan>,
-    ) -> Requests {
-        let accept = if stream {
+    ) -> anyhow::Result<Requests> {
+        let accept = HeaderValue::from_static(if stream {
             "text/event-stream"
         } else {
             "application/json"
-        };
-        let mut heads = Vec::with_capacity(targets.len() * secrets.len());
+        });
+        let user_agent =
+            HeaderValue::from_static(concat!("llm-loadtest/", env!("CARGO_PKG_VERSION")));
+        let mut authorizations = Vec::with_capacity(secrets.len());
+        for (i, secret) in secrets.iter().enumerate() {
+            // The error must not show the key.
+            let mut value = HeaderValue::from_str(&format!("Bearer {secret}"))
+                .map_err(|_| anyhow!("--key number {}: not valid in a header", i + 1))?;
+            value.set_sensitive(true);
+            authorizations.push(value);
+        }
+        let mut headers = Vec::with_capacity(targets.len() * secrets.len());
         for target in &targets {
-            for secret in secrets {
-                heads.push(Bytes::from(format!(
-                    "POST {} HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {secret}\r\n\
-                     content-type: application/json\r\naccept: {accept}\r\n\
-                     user-agent: llm-loadtest/{}\r\n",
-                    target.path,
-                    target.host,
-                    env!("CARGO_PKG_VERSION"),
-                )));
+            for authorization in &authorizations {
+                let mut map = HeaderMap::with_capacity(6);
+                map.insert(HOST, target.host.clone());
+                map.insert(AUTHORIZATION, authorization.clone());
+                map.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                map.insert(ACCEPT, accept.clone());
+                map.insert(USER_AGENT, user_agent.clone());
+                map.insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
+                headers.push(map);
             }
         }
-        let tails = plan
+        let bodies = plan
             .variants
             .iter()
-            .map(|v| {
-                let mut tail = format!("content-length: {}\r\n\r\n", v.body.len()).into_bytes();
-                tail.extend_from_slice(&v.body);
-                Bytes::from(tail)
-            })
+            .map(|v| (v.body.clone(), HeaderValue::from(v.body.len())))
             .collect();
-        Requests {
+        Ok(Requests {
             keys: secrets.len(),
             targets,
-            heads,
-            tails,
+            headers,
+            bodies,
             plan,
-        }
+        })
+    }
+
+    /// The request for `pick`.
+    fn request(&self, pick: Pick) -> Request<Body> {
+        let t = usize::from(pick.target);
+        let (body, length) = &self.bodies[usize::from(pick.variant)];
+        let mut request = Request::new(Full::new(body.clone()));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = self.targets[t].path.clone();
+        let headers = request.headers_mut();
+        *headers = self.headers[t * self.keys + usize::from(pick.key)].clone();
+        headers.insert(CONTENT_LENGTH, length.clone());
+        request
     }
 }
 
@@ -172,7 +198,7 @@ pub struct HttpClient {
     clock: Clock,
     /// `[target]`: the open connection, if any.
     connections: Vec<Option<Connection>>,
-    /// Reused for de-chunked bodies.
+    /// Reused for answer bodies.
     body: Vec<u8>,
 }
 
@@ -185,62 +211,33 @@ impl HttpClient {
             body: Vec::new(),
         }
     }
-
-    /// Connects if needed and exchanges one request; `Err` carries when it was sent.
-    async fn exchange(&mut self, pick: Pick) -> (u64, io::Result<Answer>) {
-        let t = usize::from(pick.target);
-        let head = &self.requests.heads[t * self.requests.keys + usize::from(pick.key)];
-        let tail = &self.requests.tails[usize::from(pick.variant)];
-        let mut sent_us = self.clock.now_us();
-        for attempt in 0..2 {
-            let reused = self.connections[t].is_some();
-            if !reused {
-                match Connection::open(self.requests.targets[t].addr).await {
-                    Ok(c) => self.connections[t] = Some(c),
-                    Err(e) => return (sent_us, Err(e)),
-                }
-            }
-            let Some(connection) = self.connections[t].as_mut() else {
-                continue;
-            };
-            sent_us = self.clock.now_us();
-            match connection.exchange(head, tail, &mut self.body).await {
-                Ok(answer) => {
-                    if !answer.keep_alive {
-                        self.connections[t] = None;
-                    }
-                    return (sent_us, Ok(answer));
-                }
-                Err(failure) => {
-                    self.connections[t] = None;
-                    // A kept-alive connection the server closed in the meantime: the
-                    // request never reached it, so it can go out once more.
-                    if !(reused && failure.unanswered && attempt == 0) {
-                        return (sent_us, Err(failure.error));
-                    }
-                }
-            }
-        }
-        (sent_us, Err(io::Error::other("no connection")))
-    }
 }
 
 impl Client for HttpClient {
     async fn send(&mut self, pick: Pick, intended_us: u64, deadline: Instant) -> Record {
         let started_us = self.clock.now_us();
-        let result = tokio::time::timeout_at(deadline.into(), self.exchange(pick)).await;
-        let done_us = self.clock.now_us();
+        let t = usize::from(pick.target);
+        let request = self.requests.request(pick);
+        let addr = self.requests.targets[t].addr;
+        let exchange = exchange(
+            &mut self.connections[t],
+            addr,
+            request,
+            &mut self.body,
+            self.clock,
+        );
+        let (sent_us, done_us, status, seen) =
+            match tokio::time::timeout_at(deadline.into(), exchange).await {
+                Ok((sent_us, Ok(answer))) => (sent_us, answer.done_us, answer.status, answer.seen),
+                Ok((sent_us, Err(NoAnswer))) => (sent_us, self.clock.now_us(), 0, Seen::default()),
+                Err(_) => {
+                    // Timed out: whatever the connection was doing is abandoned.
+                    self.connections[t] = None;
+                    (started_us, self.clock.now_us(), 0, Seen::default())
+                }
+            };
         let plan: &Plan = &self.requests.plan;
         let own_prompt = plan.variants[usize::from(pick.variant)].prompt_tokens;
-        let (sent_us, status, seen) = match result {
-            Ok((sent_us, Ok(answer))) => (sent_us, answer.status, answer.seen),
-            Ok((sent_us, Err(_))) => (sent_us, 0, Seen::default()),
-            Err(_) => {
-                // Timed out: whatever the connection was doing is abandoned.
-                self.connections[usize::from(pick.target)] = None;
-                (started_us, 0, Seen::default())
-            }
-        };
         Record {
             target: pick.target,
             key: pick.key,
@@ -269,317 +266,175 @@ pub fn outcome(status: u16) -> Outcome {
 struct Answer {
     status: u16,
     seen: Seen,
-    keep_alive: bool,
+    /// When its last byte arrived.
+    done_us: u64,
 }
 
-/// A failed exchange; `unanswered` when not one byte of an answer arrived.
-struct Failure {
-    error: io::Error,
-    unanswered: bool,
-}
+/// The exchange failed: no connection, an error on it, or an answer cut short or too
+/// large. The records keep no more than that (status 0).
+#[derive(Debug)]
+struct NoAnswer;
 
-impl Failure {
-    fn new(error: io::Error, unanswered: bool) -> Failure {
-        Failure { error, unanswered }
-    }
-}
-
-/// How the body of an answer is delimited.
-enum Framing {
-    Empty,
-    Length(usize),
-    Chunked,
-    UntilClose,
-}
-
-/// A parsed response head.
-struct Head {
-    len: usize,
-    status: u16,
-    framing: Framing,
-    keep_alive: bool,
-}
-
-fn parse_head(buf: &[u8]) -> io::Result<Option<Head>> {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut response = httparse::Response::new(&mut headers);
-    let len = match response.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
-    };
-    let status = response.code.unwrap_or(0);
-    let mut keep_alive = response.version == Some(1);
-    let mut length = None;
-    let mut chunked = false;
-    for h in response.headers.iter() {
-        if h.name.eq_ignore_ascii_case("content-length") {
-            let n = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<usize>().ok())
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad content-length"))?;
-            length = Some(n);
-        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            chunked = h
-                .value
-                .to_ascii_lowercase()
-                .windows(7)
-                .any(|w| w == b"chunked");
-        } else if h.name.eq_ignore_ascii_case("connection") {
-            let v = h.value.to_ascii_lowercase();
-            if v.windows(5).any(|w| w == b"close") {
-                keep_alive = false;
-            } else if v.windows(10).any(|w| w == b"keep-alive") {
-                keep_alive = true;
-            }
-        }
-    }
-    let framing = if (100..200).contains(&status) || status == 204 || status == 304 {
-        Framing::Empty
-    } else if chunked {
-        Framing::Chunked
-    } else if let Some(n) = length {
-        Framing::Length(n)
-    } else {
-        keep_alive = false;
-        Framing::UntilClose
-    };
-    Ok(Some(Head {
-        len,
-        status,
-        framing,
-        keep_alive,
-    }))
-}
-
-/// One keep-alive connection and its read buffer.
+/// One keep-alive connection: hyper's handle for sending on it. The connection itself is
+/// driven by a task of its own, which ends when the server closes it or the handle is
+/// dropped.
 struct Connection {
-    stream: TcpStream,
-    buf: BytesMut,
-}
-
-fn eof() -> io::Error {
-    io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed mid-answer")
-}
-
-fn too_large() -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, "answer too large")
+    sender: SendRequest<Body>,
 }
 
 impl Connection {
     async fn open(addr: SocketAddr) -> io::Result<Connection> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
-        Ok(Connection {
-            stream,
-            buf: BytesMut::with_capacity(16 * 1024),
-        })
-    }
-
-    /// Reads more of the answer; `Ok(0)` at the end of the stream.
-    async fn fill(&mut self) -> io::Result<usize> {
-        if self.buf.capacity() - self.buf.len() < 4096 {
-            self.buf.reserve(16 * 1024);
-        }
-        self.stream.read_buf(&mut self.buf).await
-    }
-
-    /// Reads until `buf` holds `n` bytes.
-    async fn fill_to(&mut self, n: usize) -> io::Result<()> {
-        while self.buf.len() < n {
-            if self.fill().await? == 0 {
-                return Err(eof());
-            }
-        }
-        Ok(())
-    }
-
-    async fn write(&mut self, head: &[u8], tail: &[u8]) -> io::Result<()> {
-        let n = self
-            .stream
-            .write_vectored(&[IoSlice::new(head), IoSlice::new(tail)])
-            .await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        if n < head.len() {
-            self.stream.write_all(&head[n..]).await?;
-            self.stream.write_all(tail).await
-        } else {
-            self.stream.write_all(&tail[n - head.len()..]).await
-        }
-    }
-
-    async fn exchange(
-        &mut self,
-        head: &[u8],
-        tail: &[u8],
-        body: &mut Vec<u8>,
-    ) -> Result<Answer, Failure> {
-        // No pipelining: anything left over would be a server's protocol error.
-        self.buf.clear();
-        self.write(head, tail)
+        let (sender, connection) = http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| Failure::new(e, true))?;
-        let head = loop {
-            if let Some(head) = parse_head(&self.buf).map_err(|e| Failure::new(e, false))? {
-                if matches!(head.status, 100..=199) {
-                    self.buf.advance(head.len);
-                    continue;
+            .map_err(io::Error::other)?;
+        // An error on the connection also fails the request it was serving, which is where
+        // it is recorded.
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(Connection { sender })
+    }
+}
+
+/// Sends `request` on the connection in `slot` (opening one when there is none or the
+/// server closed it) and reads the answer to its end. Returns when the request went out,
+/// in µs, with the answer. The connection is left in `slot` only when it may serve again.
+async fn exchange(
+    slot: &mut Option<Connection>,
+    addr: SocketAddr,
+    mut request: Request<Body>,
+    body: &mut Vec<u8>,
+    clock: Clock,
+) -> (u64, Result<Answer, NoAnswer>) {
+    let mut sent_us = clock.now_us();
+    let mut handed_back = false;
+    let response = loop {
+        let reusable = match slot.take() {
+            Some(mut c) => c.sender.ready().await.is_ok().then_some(c),
+            None => None,
+        };
+        // A connection the server closed is dropped, and its task has ended.
+        let mut connection = match reusable {
+            Some(c) => c,
+            None => match Connection::open(addr).await {
+                Ok(c) => c,
+                Err(_) => return (sent_us, Err(NoAnswer)),
+            },
+        };
+        sent_us = clock.now_us();
+        match connection.sender.try_send_request(request).await {
+            Ok(response) => {
+                *slot = Some(connection);
+                break response;
+            }
+            Err(mut e) => match e.take_message() {
+                // hyper hands a request back only when not one byte of it was written
+                // (the connection closed first), so it can go out on a fresh connection.
+                // Once, so a server that closes every connection cannot keep us here.
+                Some(unsent) if !handed_back => {
+                    handed_back = true;
+                    request = unsent;
                 }
-                break head;
-            }
-            if self.buf.len() > MAX_HEAD {
-                return Err(Failure::new(too_large(), false));
-            }
-            let unanswered = self.buf.is_empty();
-            match self.fill().await {
-                Ok(0) => return Err(Failure::new(eof(), unanswered)),
-                Ok(_) => {}
-                Err(e) => return Err(Failure::new(e, unanswered)),
+                _ => return (sent_us, Err(NoAnswer)),
+            },
+        }
+    };
+    let status = response.status().as_u16();
+    let mut incoming = response.into_body();
+    body.clear();
+    while let Some(frame) = incoming.frame().await {
+        let data = match frame.map(|f| f.into_data()) {
+            Ok(Ok(data)) => data,
+            // Trailers.
+            Ok(Err(_)) => continue,
+            Err(_) => {
+                *slot = None;
+                return (sent_us, Err(NoAnswer));
             }
         };
-        self.buf.advance(head.len);
-        let fail = |e| Failure::new(e, false);
-        let (seen, keep_alive) = match head.framing {
-            Framing::Empty => (Seen::read(head.status, &[]), head.keep_alive),
-            Framing::Length(n) => {
-                if n > MAX_BODY {
-                    return Err(fail(too_large()));
-                }
-                self.fill_to(n).await.map_err(fail)?;
-                let seen = Seen::read(head.status, &self.buf[..n]);
-                self.buf.advance(n);
-                (seen, head.keep_alive)
-            }
-            Framing::Chunked => {
-                self.dechunk(body).await.map_err(fail)?;
-                (Seen::read(head.status, body), head.keep_alive)
-            }
-            Framing::UntilClose => {
-                while self.fill().await.map_err(fail)? > 0 {
-                    if self.buf.len() > MAX_BODY {
-                        return Err(fail(too_large()));
-                    }
-                }
-                (Seen::read(head.status, &self.buf), false)
-            }
-        };
+        if body.len() + data.len() > MAX_BODY {
+            *slot = None;
+            return (sent_us, Err(NoAnswer));
+        }
+        body.extend_from_slice(&data);
+    }
+    let done_us = clock.now_us();
+    let seen = Seen::read(status, body);
+    (
+        sent_us,
         Ok(Answer {
-            status: head.status,
+            status,
             seen,
-            keep_alive,
-        })
-    }
-
-    /// The position of the next CRLF, reading as needed.
-    async fn line(&mut self) -> io::Result<usize> {
-        loop {
-            if let Some(i) = memchr::memmem::find(&self.buf, b"\r\n") {
-                return Ok(i);
-            }
-            if self.buf.len() > MAX_HEAD {
-                return Err(too_large());
-            }
-            if self.fill().await? == 0 {
-                return Err(eof());
-            }
-        }
-    }
-
-    /// Reads a chunked body into `body`.
-    async fn dechunk(&mut self, body: &mut Vec<u8>) -> io::Result<()> {
-        body.clear();
-        loop {
-            let end = self.line().await?;
-            let size_text = self.buf[..end]
-                .split(|&b| b == b';')
-                .next()
-                .unwrap_or_default();
-            let size = std::str::from_utf8(size_text)
-                .ok()
-                .and_then(|s| usize::from_str_radix(s.trim(), 16).ok())
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad chunk size"))?;
-            self.buf.advance(end + 2);
-            if size == 0 {
-                // Trailers, if any, then the blank line.
-                loop {
-                    let end = self.line().await?;
-                    self.buf.advance(end + 2);
-                    if end == 0 {
-                        return Ok(());
-                    }
-                }
-            }
-            if body.len() + size > MAX_BODY {
-                return Err(too_large());
-            }
-            self.fill_to(size + 2).await?;
-            body.extend_from_slice(&self.buf[..size]);
-            if &self.buf[size..size + 2] != b"\r\n" {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "bad chunk end"));
-            }
-            self.buf.advance(size + 2);
-        }
-    }
+            done_us,
+        }),
+    )
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
     use super::*;
 
-    #[test]
-    fn heads() {
-        let h = parse_head(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello")
-            .unwrap()
-            .unwrap();
-        assert_eq!((h.status, h.keep_alive, h.len), (200, true, 38));
-        assert!(matches!(h.framing, Framing::Length(5)));
-        let h = parse_head(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
-        )
-        .unwrap()
-        .unwrap();
-        assert!(matches!(h.framing, Framing::Chunked) && !h.keep_alive);
-        let h = parse_head(b"HTTP/1.0 200 OK\r\n\r\n").unwrap().unwrap();
-        assert!(matches!(h.framing, Framing::UntilClose) && !h.keep_alive);
-        let h = parse_head(b"HTTP/1.1 204 No Content\r\n\r\n")
-            .unwrap()
-            .unwrap();
-        assert!(matches!(h.framing, Framing::Empty) && h.keep_alive);
-        assert!(parse_head(b"HTTP/1.1 200 OK\r\ncontent-len")
-            .unwrap()
-            .is_none());
-        assert!(parse_head(b"garbage\r\n\r\n").is_err());
+    /// A request as the tool would send it, to `/`.
+    fn request() -> Request<Body> {
+        let body = Bytes::from_static(b"{}");
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = Uri::from_static("/v1/chat/completions");
+        let headers = request.headers_mut();
+        headers.insert(HOST, HeaderValue::from_static("127.0.0.1"));
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(2usize));
+        request
     }
 
-    /// A server that answers with a fixed byte string, in the pieces given.
+    /// Reads one whole request (head and `content-length` body); false at the end of the
+    /// stream.
+    async fn read_request(s: &mut TcpStream) -> bool {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                if buf.len() >= end + 4 + length {
+                    return true;
+                }
+            }
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// One exchange on a fresh connection with a server that answers with a fixed byte
+    /// string, in the pieces given.
     async fn answer_with(pieces: Vec<&'static [u8]>) -> Answer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
-            let mut request = vec![0u8; 1024];
-            let _ = s.read(&mut request).await.unwrap();
+            assert!(read_request(&mut s).await);
             for p in pieces {
                 s.write_all(p).await.unwrap();
                 s.flush().await.unwrap();
                 tokio::task::yield_now().await;
             }
         });
-        let mut c = Connection::open(addr).await.unwrap();
-        let mut body = Vec::new();
-        let answer = c
-            .exchange(
-                b"POST / HTTP/1.1\r\n",
-                b"content-length: 0\r\n\r\n",
-                &mut body,
-            )
-            .await
-            .map_err(|f| f.error)
-            .unwrap();
+        let mut slot = None;
+        let (_, answer) =
+            exchange(&mut slot, addr, request(), &mut Vec::new(), Clock::start()).await;
         server.await.unwrap();
-        answer
+        answer.unwrap()
     }
 
     #[tokio::test]
@@ -592,7 +447,6 @@ mod tests {
         ])
         .await;
         assert_eq!(a.status, 200);
-        assert!(a.keep_alive);
         assert_eq!(
             (a.seen.prompt_tokens, a.seen.completion_tokens),
             (Some(5), Some(3))
@@ -611,5 +465,99 @@ mod tests {
             a.seen.denied_by,
             Some(crate::record::LimitKind::OutputTokens)
         );
+    }
+
+    #[tokio::test]
+    async fn a_body_until_close_is_read_to_its_end() {
+        let a = answer_with(vec![
+            b"HTTP/1.0 200 OK\r\n\r\n{\"usage\":{\"prompt_tokens\":",
+            b"7,\"completion_tokens\":2}}",
+        ])
+        .await;
+        assert_eq!(
+            (a.status, a.seen.prompt_tokens, a.seen.completion_tokens),
+            (200, Some(7), Some(2))
+        );
+    }
+
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+
+    /// A server whose first connection answers `answered` requests with `first`, then
+    /// reads one more request when `then_read`, and closes; later connections answer
+    /// every request. Counts the connections and the requests it received.
+    fn server(
+        listener: TcpListener,
+        first: &'static [u8],
+        answered: usize,
+        then_read: bool,
+    ) -> (Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let (connections, requests) =
+            (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let counts = (connections.clone(), requests.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let n = connections.fetch_add(1, Ordering::SeqCst);
+                let requests = requests.clone();
+                tokio::spawn(async move {
+                    let mut served = 0;
+                    while n > 0 || served < answered {
+                        if !read_request(&mut s).await {
+                            return;
+                        }
+                        requests.fetch_add(1, Ordering::SeqCst);
+                        s.write_all(if n == 0 { first } else { OK }).await.unwrap();
+                        served += 1;
+                    }
+                    if then_read && read_request(&mut s).await {
+                        requests.fetch_add(1, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        counts
+    }
+
+    async fn status(slot: &mut Option<Connection>, addr: SocketAddr) -> u16 {
+        let (_, answer) = exchange(slot, addr, request(), &mut Vec::new(), Clock::start()).await;
+        answer.map_or(0, |a| a.status)
+    }
+
+    #[tokio::test]
+    async fn a_closed_connection_is_replaced() {
+        for first in [
+            // Closed after the answer, while idle.
+            OK,
+            // Closed as the answer says.
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}".as_slice(),
+        ] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (connections, requests) = server(listener, first, 1, false);
+            let mut slot = None;
+            assert_eq!(status(&mut slot, addr).await, 200);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(status(&mut slot, addr).await, 200);
+            assert_eq!(connections.load(Ordering::SeqCst), 2);
+            assert_eq!(requests.load(Ordering::SeqCst), 2);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_that_reached_the_server_is_never_sent_again() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // The second request on the first connection is read, then the connection closes
+        // without an answer: that request is an error, not a retry.
+        let (connections, requests) = server(listener, OK, 1, true);
+        let mut slot = None;
+        assert_eq!(status(&mut slot, addr).await, 200);
+        assert_eq!(status(&mut slot, addr).await, 0);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(requests.load(Ordering::SeqCst), 2);
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
+        // The next request goes out on a fresh connection.
+        assert_eq!(status(&mut slot, addr).await, 200);
+        assert_eq!(connections.load(Ordering::SeqCst), 2);
     }
 }

@@ -58,7 +58,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<Verdict> {
                 &settings.secrets,
                 settings.stream,
                 plan.clone(),
-            ));
+            )?);
             let clock = Clock::start();
             drive(&pacing, plan, clock, move |_| {
                 HttpClient::new(requests.clone(), clock)
