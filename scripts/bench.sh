@@ -46,9 +46,16 @@ mkdir -p "$OUT"
 BASE=31000 # cluster.sh base port for every part that starts a cluster
 WORK=$(mktemp -d)
 pids=()
-cleanup() {
+# stop_started: stops the processes this script started itself and waits until they are
+# gone, so that the next part finds their ports free.
+stop_started() {
   local p
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  pids=()
+}
+cleanup() {
+  stop_started
   scripts/cluster.sh down >/dev/null 2>&1 || true
   rm -rf "$WORK"
 }
@@ -116,11 +123,14 @@ if want envoy; then
   PROFILE=1 PROFILE_DIR="$OUT/profile" scripts/bench-envoy.sh "$SECS" >"$OUT/envoy-one-node.md"
   # The raw perf data is large and machine-specific: keep only the text reports.
   perf report -i "$OUT/profile/limiter.perf" --stdio --no-children --sort dso,symbol -g none \
-    --percent-limit 0.7 2>/dev/null | grep -v '^$' >"$OUT/profile/limiter-self.txt" || true
+    --percent-limit 0.7 2>/dev/null | grep -v '^$' | cut -c1-150 | sed 's/ *$//' >"$OUT/profile/limiter-self.txt" || true
+  # Inclusive time of the functions that say where a request's CPU goes.
   perf report -i "$OUT/profile/limiter.perf" --stdio --children --sort symbol -g none \
-    --percent-limit 2 2>/dev/null | grep -v '^$' | grep 'llm_ratelimit\|redis::\|tonic::\|h2::\|tiktoken\|writev\|epoll\|futex' \
-    >"$OUT/profile/limiter-inclusive.txt" || true
-  rm -f "$OUT/profile/limiter.perf"
+    --percent-limit 2 2>/dev/null | grep -v '(inlined)' \
+    | grep 'llm_ratelimit::\|redis::aio\|tonic::transport\|h2::server\|tiktoken\|writev\|epoll_wait\|sys_futex\|finish_task' \
+    | cut -c1-150 | sed 's/ *$//' >"$OUT/profile/limiter-inclusive.txt" || true
+  rm -f "$OUT/profile/limiter.perf" "$OUT/profile/bare-limiter-symbols.txt"
+  for f in "$OUT"/profile/*.txt; do sed -i 's/ *$//' "$f"; done
   cat "$OUT/envoy-one-node.md"
 fi
 
@@ -169,7 +179,7 @@ print(f"| wrk -t2 -c32 -d{secs}s | {wrk:,.0f} |")
 print(f"| llm-loadtest http --concurrency 32 --duration {secs}s --max-tokens 32 | {t:,.0f} |")
 print(f"| llm-loadtest / wrk | **{t / wrk:.2f}** |")
 PY
-  kill "${pids[-1]}" 2>/dev/null || true
+  stop_started
   cat "$OUT/tool-vs-wrk.md"
 fi
 
@@ -193,8 +203,7 @@ if want grpc; then
     echo "Command: \`llm-loadtest grpc --target 127.0.0.1:PORT --api authz|ratelimit --key sk-bench-a --key sk-bench-b --concurrency C --duration ${SECS}s --prompt-tokens 30 --max-tokens 32\` against one \`llm-ratelimit serve\` on one local Redis. $(machine)"
   } >"$OUT/sidecar-grpc.md"
   redis-cli -p $((BASE + 400)) info commandstats | grep evalsha >>"$WORK/grpc-redis.txt" || true
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  pids=()
+  stop_started
   cat "$OUT/sidecar-grpc.md"
 fi
 
@@ -234,33 +243,14 @@ PY
     echo
     echo "Command: \`scripts/cluster.sh up [--bare] --nodes N\` (Envoy --concurrency 1 per node, one Redis, one mock upstream), then \`llm-loadtest http --target <each node> --key sk-bench-a --key sk-bench-b --concurrency 64 --duration ${SECS}s --prompt-tokens 30 --max-tokens 32\`. Everything on the same cores. $(machine)"
   } >"$OUT/nodes.md"
-  python3 - "$WORK" "$OUT/nodes.svg" <<'PY'
+  python3 - "$WORK" "$OUT/nodes.json" <<'PY'
 import json, sys
 w, out = sys.argv[1], sys.argv[2]
-data = [(n, json.load(open(f"{w}/nodes-bare-{n}.json"))["throughput_rps"],
-         json.load(open(f"{w}/nodes-full-{n}.json"))["throughput_rps"]) for n in (1, 2, 4)]
-W, H, L, B, T = 560, 320, 70, 50, 40
-top = max(max(b, f) for _, b, f in data) * 1.15
-y = lambda v: H - B - (H - B - T) * v / top
-svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
-       f'<text x="{W/2}" y="20" text-anchor="middle" font-size="14">req/s through Envoy by number of nodes (same 2 cores)</text>',
-       f'<line x1="{L}" y1="{H-B}" x2="{W-20}" y2="{H-B}" stroke="#333"/>', f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H-B}" stroke="#333"/>']
-for i in range(6):
-    v = top * i / 5
-    svg.append(f'<text x="{L-6}" y="{y(v)+4:.0f}" text-anchor="end">{v:,.0f}</text><line x1="{L}" y1="{y(v):.0f}" x2="{W-20}" y2="{y(v):.0f}" stroke="#ddd"/>')
-slot = (W - 20 - L) / len(data)
-for i, (n, b, f) in enumerate(data):
-    x0 = L + slot * i + slot * 0.15
-    bw = slot * 0.33
-    for j, (v, c) in enumerate(((b, "#9ab"), (f, "#d62"))):
-        svg.append(f'<rect x="{x0 + j*bw:.0f}" y="{y(v):.0f}" width="{bw-4:.0f}" height="{H-B-y(v):.0f}" fill="{c}"/>')
-        svg.append(f'<text x="{x0 + j*bw + bw/2 - 2:.0f}" y="{y(v)-4:.0f}" text-anchor="middle" font-size="11">{v:,.0f}</text>')
-    svg.append(f'<text x="{x0 + bw:.0f}" y="{H-B+18}" text-anchor="middle">{n} node{"s" if n > 1 else ""} (ratio {f/b:.2f})</text>')
-svg.append(f'<rect x="{W-200}" y="{T}" width="12" height="12" fill="#9ab"/><text x="{W-184}" y="{T+10}">Envoy only (no limiter)</text>')
-svg.append(f'<rect x="{W-200}" y="{T+18}" width="12" height="12" fill="#d62"/><text x="{W-184}" y="{T+28}">full wiring</text>')
-svg.append('</svg>')
-open(out, "w").write("\n".join(svg) + "\n")
+data = [{"nodes": n, "envoy_only_rps": round(json.load(open(f"{w}/nodes-bare-{n}.json"))["throughput_rps"]),
+         "full_rps": round(json.load(open(f"{w}/nodes-full-{n}.json"))["throughput_rps"])} for n in (1, 2, 4)]
+json.dump(data, open(out, "w"), indent=1)
 PY
+  scripts/lib/bar-chart.py "$OUT/nodes.json" "$OUT/nodes.svg"
   cat "$OUT/nodes.md"
 fi
 
@@ -361,6 +351,16 @@ EOF
   vsecs=$((SECS * 4))
   scripts/cluster.sh up --nodes 3 --config "$WORK/verify.yaml" --base-port "$BASE" >/dev/null
   rm -rf "$OUT/charts"
+  # Redis memory is read halfway through the run, while every key's window is busy (the
+  # rings expire a window after their last write, before the tool's report is done).
+  (
+    sleep $((vsecs / 2))
+    for k in $(redis-cli -p $((BASE + 400)) --scan --pattern 'llmrl:*:w*'); do
+      echo "| \`$k\` | $(redis-cli -p $((BASE + 400)) memory usage "$k") | $(redis-cli -p $((BASE + 400)) strlen "$k") |"
+    done >"$WORK/rings.md"
+    echo "$(redis-cli -p $((BASE + 400)) info memory | awk -F: '/^used_memory:/ {print $2}' | tr -d '\r') $(redis-cli -p $((BASE + 400)) dbsize)" >"$WORK/redis-memory.txt"
+  ) &
+  mem_pid=$!
   # shellcheck disable=SC2046
   "$LOADTEST" http $(targets 3) --key sk-verify-rpm --key sk-verify-input --key sk-verify-output \
     --rate 1500 --duration "${vsecs}s" --prompt-tokens 20-60 --max-tokens 32 \
@@ -373,15 +373,15 @@ EOF
     echo
     echo "Command: \`scripts/cluster.sh up --nodes 3 --config verify.yaml\` (window 10 s, precision 100 ms; the config is in scripts/bench.sh), then \`llm-loadtest http --target <3 nodes> --key <3 keys> --rate 1500 --duration ${vsecs}s --prompt-tokens 20-60 --max-tokens 32 --verify verify.yaml\`. $(machine)"
     echo
-    echo "Redis memory of each key's ring after the run (\`MEMORY USAGE\`, window 10 s at 100 ms = 101 buckets):"
+    wait "$mem_pid" || true
+    read -r used keys <"$WORK/redis-memory.txt"
+    echo "Redis memory halfway through the run (window 10 s at 100 ms = 101 buckets: 40 + 101 × 10 = 1,050 bytes of ring):"
     echo
-    echo "| key | bytes |"
-    echo "|---|---:|"
-    for k in $(redis-cli -p $((BASE + 400)) --scan --pattern 'llmrl:*:w*'); do
-      echo "| \`$k\` | $(redis-cli -p $((BASE + 400)) memory usage "$k") |"
-    done
+    echo "| ring | \`MEMORY USAGE\` bytes | \`STRLEN\` bytes |"
+    echo "|---|---:|---:|"
+    cat "$WORK/rings.md"
     echo
-    echo "Redis \`used_memory\` after the run: $(redis-cli -p $((BASE + 400)) info memory | awk -F: '/^used_memory:/ {print $2}' | tr -d '\r') bytes, with $(redis-cli -p $((BASE + 400)) dbsize) keys (rings and unexpired settlement markers)."
+    echo "Redis \`used_memory\` at that moment: $used bytes, with $keys keys (the rings and the settlement markers of requests in flight)."
   } >"$OUT/verify.md"
   scripts/cluster.sh down >/dev/null
   cat "$OUT/verify.md"
