@@ -4,7 +4,7 @@
 mod common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::reference::Reference;
@@ -15,6 +15,7 @@ use llm_ratelimit::engine::{
     Charge, Clock, Decision, KeyName, Limits, Settlement, Store, StoreError, Usage, WindowShape,
 };
 use proptest::prelude::*;
+use proptest::test_runner::TestRunner;
 
 const T0: u64 = 1_700_000_000_000;
 
@@ -43,24 +44,6 @@ fn usage(a: [u64; 3]) -> Usage {
         input_tokens: a[1],
         output_tokens: a[2],
     }
-}
-
-/// One Redis and one runtime shared by all property-test cases (each case uses its own key).
-struct Shared {
-    rt: tokio::runtime::Runtime,
-    redis: RedisServer,
-}
-
-fn shared() -> &'static Shared {
-    static S: OnceLock<Shared> = OnceLock::new();
-    S.get_or_init(|| Shared {
-        rt: tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap(),
-        redis: RedisServer::start(),
-    })
 }
 
 #[derive(Clone, Debug)]
@@ -221,18 +204,41 @@ async fn run_sequence(
     Ok(())
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
-
-    #[test]
-    fn stores_agree_with_each_other_and_the_reference(
-        (window_ms, precision_ms) in prop_oneof![Just((2000u64, 100u64)), Just((1000, 250)), Just((3000, 500))],
-        limits in (1u64..8, 1u64..200, 1u64..200),
-        ops in prop::collection::vec(op(), 1..80),
-    ) {
-        let s = shared();
-        let url = s.redis.url();
-        s.rt.block_on(run_sequence(&url, window_ms, precision_ms, [limits.0, limits.1, limits.2], ops))?;
+#[test]
+fn stores_agree_with_each_other_and_the_reference() {
+    // One Redis and one runtime for all cases (each case uses its own key), owned by this
+    // test so that the server is killed when it ends (a static would outlive the process).
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let strategy = (
+        prop_oneof![
+            Just((2000u64, 100u64)),
+            Just((1000, 250)),
+            Just((3000, 500))
+        ],
+        (1u64..8, 1u64..200, 1u64..200),
+        prop::collection::vec(op(), 1..80),
+    );
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases: 96,
+        ..ProptestConfig::default()
+    });
+    let result = runner.run(&strategy, |((window_ms, precision_ms), limits, ops)| {
+        rt.block_on(run_sequence(
+            &url,
+            window_ms,
+            precision_ms,
+            [limits.0, limits.1, limits.2],
+            ops,
+        ))
+    });
+    if let Err(e) = result {
+        panic!("{e}");
     }
 }
 
