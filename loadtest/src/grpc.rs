@@ -45,10 +45,9 @@ use tonic_prost::ProstDecoder;
 
 use crate::cli::Api;
 use crate::drive::{Client, Clock};
-use crate::http::outcome;
 use crate::plan::{Pick, Plan};
-use crate::record::{LimitKind, Outcome, Record};
-use crate::response::denied_by;
+use crate::record::{LimitKind, Record};
+use crate::response::{denied_by, Seen};
 
 const CHECK: &str = "/envoy.service.auth.v3.Authorization/Check";
 const SHOULD_RATE_LIMIT: &str = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit";
@@ -333,25 +332,14 @@ impl Client for GrpcClient {
         let result = tokio::time::timeout_at(deadline.into(), self.call(pick)).await;
         let done_us = self.clock.now_us();
         let (sent_us, status, denied_by) = result.unwrap_or((started_us, 0, None));
-        let plan = &self.shared.plan;
-        let outcome = outcome(status);
-        Record {
-            target: pick.target,
-            key: pick.key,
-            intended_us,
-            sent_us: sent_us.max(intended_us),
-            done_us,
-            outcome,
-            status,
-            denied_by: if outcome == Outcome::RateLimited {
-                denied_by
-            } else {
-                None
-            },
-            prompt_tokens: plan.variants[usize::from(pick.variant)].prompt_tokens,
-            completion_tokens: 0,
-            max_tokens: plan.max_tokens,
-        }
+        // No upstream answers here: nothing to settle, and input tokens are the tool's own.
+        let seen = Seen {
+            denied_by,
+            ..Seen::default()
+        };
+        self.shared
+            .plan
+            .record(pick, intended_us, (sent_us, done_us), status, seen)
     }
 }
 

@@ -32,7 +32,7 @@ use tokio::net::TcpStream;
 use crate::cli::Endpoint;
 use crate::drive::{Client, Clock};
 use crate::plan::{Pick, Plan};
-use crate::record::{Outcome, Record};
+use crate::record::Record;
 use crate::response::Seen;
 
 /// Largest answer body the tool reads (a guard against a runaway server).
@@ -236,29 +236,9 @@ impl Client for HttpClient {
                     (started_us, self.clock.now_us(), 0, Seen::default())
                 }
             };
-        let plan: &Plan = &self.requests.plan;
-        let own_prompt = plan.variants[usize::from(pick.variant)].prompt_tokens;
-        Record {
-            target: pick.target,
-            key: pick.key,
-            intended_us,
-            sent_us: sent_us.max(intended_us),
-            done_us,
-            outcome: outcome(status),
-            status,
-            denied_by: seen.denied_by,
-            prompt_tokens: seen.prompt_tokens.unwrap_or(own_prompt),
-            completion_tokens: seen.completion_tokens.unwrap_or(0),
-            max_tokens: plan.max_tokens,
-        }
-    }
-}
-
-pub fn outcome(status: u16) -> Outcome {
-    match status {
-        200..=299 => Outcome::Ok,
-        429 => Outcome::RateLimited,
-        _ => Outcome::Other,
+        self.requests
+            .plan
+            .record(pick, intended_us, (sent_us, done_us), status, seen)
     }
 }
 

@@ -12,6 +12,8 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 use crate::cli::{Endpoint, PromptTokens, Settings};
+use crate::record::{Outcome, Record};
+use crate::response::Seen;
 
 /// Most distinct bodies built for a `--prompt-tokens` range.
 const MAX_VARIANTS: u32 = 16;
@@ -113,6 +115,36 @@ pub fn rng(seed: Option<u64>, worker: usize) -> SmallRng {
 }
 
 impl Plan {
+    /// The record of one request, from what its runner saw: latency counts from
+    /// `intended_us` (a request is never sent before its slot), a limit named only on a
+    /// 429, the tool's own prompt count when the answer carried no usage, and the output
+    /// reservation it asked for.
+    pub fn record(
+        &self,
+        pick: Pick,
+        intended_us: u64,
+        (sent_us, done_us): (u64, u64),
+        status: u16,
+        seen: Seen,
+    ) -> Record {
+        let outcome = Outcome::of_status(status);
+        Record {
+            target: pick.target,
+            key: pick.key,
+            intended_us,
+            sent_us: sent_us.max(intended_us),
+            done_us,
+            outcome,
+            status,
+            denied_by: seen.denied_by.filter(|_| outcome == Outcome::RateLimited),
+            prompt_tokens: seen
+                .prompt_tokens
+                .unwrap_or(self.variants[usize::from(pick.variant)].prompt_tokens),
+            completion_tokens: seen.completion_tokens.unwrap_or(0),
+            max_tokens: self.max_tokens,
+        }
+    }
+
     /// Builds the bodies. Counting tokens takes the tokenizer's start-up (~0.2 s) plus a
     /// few counts per body.
     pub fn build(settings: &Settings) -> anyhow::Result<Plan> {

@@ -18,6 +18,17 @@ pub enum Outcome {
     Other,
 }
 
+impl Outcome {
+    /// The outcome of an answer with this HTTP status (0: no answer).
+    pub fn of_status(status: u16) -> Outcome {
+        match status {
+            200..=299 => Outcome::Ok,
+            429 => Outcome::RateLimited,
+            _ => Outcome::Other,
+        }
+    }
+}
+
 /// The three limits of a key, in the order the limiter reports them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
