@@ -27,30 +27,14 @@ keys:
     input_tpm: 100000000000
     output_tpm: 100000000000
 KEYS
-# The full wiring (envoy/envoy.yaml) and the same Envoy with only the router.
-sed -e "s/port_value: 10000/port_value: $P/; s/port_value: 10100/port_value: $((P+100))/" \
-    -e "s/port_value: 10300/port_value: $((P+300))/; s/port_value: 10500/port_value: $((P+500))/" \
-    envoy/envoy.yaml > "$run/full.yaml"
-python3 - "$run/full.yaml" "$run/bare.yaml" $((P+1)) $((P+501)) <<'PY'
-import sys
-src, dst, port, admin = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-text = open(src).read()
-start = text.index("                  - name: envoy.filters.http.ext_authz")
-end = text.index("                  - name: envoy.filters.http.router")
-text = text[:start] + text[end:]
-text = text.replace("port_value: 20000", f"port_value: {port}").replace("port_value: 20500", f"port_value: {admin}")
-open(dst, "w").write(text)
-PY
-python3 - "$run/full.yaml" "$run/authz.yaml" $((P+2)) $((P+502)) <<'PY'
-import sys
-src, dst, port, admin = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-text = open(src).read()
-start = text.index("                  - name: envoy.filters.http.ext_proc")
-end = text.index("                  - name: envoy.filters.http.router")
-text = text[:start] + text[end:]
-text = text.replace("port_value: 20000", f"port_value: {port}").replace("port_value: 20500", f"port_value: {admin}")
-open(dst, "w").write(text)
-PY
+# The full wiring (envoy/envoy.yaml), the same Envoy with only the router, and with
+# ext_authz but no ext_proc.
+ROOT=$PWD
+# shellcheck source=scripts/lib/envoy-config.sh
+. scripts/lib/envoy-config.sh
+envoy_config $P $((P+100)) $((P+300)) $((P+500)) > "$run/full.yaml"
+envoy_config $((P+1)) $((P+100)) $((P+300)) $((P+501)) ext_authz > "$run/bare.yaml"
+envoy_config $((P+2)) $((P+100)) $((P+300)) $((P+502)) ext_proc > "$run/authz.yaml"
 
 redis-server --port $((P+400)) --bind 127.0.0.1 --save "" --appendonly no >/dev/null & pids+=($!); redis_pid=$!
 target/release/mock-upstream --addr 127.0.0.1:$((P+300)) >/dev/null 2>&1 & pids+=($!); mock_pid=$!

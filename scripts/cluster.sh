@@ -27,6 +27,8 @@ MOCK=$ROOT/target/release/mock-upstream
 ENVOY=${ENVOY_BIN:-$ROOT/.venv/bin/envoy}
 # shellcheck source=scripts/lib/install.sh
 . "$ROOT/scripts/lib/install.sh"
+# shellcheck source=scripts/lib/envoy-config.sh
+. "$ROOT/scripts/lib/envoy-config.sh"
 READY_TIMEOUT=${READY_TIMEOUT:-30}
 
 usage() {
@@ -190,22 +192,6 @@ keys:
 EOF
 }
 
-# The repo's envoy.yaml with node 0's four ports replaced (as tests/envoy.rs does); with
-# BARE=1, without the ext_authz and ext_proc filters (from the ext_authz filter up to the
-# router).
-envoy_config() {
-  local listener=$1 grpc=$2 upstream=$3 admin=$4 strip='/^$/d'
-  [ "${BARE:-0}" = 1 ] && strip='/- name: envoy.filters.http.ext_authz/,/- name: envoy.filters.http.router/{/- name: envoy.filters.http.router/!d}'
-  # Through placeholders, so that a new port equal to one of the old ones is not replaced
-  # again.
-  sed -e 's/port_value: 10000\b/port_value: @LISTENER@/' \
-    -e 's/port_value: 10100\b/port_value: @GRPC@/' \
-    -e 's/port_value: 10300\b/port_value: @UPSTREAM@/' \
-    -e 's/port_value: 10500\b/port_value: @ADMIN@/' \
-    -e "s/@LISTENER@/$listener/; s/@GRPC@/$grpc/; s/@UPSTREAM@/$upstream/; s/@ADMIN@/$admin/" \
-    -e "$strip" "$ROOT/envoy/envoy.yaml"
-}
-
 # --- commands --------------------------------------------------------------------------
 
 load_state() {
@@ -316,7 +302,7 @@ EOF
       --grpc-addr "127.0.0.1:$((base + 100 + i))" --http-addr "127.0.0.1:$((base + 200 + i))" \
       --redis-url "$redis_url" --node-id "node-$i"
     envoy_config $((base + i)) $((base + 100 + i)) $((base + 300)) $((base + 500 + i)) \
-      >"$RUN/envoy-$i.yaml"
+      "$( ((bare)) && echo ext_authz)" >"$RUN/envoy-$i.yaml"
     launch_supervised "envoy-$i" "$RUN/envoy-$i.log" "$ENVOY" -c "$RUN/envoy-$i.yaml" \
       --concurrency "$concurrency" --base-id $((base + i)) -l warn
   done
