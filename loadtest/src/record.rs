@@ -29,35 +29,8 @@ impl Outcome {
     }
 }
 
-/// The three limits of a key, in the order the limiter reports them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LimitKind {
-    Requests,
-    InputTokens,
-    OutputTokens,
-}
-
-impl LimitKind {
-    pub const ALL: [LimitKind; 3] = [
-        LimitKind::Requests,
-        LimitKind::InputTokens,
-        LimitKind::OutputTokens,
-    ];
-
-    /// The name used in the limiter's 429 body (`error.type`) and in reports.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LimitKind::Requests => "requests",
-            LimitKind::InputTokens => "input_tokens",
-            LimitKind::OutputTokens => "output_tokens",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<LimitKind> {
-        LimitKind::ALL.into_iter().find(|k| k.as_str() == s)
-    }
-}
+/// The three limits of a key, as the limiter names them (`error.type` of its 429 body).
+pub use llm_ratelimit::engine::LimitKind;
 
 /// One finished request. Instants are microseconds since the run's start (one monotonic
 /// clock for the whole run, taken in the tool's process).

@@ -30,8 +30,9 @@ pub struct Usage {
     pub output_tokens: u64,
 }
 
-/// One of the three limits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// One of the three limits. Serialized (in reports) by its [`LimitKind::as_str`] name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum LimitKind {
     Requests,
     InputTokens,
@@ -56,6 +57,11 @@ impl LimitKind {
             LimitKind::InputTokens => "input_tokens",
             LimitKind::OutputTokens => "output_tokens",
         }
+    }
+
+    /// The limit named by [`LimitKind::as_str`]'s word.
+    pub fn parse(word: &str) -> Option<LimitKind> {
+        LimitKind::ALL.into_iter().find(|k| k.as_str() == word)
     }
 }
 

@@ -62,7 +62,7 @@ fn read(d: &RateLimitDescriptor, request_hits: u32) -> Option<Ask> {
         match e.key.as_str() {
             "api_key" => secret = Some(e.value.clone()),
             "limit" => {
-                kind = LimitKind::ALL.into_iter().find(|k| k.as_str() == e.value)?;
+                kind = LimitKind::parse(&e.value)?;
             }
             "phase" => after_response = e.value == "response",
             ADMITTED_FIELD => admitted = e.value == "true",
