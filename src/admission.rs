@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 use crate::config::{Config, KeySpec, UnknownEndpoints};
 use crate::engine::{Charge, Decision, KeyName, Reservation, Settlement, Store, Usage};
 use crate::metrics::{DecisionLabels, Metrics, OutcomeLabels, TokenLabels};
-use crate::openai::{Encoding, Endpoint, LlmRequest, OutputMeter, RequestError, Tokenizer};
+use crate::openai::{Encoding, Endpoint, LlmRequest, OutputMeter, RequestError, Route, Tokenizer};
 
 /// A client request as it reached the gateway.
 pub struct ClientRequest<'a> {
@@ -220,7 +220,11 @@ impl Limiter {
             self.metrics.reject("body_too_large");
             return Err(Answer::body_too_large(config.max_body_bytes()));
         }
-        let endpoint = Endpoint::from_path(req.path);
+        let route = Route::from_path(req.path).map_err(|e| {
+            self.metrics.reject("invalid_request");
+            Answer::invalid_request(&e.to_string(), None)
+        })?;
+        let endpoint = route.endpoint;
         // A request with a body (or a POST) asks the upstream to do work: it is metered,
         // or, when its endpoint is not one the limiter can meter, refused — else it could
         // reach a lenient upstream uncounted. A bodiless GET, HEAD, DELETE counts one request.
@@ -233,8 +237,14 @@ impl Limiter {
             self.metrics.reject("unknown_endpoint");
             return Err(Answer::unknown_endpoint(req.method));
         }
+        // Azure routes by the deployment in the path: its model, as configured, else the
+        // deployment's own name, picks the tokenizer.
+        let model_hint = route
+            .deployment
+            .as_deref()
+            .map(|d| config.azure_model(d).unwrap_or(d).to_owned());
         let request = if metered {
-            self.understand_body(endpoint, req.body).await
+            self.understand_body(endpoint, req.body, model_hint).await
         } else {
             self.tokenizer.understand(Endpoint::Other, b"")
         }
@@ -242,10 +252,12 @@ impl Limiter {
             self.metrics.reject("invalid_request");
             Answer::invalid_request(&e.message, e.param.as_deref())
         })?;
+        // Each completion asked for (`n`, `best_of` × prompts) may produce the whole budget.
         let output_reserved = if request.reserves_output {
             request
                 .max_output_tokens
                 .unwrap_or(config.default_max_output_tokens())
+                .saturating_mul(request.completions)
         } else {
             0
         };
@@ -269,15 +281,21 @@ impl Limiter {
         &self,
         endpoint: Endpoint,
         body: &[u8],
+        model_hint: Option<String>,
     ) -> Result<LlmRequest, RequestError> {
         if body.len() <= OFFLOAD_BYTES {
-            return self.tokenizer.understand(endpoint, body);
+            return self
+                .tokenizer
+                .understand_with(endpoint, body, model_hint.as_deref());
         }
         let Ok(_permit) = self.offload.acquire().await else {
-            return self.tokenizer.understand(endpoint, body);
+            return self
+                .tokenizer
+                .understand_with(endpoint, body, model_hint.as_deref());
         };
         let (tokenizer, body) = (self.tokenizer.clone(), body.to_vec());
-        match tokio::task::spawn_blocking(move || tokenizer.understand(endpoint, &body)).await {
+        let work = move || tokenizer.understand_with(endpoint, &body, model_hint.as_deref());
+        match tokio::task::spawn_blocking(work).await {
             Ok(result) => result,
             // The task panicked (a bug): answer as for a body we could not read.
             Err(_) => Err(RequestError::unparsable_body()),

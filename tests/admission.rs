@@ -207,3 +207,150 @@ async fn a_large_body_is_counted_exactly_like_a_small_one() {
     assert_eq!(status, 400, "{err}");
     assert_eq!(used(&base).await, [1, want, 5]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_is_reserved_for_every_completion_asked_for() {
+    let base = node(config("")).await;
+    // n: 8 × max_tokens 100 = 800 of the key's 10,000 output tokens.
+    let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, "n": 8}).to_string();
+    let (status, _, headers) = check(&base, "POST", "/v1/chat/completions", &[BEARER], &body).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-ratelimit-remaining-output-tokens"], "9200");
+    // Completions: max(n, best_of) × prompts = 3 × 2 × 50 = 300; no max_tokens on chat
+    // takes the default (64) × n.
+    let body = json!({"model": "gpt-3.5-turbo-instruct", "prompt": ["a", "b"], "n": 2, "best_of": 3, "max_tokens": 50}).to_string();
+    let (status, _, _) = check(&base, "POST", "/v1/completions", &[BEARER], &body).await;
+    assert_eq!(status, 200);
+    let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "n": 2})
+        .to_string();
+    let (status, _, _) = check(&base, "POST", "/v1/chat/completions", &[BEARER], &body).await;
+    assert_eq!(status, 200);
+    assert_eq!(used(&base).await[2], 800 + 300 + 128);
+
+    // A reservation that alone exceeds the limit can never fit: "Request too large", no retry.
+    let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000, "n": 11}).to_string();
+    let (status, err, headers) =
+        check(&base, "POST", "/v1/chat/completions", &[BEARER], &body).await;
+    assert_eq!(status, 429, "{err}");
+    assert_eq!(headers["x-should-retry"], "false");
+    assert_eq!(err["error"]["type"], "output_tokens");
+    assert!(err["error"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("Request too large"));
+
+    // Bad counts are 400s that count nothing.
+    for bad in [r#""n":0"#, r#""n":-1"#, r#""n":1.5"#, r#""n":"2""#] {
+        let body =
+            format!(r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"hi"}}],{bad}}}"#);
+        let (status, err, _) = check(&base, "POST", "/v1/chat/completions", &[BEARER], &body).await;
+        assert_eq!(status, 400, "{bad}: {err}");
+        assert_eq!(err["error"]["param"], "n", "{bad}");
+    }
+    let body = json!({"model": "davinci-002", "prompt": "x", "n": 3, "best_of": 2}).to_string();
+    let (status, err, _) = check(&base, "POST", "/v1/completions", &[BEARER], &body).await;
+    assert_eq!(status, 400, "{err}");
+    let body = json!({"model": "davinci-002", "prompt": ["x", 1]}).to_string();
+    let (status, _, _) = check(&base, "POST", "/v1/completions", &[BEARER], &body).await;
+    assert_eq!(status, 400);
+    assert_eq!(used(&base).await[0], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_variants_and_azure_deployments_are_metered_as_the_upstream_routes_them() {
+    let base = node(config(
+        "azure_deployments:\n  prod-4o: gpt-4o\n  legacy: gpt-4\n",
+    ))
+    .await;
+    let body = chat("Расскажите о скользящих окнах: 日本語のテキスト、トークン数。", 20);
+    let tokens = input_tokens(Endpoint::ChatCompletions, &body);
+    let variants = [
+        "/v1//chat/completions",
+        "/v1/./chat/completions",
+        "/v1/x/../chat/completions",
+        "/v1/chat/%63ompletions",
+        "/V1/Chat/Completions",
+        "/v1/chat/completions/",
+        "/v1/chat/completions?stream=false",
+        "/openai/v1/chat/completions",
+    ];
+    for (i, path) in variants.iter().enumerate() {
+        let (status, err, _) = check(&base, "POST", path, &[BEARER], &body).await;
+        assert_eq!(status, 200, "{path}: {err}");
+        let n = i as u64 + 1;
+        assert_eq!(used(&base).await, [n, n * tokens, n * 20], "{path}");
+    }
+    let before = used(&base).await;
+    // An encoded slash would change which endpoint the path names: refused, not counted.
+    for path in [
+        "/v1/chat%2Fcompletions",
+        "/v1%2fchat/completions",
+        "/v1/chat%5Ccompletions",
+    ] {
+        let (status, err, _) = check(&base, "POST", path, &[BEARER], &body).await;
+        assert_eq!(status, 400, "{path}: {err}");
+        assert!(
+            !err.to_string().contains(path),
+            "the path is not echoed: {err}"
+        );
+    }
+    assert_eq!(used(&base).await, before);
+
+    // Azure: key in api-key, no model in the body; the deployment's model picks the
+    // tokenizer (gpt-4 → cl100k), an unmapped deployment is its own model name (o200k).
+    let azure_body = json!({"messages": [{"role": "user", "content": "Расскажите о скользящих окнах: 日本語のテキスト、トークン数。"}], "max_tokens": 20}).to_string();
+    let with_model = |model: &str| {
+        json!({"model": model, "messages": [{"role": "user", "content": "Расскажите о скользящих окнах: 日本語のテキスト、トークン数。"}], "max_tokens": 20}).to_string()
+    };
+    let cl100k = input_tokens(Endpoint::ChatCompletions, &with_model("gpt-4"));
+    let o200k = input_tokens(Endpoint::ChatCompletions, &with_model("gpt-4o"));
+    assert_ne!(cl100k, o200k, "the test needs the two encodings to differ");
+    let azure = [
+        (
+            "/openai/deployments/legacy/chat/completions?api-version=2024-10-21",
+            cl100k,
+        ),
+        (
+            "/openai/deployments/prod-4o/chat/completions?api-version=2024-10-21",
+            o200k,
+        ),
+        (
+            "/openai/deployments/unmapped-name/chat/completions?api-version=2024-10-21",
+            o200k,
+        ),
+    ];
+    for (path, tokens) in azure {
+        let before = used(&base).await;
+        let (status, err, _) =
+            check(&base, "POST", path, &[("api-key", SECRET)], &azure_body).await;
+        assert_eq!(status, 200, "{path}: {err}");
+        let after = used(&base).await;
+        assert_eq!(after[0] - before[0], 1, "{path}");
+        assert_eq!(after[1] - before[1], tokens, "{path}");
+        assert_eq!(after[2] - before[2], 20, "{path}");
+    }
+    // Azure embeddings: input only.
+    let before = used(&base).await;
+    let (status, _, _) = check(
+        &base,
+        "POST",
+        "/openai/deployments/prod-4o/embeddings?api-version=2024-10-21",
+        &[("api-key", SECRET)],
+        r#"{"input":"The food was delicious and the waiter..."}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let after = used(&base).await;
+    assert_eq!([after[0] - before[0], after[2] - before[2]], [1, 0]);
+    assert!(after[1] > before[1]);
+    // A deployment path without a deployment is refused, not let through uncounted.
+    let (status, _, _) = check(
+        &base,
+        "POST",
+        "/openai/deployments/completions",
+        &[("api-key", SECRET)],
+        &azure_body,
+    )
+    .await;
+    assert_eq!(status, 400);
+}
