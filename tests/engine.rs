@@ -7,12 +7,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::reference::Reference;
+use common::reference::{Reference, Settled};
 use common::{RedisCluster, RedisServer};
 use llm_ratelimit::engine::memory::MemoryStore;
 use llm_ratelimit::engine::redis::{ring_key, RedisStore};
 use llm_ratelimit::engine::{
-    Charge, Clock, Decision, KeyName, Limits, Settlement, Store, StoreError, Usage, WindowShape,
+    Charge, Clock, Decision, KeyName, LimitKind, Limits, Reservation, Settlement, Store,
+    StoreError, Usage, WindowShape,
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
@@ -38,6 +39,12 @@ fn unique_key(prefix: &str) -> KeyName {
     KeyName::new(&format!("{prefix}-{}", N.fetch_add(1, Ordering::SeqCst))).unwrap()
 }
 
+/// A marker id, as admission picks them.
+fn rand_id() -> u64 {
+    static N: AtomicU64 = AtomicU64::new(1);
+    N.fetch_add(1, Ordering::SeqCst)
+}
+
 fn usage(a: [u64; 3]) -> Usage {
     Usage {
         requests: a[0],
@@ -48,22 +55,62 @@ fn usage(a: [u64; 3]) -> Usage {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Reserve { want: [u64; 3], settle_later: bool },
-    Settle { pick: usize, actual: u64 },
+    Reserve {
+        want: [u64; 3],
+        marker: bool,
+        force: bool,
+    },
+    Settle {
+        pick: usize,
+        actual: u64,
+    },
+    Refund {
+        amount: [u64; 3],
+        /// By the marker of this pick among those ever left; `None` = newest first.
+        pick: Option<usize>,
+    },
     Usage,
-    Wait { ms: u64 },
+    Wait {
+        ms: u64,
+    },
+    /// Idle a whole window and then some.
+    Idle {
+        extra_ms: u64,
+    },
+    /// The clock steps back (a failover to a node whose clock is behind).
+    Back {
+        ms: u64,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (0u64..3, 0u64..60, 0u64..60, any::<bool>()).prop_map(|(r, i, o, s)| Op::Reserve {
-            want: [r, i, o],
-            settle_later: s,
-        }),
+        6 => (0u64..3, 0u64..60, 0u64..60, any::<bool>(), prop::bool::weighted(0.1)).prop_map(
+            |(r, i, o, marker, force)| Op::Reserve {
+                want: [r, i, o],
+                marker,
+                force,
+            }
+        ),
         2 => (any::<usize>(), 0u64..90).prop_map(|(pick, actual)| Op::Settle { pick, actual }),
+        2 => (0u64..3, 0u64..80, 0u64..80, prop::option::weighted(0.6, any::<usize>()))
+            .prop_map(|(r, i, o, pick)| Op::Refund {
+                amount: [r, i, o],
+                pick,
+            }),
         1 => Just(Op::Usage),
         4 => prop_oneof![0u64..150, 0u64..1200, 1000u64..5000].prop_map(|ms| Op::Wait { ms }),
+        1 => (0u64..1000).prop_map(|extra_ms| Op::Idle { extra_ms }),
+        1 => (1u64..1500).prop_map(|ms| Op::Back { ms }),
     ]
+}
+
+fn settlement(s: Settlement) -> Settled {
+    match s {
+        Settlement::Applied { delta } => Settled::Applied(delta),
+        Settlement::Expired => Settled::Expired,
+        Settlement::Unknown => Settled::Unknown,
+    }
 }
 
 /// Runs one sequence on both stores and the reference, checking after every step that
@@ -91,32 +138,65 @@ async fn run_sequence(
         output_tokens: limits[2],
     };
     let mut model = Reference::new(window_ms, precision_ms);
-    // (model event, memory reservation, redis reservation)
-    let mut open = Vec::new();
-    let mut raised = 0u64; // output tokens added by settlements above the reservation
+    // Every marker id left so far (settled, used up and expired ones too).
+    let mut ids: Vec<u64> = Vec::new();
+    // What forced charges and settlements above their reservations added: the exact window
+    // may exceed a limit by that much, no more.
+    let mut slack = [0u64; 3];
+    let mut latest = 0;
     for op in ops {
         let now = clock_now.load(Ordering::SeqCst);
+        latest = latest.max(now);
         match op {
             Op::Wait { ms } => {
                 clock_now.fetch_add(ms, Ordering::SeqCst);
+            }
+            Op::Idle { extra_ms } => {
+                clock_now.fetch_add(window_ms + extra_ms, Ordering::SeqCst);
+            }
+            Op::Back { ms } => {
+                clock_now.fetch_sub(ms, Ordering::SeqCst);
             }
             Op::Usage => {
                 let m = memory.usage(&key, shape).await.unwrap();
                 let r = redis.usage(&key, shape).await.unwrap();
                 prop_assert_eq!(m, r);
+                model.touch(now, false);
                 prop_assert_eq!(m.usage, usage(model.bucketed(now)));
+                prop_assert_eq!(m.reset_ms, model.resets(now));
             }
-            Op::Reserve { want, settle_later } => {
+            Op::Refund { amount, pick } => {
+                let id = pick.and_then(|p| (!ids.is_empty()).then(|| ids[p % ids.len()]));
+                let a = usage(amount);
+                let m = memory.refund(&key, shape, &a, id).await.unwrap();
+                let r = redis.refund(&key, shape, &a, id).await.unwrap();
+                prop_assert_eq!(m, r);
+                model.touch(now, false);
+                model.refund(now, amount, id);
+                prop_assert_eq!(m.usage, usage(model.bucketed(now)));
+                prop_assert_eq!(m.reset_ms, model.tail_resets(now));
+            }
+            Op::Reserve {
+                want,
+                marker,
+                force,
+            } => {
                 let w = usage(want);
+                let charge = if force { Charge::Force } else { Charge::Check };
+                let id = marker.then(|| ids.len() as u64 + 1);
                 let m = memory
-                    .reserve(&key, shape, &lim, &w, Charge::Check, settle_later)
+                    .reserve(&key, shape, &lim, &w, charge, id)
                     .await
                     .unwrap();
                 let r = redis
-                    .reserve(&key, shape, &lim, &w, Charge::Check, settle_later)
+                    .reserve(&key, shape, &lim, &w, charge, id)
                     .await
                     .unwrap();
-                let fits = model.fits(now, want, limits);
+                let too_large = !force && (0..3).any(|k| want[k] > limits[k]);
+                model.touch(now, !too_large);
+                let fits = force || model.fits(now, want, limits);
+                // Behind an instant already seen: the exact window is not defined then.
+                let stepped_back = now < latest;
                 match (&m, &r) {
                     (
                         Decision::Admitted {
@@ -130,18 +210,26 @@ async fn run_sequence(
                     ) => {
                         prop_assert_eq!(ms, rs);
                         prop_assert!(fits, "admitted but the reference says it does not fit");
-                        let i = model.admit(now, want);
-                        prop_assert_eq!(ms.usage, usage(model.bucketed(now)));
-                        // Never over a limit in the exact window (output may exceed only
-                        // by what settlements raised above their reservations).
-                        let exact = model.exact(now, window_ms);
-                        prop_assert!(exact[0] <= limits[0] && exact[1] <= limits[1]);
-                        prop_assert!(exact[2] <= limits[2] + raised);
-                        prop_assert_eq!(mr.is_some(), settle_later);
-                        prop_assert_eq!(rr.is_some(), settle_later);
-                        if let (Some(mr), Some(rr)) = (mr.clone(), rr.clone()) {
-                            open.push((i, mr, rr));
+                        model.admit(now, want, id);
+                        if let Some(id) = id {
+                            ids.push(id);
                         }
+                        if force {
+                            for k in 0..3 {
+                                slack[k] += want[k];
+                            }
+                        }
+                        prop_assert_eq!(ms.usage, usage(model.bucketed(now)));
+                        prop_assert_eq!(ms.reset_ms, model.tail_resets(now));
+                        // Never over a limit in the exact window, but for the slack.
+                        if !stepped_back {
+                            let exact = model.exact(now, window_ms);
+                            for k in 0..3 {
+                                prop_assert!(exact[k] <= limits[k] + slack[k]);
+                            }
+                        }
+                        prop_assert_eq!(mr.as_ref().map(|r| r.id), id);
+                        prop_assert_eq!(rr.as_ref().map(|r| r.id), id);
                     }
                     (
                         Decision::Denied {
@@ -160,12 +248,22 @@ async fn run_sequence(
                         prop_assert_eq!(mretry, rretry);
                         prop_assert!(!fits, "denied but the reference says it fits");
                         prop_assert_eq!(ms.usage, usage(model.bucketed(now)));
+                        prop_assert_eq!(ms.reset_ms, model.resets(now));
+                        // The limit the request alone exceeds, else the first one full.
+                        let used = if too_large {
+                            [0; 3]
+                        } else {
+                            model.bucketed(now)
+                        };
+                        let first = (0..3).find(|k| used[*k] + want[*k] > limits[*k]);
+                        prop_assert_eq!(LimitKind::ALL.iter().position(|k| k == ml), first);
                         // A denial is justified by the window stretched by one bucket.
-                        let stretched = model.exact(now, window_ms + precision_ms);
-                        let too_large = (0..3).any(|k| want[k] > limits[k]);
-                        prop_assert!(
-                            too_large || (0..3).any(|k| stretched[k] + want[k] > limits[k])
-                        );
+                        if !stepped_back {
+                            let stretched = model.exact(now, window_ms + precision_ms);
+                            prop_assert!(
+                                too_large || (0..3).any(|k| stretched[k] + want[k] > limits[k])
+                            );
+                        }
                         match mretry {
                             None => prop_assert!(too_large),
                             Some(retry) => {
@@ -178,21 +276,22 @@ async fn run_sequence(
                 }
             }
             Op::Settle { pick, actual } => {
-                if open.is_empty() {
+                if ids.is_empty() {
                     continue;
                 }
-                let (i, mr, rr) = open[pick % open.len()].clone();
-                let m = memory.settle(&mr, actual).await.unwrap();
-                let r = redis.settle(&rr, actual).await.unwrap();
-                let expected = model.settle(i, now, actual);
-                let applied = |s: Settlement| match s {
-                    Settlement::Applied { delta } => Some(delta),
-                    _ => None,
+                let id = ids[pick % ids.len()];
+                let res = Reservation {
+                    key: key.clone(),
+                    shape,
+                    id,
                 };
-                prop_assert_eq!(applied(m), applied(r));
-                prop_assert_eq!(applied(m), expected);
-                if let Some(d) = expected {
-                    raised += d.max(0) as u64;
+                let m = settlement(memory.settle(&res, actual).await.unwrap());
+                let r = settlement(redis.settle(&res, actual).await.unwrap());
+                prop_assert_eq!(m, r);
+                let expected = model.settle(id, now, actual);
+                prop_assert_eq!(m, expected);
+                if let Settled::Applied(d) = expected {
+                    slack[2] += d.max(0) as u64;
                 }
             }
         }
@@ -200,6 +299,7 @@ async fn run_sequence(
     let now = clock_now.load(Ordering::SeqCst);
     let m = memory.usage(&key, shape).await.unwrap();
     prop_assert_eq!(m, redis.usage(&key, shape).await.unwrap());
+    model.touch(now, false);
     prop_assert_eq!(m.usage, usage(model.bucketed(now)));
     Ok(())
 }
@@ -215,9 +315,11 @@ fn stores_agree_with_each_other_and_the_reference() {
         .enable_all()
         .build()
         .unwrap();
+    // The production shape (601 slots) beside small ones that idle and wrap often.
     let strategy = (
         prop_oneof![
-            Just((2000u64, 100u64)),
+            Just((60_000u64, 100u64)),
+            Just((2000, 100)),
             Just((1000, 250)),
             Just((3000, 500))
         ],
@@ -225,7 +327,7 @@ fn stores_agree_with_each_other_and_the_reference() {
         prop::collection::vec(op(), 1..80),
     );
     let mut runner = TestRunner::new(ProptestConfig {
-        cases: 96,
+        cases: 128,
         ..ProptestConfig::default()
     });
     let result = runner.run(&strategy, |((window_ms, precision_ms), limits, ops)| {
@@ -284,7 +386,7 @@ async fn a_denied_request_leaves_usage_unchanged() {
                 &limits,
                 &usage([1, 60, 60]),
                 Charge::Check,
-                true,
+                Some(rand_id()),
             )
             .await
             .unwrap();
@@ -292,7 +394,14 @@ async fn a_denied_request_leaves_usage_unchanged() {
         let before = store.usage(&key, shape).await.unwrap();
         for want in [[1, 41, 1], [1, 1, 41], [1, 101, 1]] {
             let d = store
-                .reserve(&key, shape, &limits, &usage(want), Charge::Check, true)
+                .reserve(
+                    &key,
+                    shape,
+                    &limits,
+                    &usage(want),
+                    Charge::Check,
+                    Some(rand_id()),
+                )
                 .await
                 .unwrap();
             assert!(
@@ -312,7 +421,14 @@ async fn admitted_for_settlement(
     want: [u64; 3],
 ) -> llm_ratelimit::engine::Reservation {
     match store
-        .reserve(key, shape, &big_limits(), &usage(want), Charge::Check, true)
+        .reserve(
+            key,
+            shape,
+            &big_limits(),
+            &usage(want),
+            Charge::Check,
+            Some(rand_id()),
+        )
         .await
         .unwrap()
     {
@@ -363,7 +479,7 @@ async fn a_duplicate_report_settles_once_and_a_late_one_changes_nothing() {
                 &big_limits(),
                 &usage([1, 0, 7]),
                 Charge::Check,
-                false,
+                None,
             )
             .await
             .unwrap();
@@ -395,14 +511,7 @@ async fn a_denial_says_when_the_request_fits_from_the_buckets() {
         for step in [0, 10_000, 20_000] {
             now.store(T0 + step, Ordering::SeqCst);
             let d = store
-                .reserve(
-                    &key,
-                    shape,
-                    &limits,
-                    &usage([1, 1, 1]),
-                    Charge::Check,
-                    false,
-                )
+                .reserve(&key, shape, &limits, &usage([1, 1, 1]), Charge::Check, None)
                 .await
                 .unwrap();
             assert!(matches!(d, Decision::Admitted { .. }));
@@ -413,14 +522,7 @@ async fn a_denial_says_when_the_request_fits_from_the_buckets() {
             limit,
             snapshot,
         } = store
-            .reserve(
-                &key,
-                shape,
-                &limits,
-                &usage([1, 1, 1]),
-                Charge::Check,
-                false,
-            )
+            .reserve(&key, shape, &limits, &usage([1, 1, 1]), Charge::Check, None)
             .await
             .unwrap()
         else {
@@ -453,7 +555,7 @@ async fn an_idle_key_expires_and_its_ring_stays_bounded() {
                 &big_limits(),
                 &usage([1, 100, 50]),
                 Charge::Check,
-                false,
+                None,
             )
             .await
             .unwrap();
@@ -461,7 +563,7 @@ async fn an_idle_key_expires_and_its_ring_stays_bounded() {
     let ring = ring_key(&key, shape);
     let len: usize = redis.cli(&["STRLEN", &ring]).parse().unwrap();
     assert!(
-        len <= 40 + 10 * shape.slots() as usize,
+        len <= 48 + 10 * shape.slots() as usize,
         "ring is {len} bytes"
     );
     let ttl: i64 = redis.cli(&["PTTL", &ring]).parse().unwrap();
@@ -492,7 +594,7 @@ async fn race(url: &str, nodes: usize, per_node: usize, limits: Limits, want: Us
             let (store, key) = (store.clone(), key.clone());
             tasks.push(tokio::spawn(async move {
                 store
-                    .reserve(&key, shape, &limits, &want, Charge::Check, true)
+                    .reserve(&key, shape, &limits, &want, Charge::Check, Some(rand_id()))
                     .await
                     .unwrap()
             }));
@@ -581,7 +683,7 @@ async fn a_store_that_does_not_answer_errors_within_its_deadline() {
             &big_limits(),
             &usage([1, 1, 1]),
             Charge::Check,
-            false,
+            None,
         )
         .await;
     std::process::Command::new("kill")
@@ -613,7 +715,7 @@ async fn rediss_urls_speak_tls() {
             &big_limits(),
             &usage([1, 5, 5]),
             Charge::Check,
-            false,
+            None,
         )
         .await
         .unwrap();
@@ -642,14 +744,17 @@ async fn a_refund_takes_back_from_the_newest_buckets_and_never_below_zero() {
                     &big_limits(),
                     &usage(want),
                     Charge::Check,
-                    false,
+                    None,
                 )
                 .await
                 .unwrap();
             assert!(matches!(d, Decision::Admitted { .. }));
         }
         // 40 input: 30 from the newest bucket, 10 from the one before.
-        let s = store.refund(&key, shape, &usage([1, 40, 0])).await.unwrap();
+        let s = store
+            .refund(&key, shape, &usage([1, 40, 0]), None)
+            .await
+            .unwrap();
         assert_eq!(s.usage, usage([3, 20, 15]));
         // What leaves the window first is the oldest bucket: still holding its 10 input.
         now.store(T0 + 2_150, Ordering::SeqCst);
@@ -659,7 +764,7 @@ async fn a_refund_takes_back_from_the_newest_buckets_and_never_below_zero() {
         );
         // More than the window holds: down to zero, not below.
         let s = store
-            .refund(&key, shape, &usage([9, 999, 999]))
+            .refund(&key, shape, &usage([9, 999, 999]), None)
             .await
             .unwrap();
         assert_eq!(s.usage, usage([0, 0, 0]));
@@ -670,7 +775,7 @@ async fn a_refund_takes_back_from_the_newest_buckets_and_never_below_zero() {
                 &big_limits(),
                 &usage([1, 1, 1]),
                 Charge::Check,
-                false,
+                None,
             )
             .await
             .unwrap();
