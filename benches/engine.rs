@@ -411,7 +411,14 @@ async fn caller(store: &Store, keys: &[KeyName], from: Instant, end: Instant) ->
         }
         let key = &keys[rand::random_range(0..keys.len())];
         let d = store
-            .reserve(key, shape, &LIMITS, &WANT, Charge::Check, true)
+            .reserve(
+                key,
+                shape,
+                &LIMITS,
+                &WANT,
+                Charge::Check,
+                Some(rand::random()),
+            )
             .await;
         let us = t0.elapsed().as_micros().min(u32::MAX as u128) as u32;
         if t0 < from {
@@ -461,7 +468,7 @@ async fn fill(store: &Arc<Store>, at: &AtomicU64, names: &[KeyName], first_ms: u
             let (store, k) = (store.clone(), k.clone());
             set.spawn(async move {
                 store
-                    .reserve(&k, shape, &LIMITS, &WANT, Charge::Check, false)
+                    .reserve(&k, shape, &LIMITS, &WANT, Charge::Check, None)
                     .await
             });
         }
@@ -885,7 +892,14 @@ async fn memory_section(url: &str, probe: &mut Probe) {
         for i in 0..6_000u64 {
             at.store(t0 + i * 10, Ordering::Relaxed);
             let d = store
-                .reserve(&key, shape, &LIMITS, &WANT, Charge::Check, true)
+                .reserve(
+                    &key,
+                    shape,
+                    &LIMITS,
+                    &WANT,
+                    Charge::Check,
+                    Some(rand::random()),
+                )
                 .await
                 .unwrap_or_else(|e: StoreError| panic!("reserve: {e}"));
             let Decision::Admitted {

@@ -346,7 +346,7 @@ impl Limiter {
                 &spec.limits,
                 &want,
                 Charge::Check,
-                request.reserves_output,
+                request.reserves_output.then(rand::random::<u64>),
             )
             .await;
         self.metrics
@@ -488,14 +488,7 @@ impl Limiter {
         };
         match self
             .store
-            .reserve(
-                &spec.name,
-                config.shape(),
-                &spec.limits,
-                want,
-                charge,
-                false,
-            )
+            .reserve(&spec.name, config.shape(), &spec.limits, want, charge, None)
             .await
         {
             Ok(Decision::Admitted { snapshot, .. }) => {
@@ -545,7 +538,11 @@ impl Limiter {
         let Some(spec) = config.key_by_secret(secret) else {
             return Charged::UnknownKey;
         };
-        match self.store.refund(&spec.name, config.shape(), amount).await {
+        match self
+            .store
+            .refund(&spec.name, config.shape(), amount, None)
+            .await
+        {
             Ok(snapshot) => Charged::Admitted {
                 key: spec.name.clone(),
                 limits: spec.limits,

@@ -3,6 +3,7 @@
 //! keys never wait on each other.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{
@@ -21,6 +22,15 @@ struct Ring {
     /// A lower bound of the oldest non-empty bucket in the window.
     tail: i64,
     totals: [u64; 3],
+    /// Which life of the ring this is (the Redis ring's epoch): a new one each time it
+    /// starts afresh, so a marker of an earlier life never touches its buckets.
+    epoch: u64,
+}
+
+/// Ring epochs, unique within the process.
+fn next_epoch() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 impl Ring {
@@ -30,6 +40,7 @@ impl Ring {
             head: 0,
             tail: 0,
             totals: [0; 3],
+            epoch: 0,
         }
     }
 
@@ -50,6 +61,7 @@ impl Ring {
             self.head = b;
             self.tail = b;
             self.totals = [0; 3];
+            self.epoch = next_epoch();
             return b;
         }
         if b <= self.head {
@@ -79,13 +91,16 @@ impl Ring {
     }
 }
 
-/// A reservation waiting for its settlement.
+/// What one charge added to one bucket of one ring (see `read_marker` in lua/window.lua).
 struct Marker {
-    ring: (KeyName, WindowShape),
     bucket: i64,
-    reserved: u64,
+    epoch: u64,
+    amounts: [u64; 3],
     expires_ms: u64,
 }
+
+/// Markers by ring and id, as Redis names them (`marker_key`).
+type MarkerId = (KeyName, WindowShape, u64);
 
 /// Rings by key and window shape (a changed shape starts a fresh ring, as in Redis).
 type Rings = HashMap<(KeyName, WindowShape), Arc<Mutex<Ring>>>;
@@ -98,7 +113,7 @@ pub struct MemoryStore {
 
 #[derive(Default)]
 struct Markers {
-    open: HashMap<u64, Marker>,
+    open: HashMap<MarkerId, Marker>,
     /// Size after the last sweep of expired markers; the next sweep waits for it to double.
     swept_at: usize,
 }
@@ -143,7 +158,7 @@ impl MemoryStore {
         limits: &Limits,
         want: &Usage,
         charge: Charge,
-        reservation_id: Option<u64>,
+        marker: Option<u64>,
     ) -> Decision {
         let now = (self.clock)();
         let ring = self.ring(key, shape);
@@ -177,12 +192,15 @@ impl MemoryStore {
             };
         }
         let i = ring.index(b);
+        let mut added = [0; 3];
         for k in 0..3 {
             // Only what the slot can hold is added, so the totals stay the sums of the slots.
             let add = want_a[k].min(SLOT_MAX[k] - ring.slots[i][k]);
             ring.slots[i][k] += add;
             ring.totals[k] += add;
+            added[k] = add;
         }
+        let epoch = ring.epoch;
         ring.settle_tail();
         let snapshot = Snapshot {
             now_ms: now,
@@ -190,13 +208,13 @@ impl MemoryStore {
             reset_ms: shape.resets_from_tail(now, ring.tail, ring.totals),
         };
         drop(ring);
-        let reservation = reservation_id.map(|id| {
+        let reservation = marker.map(|id| {
             self.open_marker(
-                id,
+                (key.clone(), shape, id),
                 Marker {
-                    ring: (key.clone(), shape),
                     bucket: b,
-                    reserved: want.output_tokens,
+                    epoch,
+                    amounts: added,
                     expires_ms: now + shape.ttl_ms(),
                 },
                 now,
@@ -213,7 +231,7 @@ impl MemoryStore {
         }
     }
 
-    fn open_marker(&self, id: u64, marker: Marker, now: u64) {
+    fn open_marker(&self, id: MarkerId, marker: Marker, now: u64) {
         let mut markers = lock(&self.markers);
         if markers.open.len() >= 2 * markers.swept_at.max(1024) {
             markers.open.retain(|_, m| m.expires_ms > now);
@@ -224,32 +242,48 @@ impl MemoryStore {
 
     pub(super) fn settle(&self, reservation: &Reservation, output_tokens: u64) -> Settlement {
         let now = (self.clock)();
-        let Some(marker) = lock(&self.markers).open.remove(&reservation.id) else {
+        let id = (reservation.key.clone(), reservation.shape, reservation.id);
+        let Some(marker) = lock(&self.markers).open.remove(&id) else {
             return Settlement::Unknown;
         };
-        if marker.expires_ms <= now || marker.ring != (reservation.key.clone(), reservation.shape) {
+        if marker.expires_ms <= now {
             return Settlement::Unknown;
         }
         let shape = reservation.shape;
         let ring = self.ring(&reservation.key, shape);
         let mut ring = lock(&ring);
-        if ring.head == 0 || shape.bucket(now).max(ring.head) - marker.bucket >= shape.slots() {
+        if ring.head == 0
+            || ring.epoch != marker.epoch
+            || shape.bucket(now).max(ring.head) - marker.bucket >= shape.slots()
+        {
             return Settlement::Expired;
         }
         let i = ring.index(marker.bucket);
         let old = ring.slots[i][2];
+        // Against what the marker still holds: a refund by it may have taken some back.
         let new = (old + output_tokens)
-            .saturating_sub(marker.reserved)
+            .saturating_sub(marker.amounts[2])
             .min(SLOT_MAX[2]);
         ring.slots[i][2] = new;
         ring.totals[2] = ring.totals[2] + new - old;
+        if new > 0 && marker.bucket < ring.tail {
+            // A bucket that held nothing may sit before the tail; keep it a lower bound.
+            ring.tail = marker.bucket;
+        }
         Settlement::Applied {
             delta: new as i64 - old as i64,
         }
     }
 
-    /// Takes `amount` back from the newest buckets (see lua/refund.lua).
-    pub(super) fn refund(&self, key: &KeyName, shape: WindowShape, amount: &Usage) -> Snapshot {
+    /// Takes `amount` back from a marker's bucket, or from the newest buckets (see
+    /// lua/refund.lua).
+    pub(super) fn refund(
+        &self,
+        key: &KeyName,
+        shape: WindowShape,
+        amount: &Usage,
+        marker: Option<u64>,
+    ) -> Snapshot {
         let now = (self.clock)();
         let ring = self.ring(key, shape);
         let mut ring = lock(&ring);
@@ -258,6 +292,34 @@ impl MemoryStore {
         }
         let b = ring.advance(shape.bucket(now));
         let mut left = amount.to_array();
+        let mut markers = lock(&self.markers);
+        let id = marker.map(|id| (key.clone(), shape, id));
+        if let Some(id) = &id {
+            if markers.open.get(id).is_some_and(|m| m.expires_ms <= now) {
+                markers.open.remove(id);
+            }
+        }
+        if let Some(id) = &id {
+            let mut used_up = false;
+            if let Some(m) = markers.open.get_mut(id) {
+                // Only the charged bucket, and at most what the marker still holds.
+                if m.epoch == ring.epoch && m.bucket > b - shape.slots() {
+                    let i = ring.index(m.bucket);
+                    for (k, owed) in left.iter().enumerate() {
+                        let take = (*owed).min(m.amounts[k]).min(ring.slots[i][k]);
+                        ring.slots[i][k] -= take;
+                        ring.totals[k] -= take;
+                        m.amounts[k] -= take;
+                    }
+                    used_up = m.amounts == [0; 3];
+                }
+                left = [0; 3];
+            }
+            if used_up {
+                markers.open.remove(id);
+            }
+        }
+        drop(markers);
         let mut x = b;
         while left != [0; 3] && x > b - shape.slots() {
             let i = ring.index(x);

@@ -194,10 +194,10 @@ impl RedisStore {
         limits: &Limits,
         want: &Usage,
         charge: Charge,
-        reservation_id: Option<u64>,
+        marker: Option<u64>,
     ) -> Result<Decision, StoreError> {
         let mut inv = self.scripts.reserve.key(ring_key(key, shape));
-        inv.key(marker_key(key, reservation_id.unwrap_or(0)))
+        inv.key(marker_key(key, shape, marker.unwrap_or(0)))
             .arg(self.now_arg())
             .arg(shape.precision_ms())
             .arg(shape.slots())
@@ -208,7 +208,7 @@ impl RedisStore {
             .arg(limits.input_tokens)
             .arg(limits.output_tokens)
             .arg(shape.ttl_ms())
-            .arg(u8::from(reservation_id.is_some()))
+            .arg(u8::from(marker.is_some()))
             .arg(u8::from(charge == Charge::Force));
         let reply = Reply::new(self.call(&inv).await?)?;
         let now = reply.int(1)?;
@@ -221,32 +221,32 @@ impl RedisStore {
                     usage: Usage::from_array(totals),
                     reset_ms: shape.resets_from_tail(now, tail, totals),
                 },
-                reservation: reservation_id.map(|id| Reservation {
+                reservation: marker.map(|id| Reservation {
                     key: key.clone(),
                     shape,
                     id,
                 }),
             });
         }
-        let ring = RingBytes(reply.bytes(5)?);
-        let head = ring.head();
-        let (want, limits) = (
-            want.to_array(),
-            [limits.requests, limits.input_tokens, limits.output_tokens],
-        );
-        let slot = |x| ring.slot(shape, x);
-        let limit = LimitKind::ALL
-            .into_iter()
-            .find(|k| totals[k.index()] + want[k.index()] > limits[k.index()])
-            .unwrap_or(LimitKind::Requests);
+        // The script found the answers where the ring is (see scan_window in window.lua).
+        let limit = match reply.int(5)? {
+            1 => LimitKind::Requests,
+            2 => LimitKind::InputTokens,
+            3 => LimitKind::OutputTokens,
+            other => {
+                return Err(StoreError::Protocol(format!(
+                    "reserve.lua named limit {other}"
+                )))
+            }
+        };
         Ok(Decision::Denied {
             snapshot: Snapshot {
                 now_ms: now,
                 usage: Usage::from_array(totals),
-                reset_ms: shape.resets(now, head, slot),
+                reset_ms: [reply.int(7)?, reply.int(8)?, reply.int(9)?],
             },
             limit,
-            retry_after_ms: Some(shape.retry_after(now, head, totals, want, limits, slot)),
+            retry_after_ms: Some(reply.int(6)?),
         })
     }
 
@@ -257,7 +257,7 @@ impl RedisStore {
     ) -> Result<Settlement, StoreError> {
         let shape = reservation.shape;
         let mut inv = self.scripts.settle.key(ring_key(&reservation.key, shape));
-        inv.key(marker_key(&reservation.key, reservation.id))
+        inv.key(marker_key(&reservation.key, shape, reservation.id))
             .arg(self.now_arg())
             .arg(shape.precision_ms())
             .arg(shape.slots())
@@ -283,16 +283,10 @@ impl RedisStore {
             .arg(shape.slots())
             .arg(shape.ttl_ms());
         let reply = Reply::new(self.call(&inv).await?)?;
-        let now = reply.int(0)?;
-        let ring = RingBytes(reply.bytes(4)?);
         Ok(Snapshot {
-            now_ms: now,
+            now_ms: reply.int(0)?,
             usage: Usage::from_array([reply.int(1)?, reply.int(2)?, reply.int(3)?]),
-            reset_ms: if ring.0.is_empty() {
-                [0; 3]
-            } else {
-                shape.resets(now, ring.head(), |x| ring.slot(shape, x))
-            },
+            reset_ms: [reply.int(4)?, reply.int(5)?, reply.int(6)?],
         })
     }
 
@@ -301,15 +295,18 @@ impl RedisStore {
         key: &KeyName,
         shape: WindowShape,
         amount: &Usage,
+        marker: Option<u64>,
     ) -> Result<Snapshot, StoreError> {
         let mut inv = self.scripts.refund.key(ring_key(key, shape));
-        inv.arg(self.now_arg())
+        inv.key(marker_key(key, shape, marker.unwrap_or(0)))
+            .arg(self.now_arg())
             .arg(shape.precision_ms())
             .arg(shape.slots())
             .arg(amount.requests)
             .arg(amount.input_tokens)
             .arg(amount.output_tokens)
-            .arg(shape.ttl_ms());
+            .arg(shape.ttl_ms())
+            .arg(u8::from(marker.is_some()));
         let reply = Reply::new(self.call(&inv).await?)?;
         let now = reply.int(0)?;
         let totals = [reply.int(1)?, reply.int(2)?, reply.int(3)?];
@@ -336,16 +333,24 @@ impl RedisStore {
 }
 
 /// The ring of one key and window shape. The hash tag keeps a key's data in one slot.
+/// `v2` is the ring layout with an epoch in the header (`lua/window.lua`): rings of the
+/// older layout live under other names, so nodes of both versions never misread a ring.
 pub fn ring_key(key: &KeyName, shape: WindowShape) -> String {
     format!(
-        "llmrl:{{{key}}}:w{}:p{}",
+        "llmrl:{{{key}}}:v2:w{}:p{}",
         shape.window_ms(),
         shape.precision_ms()
     )
 }
 
-fn marker_key(key: &KeyName, id: u64) -> String {
-    format!("llmrl:{{{key}}}:r:{id:016x}")
+/// A charge's marker: per ring, so one id (say, a hash of `x-request-id`) may mark the
+/// charges of one request in several rings.
+pub fn marker_key(key: &KeyName, shape: WindowShape, id: u64) -> String {
+    format!(
+        "llmrl:{{{key}}}:r:{}.{}.{id:016x}",
+        shape.window_ms(),
+        shape.precision_ms()
+    )
 }
 
 /// A script's array reply.
@@ -372,40 +377,6 @@ impl Reply {
 
     fn int(&self, i: usize) -> Result<u64, StoreError> {
         self.signed(i).map(|n| n.max(0) as u64)
-    }
-
-    fn bytes(&self, i: usize) -> Result<Vec<u8>, StoreError> {
-        match self.0.get(i) {
-            Some(Value::BulkString(b)) => Ok(b.clone()),
-            Some(Value::Nil) => Ok(Vec::new()),
-            other => Err(StoreError::Protocol(format!(
-                "expected bytes at {i}, got {other:?}"
-            ))),
-        }
-    }
-}
-
-/// The raw ring as `lua/window.lua` lays it out (BITFIELD is big-endian).
-struct RingBytes(Vec<u8>);
-
-impl RingBytes {
-    const HEADER: usize = 40;
-    const SLOT: usize = 10;
-
-    fn be(&self, at: usize, len: usize) -> u64 {
-        let Some(b) = self.0.get(at..at + len) else {
-            return 0; // past the end: never written, so zero
-        };
-        b.iter().fold(0u64, |acc, x| (acc << 8) | u64::from(*x))
-    }
-
-    fn head(&self) -> i64 {
-        self.be(0, 8) as i64
-    }
-
-    fn slot(&self, shape: WindowShape, bucket: i64) -> [u64; 3] {
-        let at = Self::HEADER + Self::SLOT * bucket.rem_euclid(shape.slots()) as usize;
-        [self.be(at, 2), self.be(at + 2, 4), self.be(at + 6, 4)]
     }
 }
 
@@ -437,7 +408,10 @@ mod tests {
     fn ring_keys_carry_the_hash_tag_and_shape() {
         let shape = WindowShape::new(Duration::from_secs(60), Duration::from_millis(100)).unwrap();
         let key = KeyName::new("team-a").unwrap();
-        assert_eq!(ring_key(&key, shape), "llmrl:{team-a}:w60000:p100");
-        assert_eq!(marker_key(&key, 255), "llmrl:{team-a}:r:00000000000000ff");
+        assert_eq!(ring_key(&key, shape), "llmrl:{team-a}:v2:w60000:p100");
+        assert_eq!(
+            marker_key(&key, shape, 255),
+            "llmrl:{team-a}:r:60000.100.00000000000000ff"
+        );
     }
 }
