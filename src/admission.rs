@@ -480,7 +480,14 @@ impl Limiter {
 
     /// Envoy's `ratelimit` filter path: charges `want` to the key whose secret is given,
     /// all three limits at once; with `Charge::Force` (after the response) never denied.
-    pub async fn charge(&self, secret: &str, want: &Usage, charge: Charge) -> Charged {
+    /// With a `marker`, [`Limiter::refund`] can give the charge back to its own bucket.
+    pub async fn charge(
+        &self,
+        secret: &str,
+        want: &Usage,
+        charge: Charge,
+        marker: Option<u64>,
+    ) -> Charged {
         let config = self.config.load();
         let secret = bearer(Some(secret)).unwrap_or(secret.trim());
         let Some(spec) = config.key_by_secret(secret) else {
@@ -488,7 +495,14 @@ impl Limiter {
         };
         match self
             .store
-            .reserve(&spec.name, config.shape(), &spec.limits, want, charge, None)
+            .reserve(
+                &spec.name,
+                config.shape(),
+                &spec.limits,
+                want,
+                charge,
+                marker,
+            )
             .await
         {
             Ok(Decision::Admitted { snapshot, .. }) => {
@@ -531,8 +545,9 @@ impl Limiter {
         }
     }
 
-    /// Envoy's `is_negative_hits`: gives `amount` back to the key's window.
-    pub async fn refund(&self, secret: &str, amount: &Usage) -> Charged {
+    /// Envoy's `is_negative_hits`: gives `amount` back to the key's window — to the bucket
+    /// of the charge `marker` names while it is in the window, else from the newest buckets.
+    pub async fn refund(&self, secret: &str, amount: &Usage, marker: Option<u64>) -> Charged {
         let config = self.config.load();
         let secret = bearer(Some(secret)).unwrap_or(secret.trim());
         let Some(spec) = config.key_by_secret(secret) else {
@@ -540,7 +555,7 @@ impl Limiter {
         };
         match self
             .store
-            .refund(&spec.name, config.shape(), amount, None)
+            .refund(&spec.name, config.shape(), amount, marker)
             .await
         {
             Ok(snapshot) => Charged::Admitted {

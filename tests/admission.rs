@@ -262,7 +262,10 @@ async fn path_variants_and_azure_deployments_are_metered_as_the_upstream_routes_
         "azure_deployments:\n  prod-4o: gpt-4o\n  legacy: gpt-4\n",
     ))
     .await;
-    let body = chat("Расскажите о скользящих окнах: 日本語のテキスト、トークン数。", 20);
+    let body = chat(
+        "Расскажите о скользящих окнах: 日本語のテキスト、トークン数。",
+        20,
+    );
     let tokens = input_tokens(Endpoint::ChatCompletions, &body);
     let variants = [
         "/v1//chat/completions",
