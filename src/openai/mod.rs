@@ -23,6 +23,7 @@ mod request;
 mod responses;
 mod tokens;
 
+pub(crate) use endpoint::normalise as normalise_path;
 pub use endpoint::{Endpoint, Route, RouteError};
 pub use error::RequestError;
 pub use output::{OutputCount, OutputMeter, OutputSource};
