@@ -658,15 +658,27 @@ async fn received_totals_count_every_answered_request() {
     );
     assert_eq!(raw(&base, "GET", "/v1/models", "").await.0, 200);
     assert_eq!(raw(&base, "PATCH", "/anything", "").await.0, 200);
+    // Counted, though under /mock/: answered as an endpoint.
+    let sneaky = chat_body("gpt-4o", "sneaky", json!({"max_tokens": 2}));
+    let sneaky_prompt = input_tokens(Endpoint::ChatCompletions, &sneaky);
+    let (status, _) = raw(
+        &base,
+        "POST",
+        "/mock/../v1/chat/completions",
+        &sneaky.to_string(),
+    )
+    .await;
+    assert_eq!(status, 200);
     // Not counted: the mock's own endpoints.
     assert_eq!(raw(&base, "GET", "/healthz", "").await.0, 200);
+    assert_eq!(raw(&base, "GET", "/mock/other", "").await.0, 200);
     totals().await;
     assert_eq!(
         totals().await,
         json!({
-            "requests": 7,
-            "prompt_tokens": chat_prompt + embed_prompt + stream_prompt,
-            "completion_tokens": chat_completion + 3,
+            "requests": 8,
+            "prompt_tokens": chat_prompt + embed_prompt + stream_prompt + sneaky_prompt,
+            "completion_tokens": chat_completion + 3 + 2,
         })
     );
 }

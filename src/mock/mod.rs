@@ -280,7 +280,7 @@ fn best_of(body: &[u8]) -> Option<u64> {
 }
 
 /// Every request but `/healthz` and `/mock/received`: routed the way the limiter reads the
-/// path, answered, and added to the received totals (unless under `/mock/`).
+/// path, answered, and added to the received totals (unless it is one of the mock's own).
 async fn dispatch(
     State(mock): State<Arc<Mock>>,
     method: Method,
@@ -289,7 +289,11 @@ async fn dispatch(
 ) -> Response {
     let target = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
     let (response, usage) = mock.route(&method, target, uri.path(), &body).await;
-    if !uri.path().starts_with("/mock/") {
+    // The mock's own `/mock/*` paths are not traffic; but one that names an endpoint
+    // (`/mock/../v1/chat/completions`, `/mock/v1/embeddings`) was answered as one, so it counts.
+    let own = uri.path().starts_with("/mock/")
+        && Route::from_path(target).map_or(true, |r| r.endpoint == Endpoint::Other);
+    if !own {
         let (prompt, completion) = usage.map_or((0, 0), |u| (u.prompt_tokens, u.completion_tokens));
         mock.received.add(prompt, completion);
     }

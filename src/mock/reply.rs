@@ -165,4 +165,20 @@ mod tests {
         assert_eq!(Reply::for_request(5, Some(3)).finish_reason(), "length");
         assert_eq!(Reply::for_request(5, None).finish_reason(), "stop");
     }
+
+    #[test]
+    fn generation_g_shifts_the_prompt_by_g() {
+        for prompt in [0, 5, 47, 1000, u64::MAX] {
+            assert_eq!(
+                Reply::for_choice(prompt, Some(40), 0),
+                Reply::for_request(prompt, Some(40))
+            );
+            for g in 1..100 {
+                let reply = Reply::for_choice(prompt, Some(40), g);
+                let natural = 16 + prompt.wrapping_add(g) % 48;
+                assert_eq!(reply.completion_tokens, natural.min(40), "{prompt} {g}");
+                assert!(reply.completion_tokens <= MAX_WORDS);
+            }
+        }
+    }
 }

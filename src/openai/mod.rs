@@ -179,6 +179,7 @@ mod tests {
             let body = serde_json::to_vec(&value).unwrap();
             for endpoint in ENDPOINTS {
                 let _ = tokenizer().understand(endpoint, &body);
+                let _ = tokenizer().understand_with(endpoint, &body, Some("gpt-4"));
             }
         }
 
