@@ -32,6 +32,7 @@ async fn mock(latency: Duration) -> (String, Arc<AtomicU64>) {
         Options {
             latency,
             stream_interval: Duration::ZERO,
+            ..Options::default()
         },
     )
     .layer(axum::middleware::from_fn(
