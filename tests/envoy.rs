@@ -73,6 +73,8 @@ keys:
 struct Node {
     url: String,
     limiter_http: String,
+    /// Envoy's admin address, for its stats.
+    admin: String,
     _procs: Vec<Proc>,
 }
 
@@ -147,6 +149,7 @@ fn cluster(envoy_file: &'static str, nodes: usize, mock_args: &[&str]) -> Cluste
             Node {
                 url: format!("http://127.0.0.1:{listener}"),
                 limiter_http,
+                admin: format!("http://127.0.0.1:{admin}"),
                 _procs: vec![envoy, limiter],
             }
         })
@@ -209,6 +212,43 @@ async fn settles_to(client: &reqwest::Client, node: &Node, name: &str, want: [u6
     }
 }
 
+/// One counter of a node's Envoy (admin `/stats`), 0 when it does not exist yet.
+async fn envoy_counter(client: &reqwest::Client, node: &Node, name: &str) -> u64 {
+    let stats = client
+        .get(format!("{}/stats?filter=^{name}$", node.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// Polls, for at most 5 s, until `node`'s Envoy has had exactly `n` calls to the limiter's
+/// gRPC port (ext_authz and ratelimit share the cluster `limiter_authz`) answered: then
+/// everything those calls asked the limiter to record is recorded.
+async fn limiter_calls_completed(node: &Node, n: u64) {
+    let client = reqwest::Client::new();
+    let name = "cluster.limiter_authz.upstream_rq_completed";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let done = envoy_counter(&client, node, name).await;
+        assert!(done <= n, "{done} calls to the limiter, expected {n}");
+        if done == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{done} calls to the limiter, expected {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[test]
 fn both_envoy_configs_validate() {
     for file in ["envoy.yaml", "ratelimit-filter.yaml"] {
@@ -259,6 +299,12 @@ async fn the_ratelimit_filter_variant_holds_requests_and_tokens() {
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["type"], "requests");
     assert_eq!(e["error"]["code"], "rate_limit_exceeded");
+    // Envoy sends the after-response descriptor of the denied request at stream end,
+    // after the client has its 429: reading usage now could not see a wrong charge. So
+    // first wait until node b's Envoy has had that call answered (the limiter answers
+    // once it has recorded): b made 3 calls for the request it admitted (Check, the
+    // charge, the after-response charge) and 3 for the denied one.
+    limiter_calls_completed(b, 6).await;
     assert_eq!(
         used(&client, a, "tight").await,
         [3, 3 * prompt, 90],
