@@ -1,5 +1,8 @@
 //! Through real Envoy: two nodes (Envoy + llm-ratelimit each) on one Redis, in front of
 //! the mock upstream — all started by the test on free loopback ports, stopped by pid.
+//! Also the shipped configs' own promises, with stand-ins for the limiter and upstream:
+//! the path every filter and the upstream see is the normalised one, the key comes from
+//! either header, the request id is Envoy's.
 
 mod common;
 
@@ -436,6 +439,378 @@ async fn two_nodes_behind_envoy_admit_settle_and_deny_exactly() {
     assert_eq!(codes.iter().filter(|c| **c == 200).count(), 25, "{codes:?}");
     assert_eq!(codes.iter().filter(|c| **c == 429).count(), 35, "{codes:?}");
     assert_eq!(used(&client, b, "race").await[0], 25);
+}
+
+/// Sends one HTTP/1.1 request exactly as written, on a connection of its own, and returns
+/// the status and the raw body. The target goes out unparsed: reqwest's URL parser would
+/// already resolve dot segments and turn `\` into `/`, and a hostile client does not.
+fn send_raw(
+    addr: &str,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut request = format!("{method} {target} HTTP/1.1\r\nhost: llm\r\nconnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str(&format!("content-length: {}\r\n\r\n{body}", body.len()));
+    tcp.write_all(request.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    tcp.read_to_end(&mut answer).unwrap();
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{method} {target}: no status in {answer:?}"));
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, body.to_string())
+}
+
+/// Polls `probe` every 20 ms until it returns `Ok`, for at most `secs` seconds; its last
+/// `Err` is the failure message.
+fn poll<T>(secs: u64, mut probe: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        match probe() {
+            Ok(v) => return v,
+            Err(last) => assert!(Instant::now() < deadline, "{last}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Stand-ins for the limiter (ext_authz `Check`, `ShouldRateLimit`) and the upstream that
+/// admit everything and record what Envoy hands them, so a test sees what the shipped
+/// configs forward, independently of what the real limiter decides.
+mod recorder {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
+        Authorization, AuthorizationServer,
+    };
+    use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+    use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse, OkHttpResponse};
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::{
+        RateLimitService, RateLimitServiceServer,
+    };
+    use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+    use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+    use envoy_types::pb::google::rpc;
+    use tonic::{Request, Response, Status};
+
+    /// A `Check` as the limiter received it.
+    #[derive(Clone, Debug)]
+    pub struct Check {
+        pub path: String,
+        /// The headers Envoy forwarded (`allowed_headers`).
+        pub headers: HashMap<String, String>,
+    }
+
+    /// A request as the upstream received it.
+    #[derive(Clone, Debug)]
+    pub struct Upstream {
+        pub method: String,
+        pub path: String,
+        pub request_id: String,
+    }
+
+    #[derive(Default)]
+    pub struct Seen {
+        pub checks: Vec<Check>,
+        /// Each `ShouldRateLimit` call: its descriptors, each as its entries in order.
+        pub rate_limit_calls: Vec<Vec<Vec<(String, String)>>>,
+        pub upstream: Vec<Upstream>,
+    }
+
+    #[derive(Clone, Default)]
+    pub struct Recorder(pub Arc<Mutex<Seen>>);
+
+    #[tonic::async_trait]
+    impl Authorization for Recorder {
+        async fn check(
+            &self,
+            request: Request<CheckRequest>,
+        ) -> Result<Response<CheckResponse>, Status> {
+            let http = request
+                .into_inner()
+                .attributes
+                .and_then(|a| a.request)
+                .and_then(|r| r.http)
+                .unwrap_or_default();
+            self.0.lock().unwrap().checks.push(Check {
+                path: http.path,
+                headers: http.headers,
+            });
+            // What ext_authz's count mode gives the ratelimit filter's hits_addend.
+            let number = |n: f64| Value {
+                kind: Some(Kind::NumberValue(n)),
+            };
+            let metadata = Struct {
+                fields: [
+                    ("input_tokens".to_string(), number(7.0)),
+                    ("output_tokens".to_string(), number(5.0)),
+                ]
+                .into(),
+            };
+            Ok(Response::new(CheckResponse {
+                status: Some(rpc::Status::default()),
+                http_response: Some(HttpResponse::OkResponse(OkHttpResponse::default())),
+                dynamic_metadata: Some(metadata),
+            }))
+        }
+    }
+
+    #[tonic::async_trait]
+    impl RateLimitService for Recorder {
+        async fn should_rate_limit(
+            &self,
+            request: Request<RateLimitRequest>,
+        ) -> Result<Response<RateLimitResponse>, Status> {
+            let descriptors = request
+                .into_inner()
+                .descriptors
+                .into_iter()
+                .map(|d| d.entries.into_iter().map(|e| (e.key, e.value)).collect())
+                .collect();
+            self.0.lock().unwrap().rate_limit_calls.push(descriptors);
+            Ok(Response::new(RateLimitResponse {
+                overall_code: Code::Ok.into(),
+                ..Default::default()
+            }))
+        }
+    }
+
+    /// Serves the gRPC stand-in on `grpc` and the upstream on `upstream` on `runtime`.
+    pub fn start(runtime: &tokio::runtime::Runtime, grpc: u16, upstream: u16) -> Recorder {
+        let recorder = Recorder::default();
+        let (authz, rls) = (recorder.clone(), recorder.clone());
+        runtime.spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(AuthorizationServer::new(authz))
+                .add_service(RateLimitServiceServer::new(rls))
+                .serve(([127, 0, 0, 1], grpc).into())
+                .await
+                .unwrap();
+        });
+        let seen = recorder.clone();
+        let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+            let seen = seen.clone();
+            async move {
+                let header = |name: &str| {
+                    request.headers().get(name).map_or(String::new(), |v| {
+                        v.to_str().unwrap_or_default().to_string()
+                    })
+                };
+                let upstream = Upstream {
+                    method: request.method().to_string(),
+                    path: request.uri().to_string(),
+                    request_id: header("x-request-id"),
+                };
+                seen.0.lock().unwrap().upstream.push(upstream);
+                axum::Json(serde_json::json!({"object": "recorded"}))
+            }
+        });
+        runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", upstream))
+                .await
+                .unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+        recorder
+    }
+}
+
+/// Request targets as a client may write them, and the path both the limiter and the
+/// upstream must then see (`None`: Envoy refuses the request with 400, neither sees it).
+const PATH_VARIANTS: &[(&str, Option<&str>)] = &[
+    ("/v1/chat/completions", Some("/v1/chat/completions")),
+    ("/v1//chat/completions", Some("/v1/chat/completions")),
+    ("//v1/chat/completions", Some("/v1/chat/completions")),
+    ("/v1/./chat/completions", Some("/v1/chat/completions")),
+    ("/v1/x/../chat/completions", Some("/v1/chat/completions")),
+    ("/../v1/chat/completions", Some("/v1/chat/completions")),
+    (
+        "/v1/chat/%2e%2E/chat/completions",
+        Some("/v1/chat/completions"),
+    ),
+    // Percent-encoded unreserved characters are decoded (RFC 3986 6.2.2.2).
+    ("/v1/chat/%63ompletions", Some("/v1/chat/completions")),
+    (
+        "/v1/chat/comp%6Cetions?api-version=1",
+        Some("/v1/chat/completions?api-version=1"),
+    ),
+    // Case is left alone: the limiter matches endpoints case-insensitively.
+    ("/V1/Chat/Completions", Some("/V1/Chat/Completions")),
+    ("/v1\\chat\\completions", Some("/v1/chat/completions")),
+    ("/v1/chat/completions/", Some("/v1/chat/completions/")),
+    ("/v1/chat/completions/..", Some("/v1/chat/")),
+    (
+        "/v1/chat/completions/../completions",
+        Some("/v1/chat/completions"),
+    ),
+    (
+        "http://llm/v1//chat/completions",
+        Some("/v1/chat/completions"),
+    ),
+    (
+        "/openai/deployments/prod%2Dgpt4o//chat/completions?api-version=2024-10-21",
+        Some("/openai/deployments/prod-gpt4o/chat/completions?api-version=2024-10-21"),
+    ),
+    // A double-encoded slash is not a slash: it stays as it came.
+    ("/v1/chat/%252F", Some("/v1/chat/%252F")),
+    // The query is not the path: left as it came.
+    (
+        "/v1/chat/completions?a=%2F&b=..//",
+        Some("/v1/chat/completions?a=%2F&b=..//"),
+    ),
+    ("/v1/chat/completions;x", Some("/v1/chat/completions;x")),
+    // Encoded slashes and backslashes, a fragment, an encoded NUL: refused.
+    ("/v1/chat%2Fcompletions", None),
+    ("/v1/chat%2fcompletions", None),
+    ("/v1/chat%5Ccompletions", None),
+    ("/v1/chat%5ccompletions", None),
+    ("/openai/deployments/a%2Fb/chat/completions", None),
+    ("/v1/chat/completions#x", None),
+    ("/v1/chat/completions%00", None),
+];
+
+/// Through the real Envoy with `envoy_file`, stand-ins for the limiter and the upstream:
+/// for every variant the limiter is asked about exactly the path the upstream then gets,
+/// normalised; the key reaches the limiter from either header; the request id is
+/// Envoy's own, and (ratelimit filter) the one the descriptors carry.
+fn envoy_hands_limiter_and_upstream_the_same_path(envoy_file: &str) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (listener, grpc, upstream, admin) = (free_port(), free_port(), free_port(), free_port());
+    let recorder = recorder::start(&runtime, grpc, upstream);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("envoy.yaml");
+    std::fs::write(
+        &config,
+        envoy_config(envoy_file, listener, grpc, upstream, admin),
+    )
+    .unwrap();
+    let _envoy = spawn(Command::new(envoy_bin()).arg("-c").arg(&config).args([
+        "--concurrency",
+        "1",
+        "--base-id",
+        &listener.to_string(),
+        "-l",
+        "error",
+    ]));
+    wait_ready(&format!("http://127.0.0.1:{admin}/ready"));
+    let addr = format!("127.0.0.1:{listener}");
+    let seen = || recorder.0.lock().unwrap();
+
+    let mut admitted = Vec::new();
+    for (i, (target, normalised)) in PATH_VARIANTS.iter().enumerate() {
+        // Every third request carries Azure's header, every third both.
+        let key = format!("sk-variant-{i}");
+        let bearer = format!("Bearer {key}");
+        let headers: Vec<(&str, &str)> = match i % 3 {
+            0 => vec![("authorization", &bearer)],
+            1 => vec![("api-key", &key)],
+            _ => vec![("api-key", "sk-other"), ("authorization", &bearer)],
+        };
+        let mut headers = headers;
+        headers.push(("x-request-id", "chosen-by-the-client"));
+        headers.push(("content-type", "application/json"));
+        let (checks, upstreams) = {
+            let seen = seen();
+            (seen.checks.len(), seen.upstream.len())
+        };
+        let (status, body) = send_raw(&addr, "POST", target, &headers, &chat(5, false));
+        let Some(normalised) = normalised else {
+            assert_eq!(status, 400, "{target}: {body}");
+            assert_eq!(seen().checks.len(), checks, "{target} reached the limiter");
+            assert_eq!(
+                seen().upstream.len(),
+                upstreams,
+                "{target} reached the upstream"
+            );
+            continue;
+        };
+        assert_eq!(status, 200, "{target}: {body}");
+        let check = seen().checks[checks..].to_vec();
+        let up = seen().upstream[upstreams..].to_vec();
+        assert_eq!(check.len(), 1, "{target}: {check:?}");
+        assert_eq!(up.len(), 1, "{target}: {up:?}");
+        let (check, up) = (&check[0], &up[0]);
+        assert_eq!(check.path, *normalised, "{target}: the limiter's path");
+        assert_eq!(up.path, *normalised, "{target}: the upstream's path");
+        assert_eq!(up.method, "POST");
+        // The key, from whichever header the client used.
+        match i % 3 {
+            0 => assert_eq!(check.headers.get("authorization"), Some(&bearer)),
+            1 => assert_eq!(check.headers.get("api-key"), Some(&key)),
+            _ => {
+                assert_eq!(check.headers.get("authorization"), Some(&bearer));
+                assert_eq!(check.headers["api-key"], "sk-other");
+            }
+        }
+        // Envoy's own id (a UUID), not the client's.
+        assert_ne!(up.request_id, "chosen-by-the-client", "{target}");
+        assert_eq!(up.request_id.len(), 36, "{target}: {}", up.request_id);
+        admitted.push((up.request_id.clone(), i, key));
+    }
+
+    if envoy_file != "ratelimit-filter.yaml" {
+        return;
+    }
+    // The ratelimit filter: each admitted request is charged before the call (requests,
+    // input tokens) and after it (output tokens, at stream end), every descriptor with
+    // the request's id and the key. With both headers, `authorization` comes last.
+    let calls = poll(5, || {
+        let calls = seen().rate_limit_calls.clone();
+        if calls.len() == 2 * admitted.len() {
+            Ok(calls)
+        } else {
+            Err(format!(
+                "{} ShouldRateLimit calls for {} requests",
+                calls.len(),
+                admitted.len()
+            ))
+        }
+    });
+    for (request_id, i, key) in &admitted {
+        let mine: Vec<_> = calls
+            .iter()
+            .flatten()
+            .filter(|d| d.iter().any(|(k, v)| k == "request_id" && v == request_id))
+            .collect();
+        assert_eq!(mine.len(), 3, "request {i}: {mine:?}");
+        for d in mine {
+            let keys: Vec<&str> = d
+                .iter()
+                .filter(|(k, _)| k == "api_key")
+                .map(|(_, v)| v.as_str())
+                .collect();
+            let bearer = format!("Bearer {key}");
+            let want: Vec<&str> = match i % 3 {
+                0 => vec![&bearer],
+                1 => vec![key],
+                _ => vec!["sk-other", &bearer],
+            };
+            assert_eq!(keys, want, "request {i}: {d:?}");
+        }
+    }
+}
+
+#[test]
+fn envoy_yaml_hands_limiter_and_upstream_the_same_normalised_path() {
+    envoy_hands_limiter_and_upstream_the_same_path("envoy.yaml");
+}
+
+#[test]
+fn ratelimit_filter_yaml_hands_limiter_and_upstream_the_same_normalised_path() {
+    envoy_hands_limiter_and_upstream_the_same_path("ratelimit-filter.yaml");
 }
 
 /// Runs wrk against `url` for `secs` seconds with a chat-completions body.
