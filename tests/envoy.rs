@@ -83,6 +83,7 @@ struct Node {
 
 struct Cluster {
     nodes: Vec<Node>,
+    mock_url: String,
     _mock: Proc,
     _redis: RedisServer,
     _dir: tempfile::TempDir,
@@ -98,10 +99,15 @@ fn envoy_config(file: &str, listener: u16, grpc: u16, upstream: u16, admin: u16)
         .replace("port_value: 10500", &format!("port_value: {admin}"))
 }
 
-fn cluster(envoy_file: &'static str, nodes: usize, mock_args: &[&str]) -> Cluster {
+fn cluster(
+    envoy_file: &'static str,
+    key_config: &str,
+    nodes: usize,
+    mock_args: &[&str],
+) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys.yaml");
-    std::fs::write(&keys, KEYS).unwrap();
+    std::fs::write(&keys, key_config).unwrap();
     let redis = RedisServer::start();
     let mock_port = free_port();
     let mock = spawn(
@@ -159,6 +165,7 @@ fn cluster(envoy_file: &'static str, nodes: usize, mock_args: &[&str]) -> Cluste
         .collect();
     Cluster {
         nodes,
+        mock_url: format!("http://127.0.0.1:{mock_port}"),
         _mock: mock,
         _redis: redis,
         _dir: dir,
@@ -270,7 +277,7 @@ fn both_envoy_configs_validate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ratelimit_filter_variant_holds_requests_and_tokens() {
-    let c = tokio::task::spawn_blocking(|| cluster("ratelimit-filter.yaml", 2, &[]))
+    let c = tokio::task::spawn_blocking(|| cluster("ratelimit-filter.yaml", KEYS, 2, &[]))
         .await
         .unwrap();
     let client = reqwest::Client::new();
@@ -324,10 +331,11 @@ async fn the_ratelimit_filter_variant_holds_requests_and_tokens() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_behind_envoy_admit_settle_and_deny_exactly() {
     // Paced SSE, so "progressively" is visible: 25 ms between chunks.
-    let c =
-        tokio::task::spawn_blocking(|| cluster("envoy.yaml", 2, &["--stream-interval-ms", "25"]))
-            .await
-            .unwrap();
+    let c = tokio::task::spawn_blocking(|| {
+        cluster("envoy.yaml", KEYS, 2, &["--stream-interval-ms", "25"])
+    })
+    .await
+    .unwrap();
     let client = reqwest::Client::new();
     let (a, b) = (&c.nodes[0], &c.nodes[1]);
 
@@ -811,6 +819,304 @@ fn envoy_yaml_hands_limiter_and_upstream_the_same_normalised_path() {
 #[test]
 fn ratelimit_filter_yaml_hands_limiter_and_upstream_the_same_normalised_path() {
     envoy_hands_limiter_and_upstream_the_same_path("ratelimit-filter.yaml");
+}
+
+/// The key of the accounting tests, and the Azure deployment they name.
+const PATH_KEYS: &str = "\
+azure_deployments:
+  prod-gpt4o: gpt-4o
+keys:
+  - name: paths
+    key: sk-e2e-paths
+    rpm: 10000
+    input_tpm: 100000000
+    output_tpm: 100000000
+";
+
+/// Which header carries the key.
+#[derive(Clone, Copy)]
+enum Key {
+    Bearer,
+    Azure,
+    Wrong,
+    Missing,
+}
+
+/// One request of the accounting tests: how it is sent and the status the client must get.
+struct Variant {
+    method: &'static str,
+    target: &'static str,
+    key: Key,
+    body: String,
+    status: u16,
+}
+
+/// A long list of ways to reach the upstream: OpenAI and Azure OpenAI paths written every
+/// way a lenient upstream still routes, unknown endpoints, GETs, refused encodings, with
+/// real chat / completions / embeddings bodies.
+fn variants() -> Vec<Variant> {
+    let chat_n = |n: u64, max: u64| {
+        json!({"model": "gpt-4o-mini", "n": n, "max_tokens": max, "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Name the path you were reached by."}]})
+        .to_string()
+    };
+    let azure_chat = json!({"max_tokens": 40, "messages": [
+        {"role": "user", "content": "An Azure deployment, no model in the body."}]})
+    .to_string();
+    let completions = json!({"model": "gpt-3.5-turbo-instruct", "prompt": ["Once upon", "a time"],
+        "n": 2, "best_of": 3, "max_tokens": 12})
+    .to_string();
+    let embeddings = json!({"model": "text-embedding-3-small",
+        "input": ["every token counts", "also these"]})
+    .to_string();
+    let stream =
+        json!({"model": "gpt-4o", "stream": true, "stream_options": {"include_usage": true},
+        "max_tokens": 25, "messages": [{"role": "user", "content": "Stream it."}]})
+        .to_string();
+    let v = |method, target, key, body: &String, status| Variant {
+        method,
+        target,
+        key,
+        body: body.clone(),
+        status,
+    };
+    let (chat, none) = (chat_n(1, 30), String::new());
+    use Key::*;
+    vec![
+        v("POST", "/v1/chat/completions", Bearer, &chat, 200),
+        v("POST", "/v1//chat/completions", Bearer, &chat, 200),
+        v("POST", "//v1/chat/completions", Bearer, &chat, 200),
+        v("POST", "/v1/./chat/completions", Bearer, &chat, 200),
+        v("POST", "/v1/x/../chat/completions", Bearer, &chat, 200),
+        v(
+            "POST",
+            "/v1/chat/%2e%2E/chat/completions",
+            Bearer,
+            &chat,
+            200,
+        ),
+        v("POST", "/v1/chat/%63ompletions", Bearer, &chat, 200),
+        v("POST", "/V1/Chat/%43ompletions", Bearer, &chat, 200),
+        v("POST", "/V1//CHAT/COMPLETIONS", Bearer, &chat, 200),
+        v("POST", "/v1\\chat\\completions", Bearer, &chat, 200),
+        v("POST", "/v1/chat/completions/", Bearer, &chat, 200),
+        v(
+            "POST",
+            "/v1/chat/completions?foo=bar&x=%2F",
+            Bearer,
+            &chat,
+            200,
+        ),
+        v(
+            "POST",
+            "/v1/chat/completions/../completions",
+            Bearer,
+            &chat,
+            200,
+        ),
+        v(
+            "POST",
+            "http://llm/v1//chat/completions",
+            Bearer,
+            &chat_n(3, 20),
+            200,
+        ),
+        v("POST", "/v1/chat/completions", Azure, &chat_n(2, 10), 200),
+        v("POST", "/v1/chat/completions", Bearer, &stream, 200),
+        v("POST", "/v1//completions", Bearer, &completions, 200),
+        v("POST", "/V1/COMPLETIONS", Azure, &completions, 200),
+        v("POST", "/v1/embeddings", Bearer, &embeddings, 200),
+        v("POST", "/v1/./Embeddings/", Bearer, &embeddings, 200),
+        // Azure OpenAI: the deployment names the model (mapped, or the name itself).
+        v(
+            "POST",
+            "/openai/deployments/prod-gpt4o/chat/completions?api-version=2024-10-21",
+            Azure,
+            &azure_chat,
+            200,
+        ),
+        v(
+            "POST",
+            "/openai/deployments/prod-gpt4o//chat/completions?api-version=2024-10-21",
+            Azure,
+            &azure_chat,
+            200,
+        ),
+        v(
+            "POST",
+            "/OpenAI/Deployments/prod%2Dgpt4o/chat/%63ompletions?api-version=2024-10-21",
+            Azure,
+            &azure_chat,
+            200,
+        ),
+        v(
+            "POST",
+            "/openai/deployments/gpt-4o-mini/x/../completions?api-version=2024-10-21",
+            Azure,
+            &completions,
+            200,
+        ),
+        v(
+            "POST",
+            "/openai/deployments/prod-gpt4o/embeddings?api-version=2024-10-21",
+            Azure,
+            &embeddings,
+            200,
+        ),
+        v(
+            "POST",
+            "/openai/deployments/prod-gpt4o/chat/completions?api-version=2024-10-21",
+            Bearer,
+            &azure_chat,
+            200,
+        ),
+        // GETs count one request each.
+        v("GET", "/v1/models", Bearer, &none, 200),
+        v("GET", "/V1//models/gpt-4o", Azure, &none, 200),
+        v(
+            "GET",
+            "/v1/chat/completions/chatcmpl-123",
+            Bearer,
+            &none,
+            200,
+        ),
+        v(
+            "GET",
+            "/openai/deployments?api-version=2024-10-21",
+            Azure,
+            &none,
+            200,
+        ),
+        // A POST the limiter cannot meter: 404, nothing counted, nothing forwarded.
+        v("POST", "/v1/chat/completions/..", Bearer, &chat, 404),
+        v(
+            "POST",
+            "/v1/chat/completions/chatcmpl-123",
+            Bearer,
+            &chat,
+            404,
+        ),
+        v("POST", "/v1/chat/completions;x", Bearer, &chat, 404),
+        v("POST", "/v1/responses/resp_123/cancel", Bearer, &none, 404),
+        v("POST", "/v1/files", Bearer, &chat, 404),
+        v("POST", "/v1/chat/%252Fcompletions", Bearer, &chat, 404),
+        v(
+            "POST",
+            "/openai/deployments/prod-gpt4o/images/generations?api-version=2024-10-21",
+            Azure,
+            &chat,
+            404,
+        ),
+        // Encoded slashes and backslashes, a fragment: Envoy refuses them (400).
+        v("POST", "/v1/chat%2Fcompletions", Bearer, &chat, 400),
+        v("POST", "/v1%2fchat/completions", Bearer, &chat, 400),
+        v("POST", "/v1/chat%5Ccompletions", Bearer, &chat, 400),
+        v(
+            "POST",
+            "/openai/deployments/prod-gpt4o%2Fchat/completions?api-version=2024-10-21",
+            Azure,
+            &azure_chat,
+            400,
+        ),
+        v("POST", "/v1/chat/completions#x", Bearer, &chat, 400),
+        // No key, or a wrong one, in either header: 401 for every path.
+        v("POST", "/v1//chat/completions", Missing, &chat, 401),
+        v(
+            "POST",
+            "/openai/deployments/prod-gpt4o/chat/completions?api-version=2024-10-21",
+            Wrong,
+            &azure_chat,
+            401,
+        ),
+        v("GET", "/v1/models", Missing, &none, 401),
+        // Not JSON on a metered path, however written: 400 from the limiter.
+        v(
+            "POST",
+            "/V1/chat//completions",
+            Bearer,
+            &"{nope".to_string(),
+            400,
+        ),
+    ]
+}
+
+/// What a node's limiter recorded for `name`: requests, input tokens, output tokens.
+fn usage_of(limiter_http: &str, name: &str) -> [u64; 3] {
+    let u: Value = reqwest::blocking::get(format!("{limiter_http}/v1/usage/{name}"))
+        .unwrap()
+        .json()
+        .unwrap();
+    ["requests", "input_tokens", "output_tokens"].map(|k| u[k]["used"].as_u64().unwrap())
+}
+
+/// Through two real nodes with `envoy_file`, the mock upstream answering any path: every
+/// variant gets its status, and what the limiter counted equals what reached the upstream
+/// (requests, prompt tokens, and — with envoy.yaml, which settles to the real figure —
+/// completion tokens).
+fn no_request_reaches_the_upstream_uncounted(envoy_file: &'static str) {
+    let c = cluster(envoy_file, PATH_KEYS, 2, &["--any-path"]);
+    let mock = c.mock_url.clone();
+    let variants = variants();
+    for (i, v) in variants.iter().enumerate() {
+        let node = &c.nodes[i % 2];
+        let addr = node.url.trim_start_matches("http://");
+        let mut headers = vec![("content-type", "application/json")];
+        let bearer = "Bearer sk-e2e-paths";
+        match v.key {
+            Key::Bearer => headers.push(("authorization", bearer)),
+            Key::Azure => headers.push(("api-key", "sk-e2e-paths")),
+            Key::Wrong => headers.push(("api-key", "sk-e2e-nope")),
+            Key::Missing => {}
+        }
+        let (status, body) = send_raw(addr, v.method, v.target, &headers, &v.body);
+        assert_eq!(status, v.status, "{} {}: {body}", v.method, v.target);
+    }
+
+    let forwarded = variants.iter().filter(|v| v.status == 200).count() as u64;
+    let received = |what: &str| -> u64 {
+        let r: Value = reqwest::blocking::get(format!("{mock}/mock/received"))
+            .unwrap()
+            .json()
+            .unwrap();
+        r[what].as_u64().unwrap()
+    };
+    // Only the requests the client got a 200 for reached the upstream.
+    assert_eq!(received("requests"), forwarded);
+    let upstream = [
+        received("requests"),
+        received("prompt_tokens"),
+        received("completion_tokens"),
+    ];
+    assert!(upstream[1] > 0 && upstream[2] > 0, "{upstream:?}");
+    // Settlement (or the after-response charge) follows the client's response: poll.
+    let counted = poll(10, || {
+        let counted = usage_of(&c.nodes[0].limiter_http, "paths");
+        let settled = if envoy_file == "envoy.yaml" {
+            counted == upstream
+        } else {
+            // Charged at the request's maximum after the response: never less.
+            counted[..2] == upstream[..2] && counted[2] >= upstream[2]
+        };
+        if settled {
+            Ok(counted)
+        } else {
+            Err(format!(
+                "limiter counted {counted:?}, upstream received {upstream:?}"
+            ))
+        }
+    });
+    eprintln!("{envoy_file}: counted {counted:?}, upstream received {upstream:?}");
+}
+
+#[test]
+fn envoy_yaml_lets_no_request_reach_the_upstream_uncounted() {
+    no_request_reaches_the_upstream_uncounted("envoy.yaml");
+}
+
+#[test]
+fn ratelimit_filter_yaml_lets_no_request_reach_the_upstream_uncounted() {
+    no_request_reaches_the_upstream_uncounted("ratelimit-filter.yaml");
 }
 
 /// Runs wrk against `url` for `secs` seconds with a chat-completions body.
