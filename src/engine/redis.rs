@@ -104,6 +104,88 @@ async fn open(url: &str, timeout: Duration) -> redis::RedisResult<Connection> {
     }
 }
 
+/// What a Redis server's `maxmemory-policy` means for the limiter's keys.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum EvictionPolicy {
+    /// `noeviction`: Redis refuses writes when full rather than drop keys; the limiter then
+    /// sees store errors (and `on_store_error` decides), never silently lost counts.
+    Safe,
+    /// Any other policy may drop the limiter's keys under memory pressure. Every key it
+    /// writes carries a TTL, so the `volatile-*` policies may evict them too. A lost ring
+    /// forgets its window's usage (admitting up to a window's worth again); a lost marker
+    /// forgets a reservation's settlement.
+    Evicts(String),
+    /// The policy could not be read (CONFIG is often disabled on managed Redis).
+    Unknown(String),
+}
+
+impl EvictionPolicy {
+    /// Judges the answer to `CONFIG GET maxmemory-policy`.
+    pub(crate) fn judge(answer: Result<Vec<String>, String>) -> EvictionPolicy {
+        match answer {
+            Ok(pair) => match pair.get(1) {
+                Some(p) if p.eq_ignore_ascii_case("noeviction") => EvictionPolicy::Safe,
+                Some(p) => EvictionPolicy::Evicts(p.clone()),
+                None => EvictionPolicy::Unknown("CONFIG GET gave no value".into()),
+            },
+            Err(e) => EvictionPolicy::Unknown(e),
+        }
+    }
+
+    fn log(&self, node: &str) {
+        match self {
+            EvictionPolicy::Safe => {
+                tracing::info!(
+                    node,
+                    "Redis maxmemory-policy is noeviction: limiter keys are never evicted"
+                )
+            }
+            EvictionPolicy::Evicts(policy) => tracing::warn!(
+                node,
+                policy = policy.as_str(),
+                "Redis maxmemory-policy {policy} can evict the limiter's keys (all carry a TTL); \
+                 an evicted ring forgets its window's usage. Use noeviction for the limiter's Redis"
+            ),
+            EvictionPolicy::Unknown(why) => {
+                tracing::debug!(
+                    node,
+                    reason = why.as_str(),
+                    "could not read Redis maxmemory-policy"
+                )
+            }
+        }
+    }
+}
+
+/// Reads `maxmemory-policy` from the server (or each Cluster seed node) and logs what it
+/// means for the limiter; never fails the store.
+async fn check_eviction_policy(url: &str) {
+    let nodes = match targets(url) {
+        Ok(Some(nodes)) => nodes,
+        _ => vec![url.to_string()],
+    };
+    for (i, node) in nodes.iter().enumerate() {
+        let answer = async {
+            let client = redis::Client::open(node.as_str()).map_err(|e| e.to_string())?;
+            let mut con = client
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|e| e.to_string())?;
+            redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("maxmemory-policy")
+                .query_async::<Vec<String>>(&mut con)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let answer = tokio::time::timeout(Duration::from_secs(2), answer)
+            .await
+            .unwrap_or_else(|_| Err("timed out".into()));
+        // Node addresses may carry credentials: name nodes by position only.
+        EvictionPolicy::judge(answer).log(&format!("node {i}"));
+    }
+}
+
 impl RedisStore {
     /// Connects in the background: the store answers `Unavailable` errors until the first
     /// connection succeeds, then redis-rs reconnects by itself. Fails at once only for a URL
@@ -122,6 +204,7 @@ impl RedisStore {
                     Ok(c) => {
                         slot.store(Some(Arc::new(c)));
                         tracing::info!("connected to Redis");
+                        check_eviction_policy(&url).await;
                         return;
                     }
                     Err(e) => {
@@ -402,6 +485,37 @@ mod tests {
             ])
         );
         assert!(targets("redis+cluster://").is_err());
+    }
+
+    #[test]
+    fn every_policy_but_noeviction_can_evict_the_limiters_keys() {
+        let answer = |p: &str| Ok(vec!["maxmemory-policy".to_string(), p.to_string()]);
+        assert_eq!(
+            EvictionPolicy::judge(answer("noeviction")),
+            EvictionPolicy::Safe
+        );
+        for p in [
+            "allkeys-lru",
+            "allkeys-lfu",
+            "allkeys-random",
+            "volatile-lru",
+            "volatile-lfu",
+            "volatile-random",
+            "volatile-ttl",
+        ] {
+            assert_eq!(
+                EvictionPolicy::judge(answer(p)),
+                EvictionPolicy::Evicts(p.to_string())
+            );
+        }
+        assert!(matches!(
+            EvictionPolicy::judge(Err("ERR unknown command 'CONFIG'".into())),
+            EvictionPolicy::Unknown(_)
+        ));
+        assert!(matches!(
+            EvictionPolicy::judge(Ok(vec![])),
+            EvictionPolicy::Unknown(_)
+        ));
     }
 
     #[test]
