@@ -347,6 +347,16 @@ impl Store {
         }
     }
 
+    /// Frees what the store holds for keys and window shapes `keep` refuses; called after
+    /// each applied reload with the config in force. Redis needs nothing: its rings and
+    /// markers expire by themselves.
+    pub fn retain(&self, keep: impl Fn(&KeyName, WindowShape) -> bool) {
+        match self {
+            Store::Memory(s) => s.retain(keep),
+            Store::Redis(_) => {}
+        }
+    }
+
     /// Whether the store answers (readiness).
     pub async fn ping(&self) -> Result<(), StoreError> {
         match self {
