@@ -8,17 +8,37 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 
 use crate::answer::Answer;
-use crate::config::Config;
+use tokio::sync::Semaphore;
+
+use crate::config::{Config, KeySpec, UnknownEndpoints};
 use crate::engine::{Charge, Decision, KeyName, Reservation, Settlement, Store, Usage};
 use crate::metrics::{DecisionLabels, Metrics, OutcomeLabels, TokenLabels};
-use crate::openai::{Encoding, Endpoint, OutputMeter, Tokenizer};
+use crate::openai::{Encoding, Endpoint, LlmRequest, OutputMeter, RequestError, Route, Tokenizer};
 
 /// A client request as it reached the gateway.
 pub struct ClientRequest<'a> {
+    /// The HTTP method (`POST`, `GET`, ...).
+    pub method: &'a str,
+    /// The `Authorization` header (`Bearer <key>`).
     pub authorization: Option<&'a str>,
+    /// Azure OpenAI's `api-key` header, the other place a client puts its key.
+    pub api_key: Option<&'a str>,
+    /// The path and query the upstream receives.
     pub path: &'a str,
     pub body: &'a [u8],
 }
+
+/// A request understood: whose it is, what it is for, what it asks of the limits.
+struct Understood {
+    spec: KeySpec,
+    endpoint: Endpoint,
+    request: LlmRequest,
+    want: Usage,
+}
+
+/// Bodies larger than this are tokenized on a blocking thread (about half a
+/// millisecond of tokenizing at ~35 ns per byte).
+const OFFLOAD_BYTES: usize = 16 * 1024;
 
 /// An admitted request: what the upstream and the settlement hook need.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,8 +95,16 @@ pub struct Report {
 pub struct Limiter {
     config: Arc<ArcSwap<Config>>,
     store: Store,
-    tokenizer: Tokenizer,
+    tokenizer: Arc<Tokenizer>,
+    /// Large bodies tokenized at once on blocking threads: half the cores, so they
+    /// never take every CPU from small requests.
+    offload: Semaphore,
     metrics: Arc<Metrics>,
+}
+
+/// The client's secret: `Authorization: Bearer <key>`, else Azure's `api-key: <key>`.
+fn client_secret<'a>(req: &ClientRequest<'a>) -> Option<&'a str> {
+    bearer(req.authorization).or_else(|| req.api_key.map(str::trim).filter(|key| !key.is_empty()))
 }
 
 /// The bearer secret from an `Authorization` value (`Bearer <key>`, any case).
@@ -150,7 +178,10 @@ impl Limiter {
         Limiter {
             config,
             store,
-            tokenizer: Tokenizer::new(),
+            tokenizer: Arc::new(Tokenizer::new()),
+            offload: Semaphore::new(
+                std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+            ),
             metrics,
         }
     }
@@ -167,24 +198,19 @@ impl Limiter {
         &self.tokenizer
     }
 
-    /// Who is asking and for what: the key from the bearer header, the request understood
-    /// (input tokens counted, output reservation decided), or the answer to give instead.
-    fn understand(
+    /// Who is asking and for what: the key from the request's headers, the request
+    /// understood (input tokens counted, output reservation decided), or the answer to
+    /// give instead. A body above [`OFFLOAD_BYTES`] is tokenized on a blocking thread.
+    async fn understand(
         &self,
         config: &Config,
         req: &ClientRequest<'_>,
-    ) -> Result<
-        (
-            crate::config::KeySpec,
-            Endpoint,
-            crate::openai::LlmRequest,
-            Usage,
-        ),
-        Answer,
-    > {
-        let Some(secret) = bearer(req.authorization) else {
+    ) -> Result<Understood, Answer> {
+        let Some(secret) = client_secret(req) else {
             self.metrics.reject("unauthorized");
-            return Err(Answer::invalid_api_key(req.authorization.is_none()));
+            return Err(Answer::invalid_api_key(
+                req.authorization.is_none() && req.api_key.is_none(),
+            ));
         };
         let Some(spec) = config.key_by_secret(secret) else {
             self.metrics.reject("unauthorized");
@@ -194,15 +220,44 @@ impl Limiter {
             self.metrics.reject("body_too_large");
             return Err(Answer::body_too_large(config.max_body_bytes()));
         }
-        let endpoint = Endpoint::from_path(req.path);
-        let request = self.tokenizer.understand(endpoint, req.body).map_err(|e| {
+        let route = Route::from_path(req.path).map_err(|e| {
+            self.metrics.reject("invalid_request");
+            Answer::invalid_request(&e.to_string(), None)
+        })?;
+        let endpoint = route.endpoint;
+        // A request with a body (or a POST) asks the upstream to do work: it is metered,
+        // or, when its endpoint is not one the limiter can meter, refused — else it could
+        // reach a lenient upstream uncounted. A bodiless GET, HEAD, DELETE counts one request.
+        let carries_work = req.method.eq_ignore_ascii_case("POST") || !req.body.is_empty();
+        let metered = endpoint != Endpoint::Other && carries_work;
+        if endpoint == Endpoint::Other
+            && carries_work
+            && config.unknown_endpoints() == UnknownEndpoints::Deny
+        {
+            self.metrics.reject("unknown_endpoint");
+            return Err(Answer::unknown_endpoint(req.method));
+        }
+        // Azure routes by the deployment in the path: its model, as configured, else the
+        // deployment's own name, picks the tokenizer.
+        let model_hint = route
+            .deployment
+            .as_deref()
+            .map(|d| config.azure_model(d).unwrap_or(d).to_owned());
+        let request = if metered {
+            self.understand_body(endpoint, req.body, model_hint).await
+        } else {
+            self.tokenizer.understand(Endpoint::Other, b"")
+        }
+        .map_err(|e| {
             self.metrics.reject("invalid_request");
             Answer::invalid_request(&e.message, e.param.as_deref())
         })?;
+        // Each completion asked for (`n`, `best_of` × prompts) may produce the whole budget.
         let output_reserved = if request.reserves_output {
             request
                 .max_output_tokens
                 .unwrap_or(config.default_max_output_tokens())
+                .saturating_mul(request.completions)
         } else {
             0
         };
@@ -211,25 +266,58 @@ impl Limiter {
             input_tokens: request.input_tokens,
             output_tokens: output_reserved,
         };
-        Ok((spec.clone(), endpoint, request, want))
+        Ok(Understood {
+            spec: spec.clone(),
+            endpoint,
+            request,
+            want,
+        })
+    }
+
+    /// Parses and tokenizes a body. A small one is done in place (a few µs); a large one
+    /// (up to milliseconds per MiB) on a blocking thread, at most `offload` at once, so
+    /// large bodies never stall the async workers that answer small requests.
+    async fn understand_body(
+        &self,
+        endpoint: Endpoint,
+        body: &[u8],
+        model_hint: Option<String>,
+    ) -> Result<LlmRequest, RequestError> {
+        if body.len() <= OFFLOAD_BYTES {
+            return self
+                .tokenizer
+                .understand_with(endpoint, body, model_hint.as_deref());
+        }
+        let Ok(_permit) = self.offload.acquire().await else {
+            return self
+                .tokenizer
+                .understand_with(endpoint, body, model_hint.as_deref());
+        };
+        let (tokenizer, body) = (self.tokenizer.clone(), body.to_vec());
+        let work = move || tokenizer.understand_with(endpoint, &body, model_hint.as_deref());
+        match tokio::task::spawn_blocking(work).await {
+            Ok(result) => result,
+            // The task panicked (a bug): answer as for a body we could not read.
+            Err(_) => Err(RequestError::unparsable_body()),
+        }
     }
 
     /// Authentication and counting only, no store call: for the wiring where Envoy's
     /// `ratelimit` filter charges the counts (`envoy/ratelimit-filter.yaml`).
-    pub fn count(&self, req: ClientRequest<'_>) -> Verdict {
-        let config = self.config.load();
-        match self.understand(&config, &req) {
-            Ok((spec, _, _, want)) => Verdict {
+    pub async fn count(&self, req: ClientRequest<'_>) -> Verdict {
+        let config = self.config.load_full();
+        match self.understand(&config, &req).await {
+            Ok(u) => Verdict {
                 answer: Answer {
                     status: 200,
                     headers: Vec::new(),
                     body: String::new(),
                 },
                 admitted: Some(Admitted {
-                    key: spec.name,
+                    key: u.spec.name,
                     reservation: None,
-                    input_tokens: want.input_tokens,
-                    output_reserved: want.output_tokens,
+                    input_tokens: u.want.input_tokens,
+                    output_reserved: u.want.output_tokens,
                 }),
             },
             Err(answer) => answer.into(),
@@ -238,8 +326,13 @@ impl Limiter {
 
     /// Admission: all three limits reserved at once, or a denial that records nothing.
     pub async fn check(&self, req: ClientRequest<'_>) -> Verdict {
-        let config = self.config.load();
-        let (spec, endpoint, request, want) = match self.understand(&config, &req) {
+        let config = self.config.load_full();
+        let Understood {
+            spec,
+            endpoint,
+            request,
+            want,
+        } = match self.understand(&config, &req).await {
             Ok(u) => u,
             Err(answer) => return answer.into(),
         };

@@ -79,6 +79,21 @@ impl Answer {
         )
     }
 
+    /// 404: a request the limiter cannot meter, refused so that it never reaches the
+    /// upstream uncounted (`unknown_endpoints: deny`). Worded as OpenAI words an unknown URL.
+    pub fn unknown_endpoint(method: &str) -> Answer {
+        let message = format!(
+            "Invalid URL ({method}): this gateway meters only /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/responses (and their Azure OpenAI deployment forms)."
+        );
+        Answer::error(
+            404,
+            &message,
+            "invalid_request_error",
+            None,
+            Some("unknown_url"),
+        )
+    }
+
     pub fn not_found(what: &str) -> Answer {
         Answer::error(404, what, "invalid_request_error", None, Some("not_found"))
     }

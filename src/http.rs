@@ -109,7 +109,11 @@ async fn check(State(limiter): State<Arc<Limiter>>, request: Request) -> Respons
     let path = header(&parts.headers, "x-original-uri").unwrap_or("/v1/chat/completions");
     let verdict = limiter
         .check(ClientRequest {
+            // The client's method, when the proxy passes it; `/v1/check` is asked for
+            // requests with bodies, so POST otherwise.
+            method: header(&parts.headers, "x-original-method").unwrap_or("POST"),
             authorization: header(&parts.headers, "authorization"),
+            api_key: header(&parts.headers, "api-key"),
             path,
             body: &body,
         })

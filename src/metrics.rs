@@ -17,7 +17,8 @@ pub struct DecisionLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RejectLabels {
-    /// `unauthorized`, `invalid_request`, `body_too_large`, `store_unavailable`.
+    /// `unauthorized`, `invalid_request`, `body_too_large`, `unknown_endpoint`,
+    /// `unknown_limit`, `store_unavailable`.
     pub reason: &'static str,
 }
 

@@ -13,6 +13,7 @@ use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
@@ -206,6 +207,55 @@ async fn should_rate_limit_charges_descriptors_together_all_or_nothing() {
         .unwrap()
         .into_inner();
     assert_eq!(r.overall_code, Code::Ok as i32);
+}
+
+#[tokio::test]
+async fn an_unknown_limit_is_an_error_never_unlimited_and_statuses_describe_the_window() {
+    let (addr, limiter) = server().await;
+    let mut client = RateLimitServiceClient::connect(addr).await.unwrap();
+    let call = |descriptors: Vec<RateLimitDescriptor>| RateLimitRequest {
+        domain: "llm".into(),
+        descriptors,
+        hits_addend: 0,
+    };
+    // A typo in Envoy's config (`input_token`) must not make the key unlimited, and the
+    // call charges nothing, not even its valid descriptors.
+    let err = client
+        .should_rate_limit(call(vec![
+            descriptor(&[("api_key", "sk-grpc-a")], None, false),
+            descriptor(
+                &[("api_key", "sk-grpc-a"), ("limit", "input_token")],
+                Some(5000),
+                false,
+            ),
+        ]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("input_token"), "{}", err.message());
+    assert!(!err.message().contains("sk-grpc-a"), "{}", err.message());
+    assert_eq!(used(&limiter).await, [0, 0, 0]);
+    let metrics = limiter.metrics().render();
+    assert!(
+        metrics.contains(r#"llm_ratelimit_rejections_total{reason="unknown_limit"} 1"#),
+        "{metrics}"
+    );
+
+    // The default 60 s window is a minute; its name says it is a sliding window.
+    let r = client
+        .should_rate_limit(call(vec![descriptor(
+            &[("api_key", "sk-grpc-a"), ("limit", "output_tokens")],
+            Some(10),
+            false,
+        )]))
+        .await
+        .unwrap()
+        .into_inner();
+    let limit = r.statuses[0].current_limit.clone().unwrap();
+    assert_eq!(limit.unit, Unit::Minute as i32);
+    assert_eq!(limit.requests_per_unit, 1000);
+    assert_eq!(limit.name, "output_tokens per 60s sliding window");
+    assert!(r.statuses[0].duration_until_reset.is_some());
 }
 
 fn check_request(auth: &str, body: &str) -> CheckRequest {

@@ -32,6 +32,15 @@ pub struct KeySpec {
     pub limits: Limits,
 }
 
+/// What admission does with a `POST` to a path it cannot meter (CONTRACT §7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnknownEndpoints {
+    /// Refuse it with 404, counting nothing: no request reaches the upstream uncounted.
+    Deny,
+    /// Forward it, counting one request and no tokens.
+    Count,
+}
+
 /// A validated configuration.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Config {
@@ -40,6 +49,9 @@ pub struct Config {
     shape: WindowShape,
     default_max_output_tokens: u64,
     max_body_bytes: usize,
+    unknown_endpoints: UnknownEndpoints,
+    /// Azure OpenAI deployment name → the model it serves (picks the tokenizer).
+    azure_deployments: HashMap<String, String>,
     keys: Vec<KeySpec>,
     /// SHA-256 of each secret → index into `keys`.
     by_digest: HashMap<[u8; 32], usize>,
@@ -51,6 +63,14 @@ impl Config {
     pub(crate) const DEFAULT_PRECISION: Duration = Duration::from_millis(100);
     pub(crate) const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 1024;
     pub(crate) const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+    /// Most buckets one window may have: bounds every ring's memory and work.
+    pub const MAX_BUCKETS: u64 = 36_000;
+    /// Largest `max_body_bytes`: tokenizing is linear in the body, so this bounds the work
+    /// one admission can ask for.
+    pub const MAX_BODY_BYTES_BOUND: usize = 64 * 1024 * 1024;
+    /// Largest limit: the Lua scripts count in doubles, exact below 2^53; this leaves room
+    /// for a window's total plus one request.
+    pub const MAX_LIMIT: u64 = 1_000_000_000_000_000;
 
     /// Parses and validates `text`; `origin` is the path shown in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
@@ -91,6 +111,16 @@ impl Config {
         self.max_body_bytes
     }
 
+    /// What to do with a `POST` the limiter cannot meter.
+    pub fn unknown_endpoints(&self) -> UnknownEndpoints {
+        self.unknown_endpoints
+    }
+
+    /// The model an Azure OpenAI deployment serves, when the config maps it.
+    pub fn azure_model(&self, deployment: &str) -> Option<&str> {
+        self.azure_deployments.get(deployment).map(String::as_str)
+    }
+
     /// The keys in file order.
     pub fn keys(&self) -> &[KeySpec] {
         &self.keys
@@ -119,6 +149,8 @@ impl fmt::Debug for Config {
             .field("precision", &self.precision)
             .field("default_max_output_tokens", &self.default_max_output_tokens)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("unknown_endpoints", &self.unknown_endpoints)
+            .field("azure_deployments", &self.azure_deployments)
             .field("keys", &self.keys)
             .finish_non_exhaustive()
     }

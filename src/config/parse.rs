@@ -14,7 +14,7 @@ use serde_saphyr::{Location, Spanned};
 use sha2::{Digest, Sha256};
 
 use super::duration::parse_duration;
-use super::{Config, ConfigError, KeySpec};
+use super::{Config, ConfigError, KeySpec, UnknownEndpoints};
 use crate::engine::WindowShape;
 use crate::engine::{KeyName, Limits};
 
@@ -25,6 +25,8 @@ struct RawFile {
     precision: Option<Spanned<String>>,
     default_max_output_tokens: Option<Spanned<Count>>,
     max_body_bytes: Option<Spanned<Count>>,
+    unknown_endpoints: Option<Spanned<String>>,
+    azure_deployments: Option<HashMap<Spanned<String>, Spanned<String>>>,
     keys: Vec<Spanned<RawKey>>,
 }
 
@@ -107,10 +109,24 @@ fn validate(raw: RawFile, origin: &str) -> Result<Config, ConfigError> {
         None => Config::DEFAULT_MAX_OUTPUT_TOKENS,
     };
     let max_body_bytes = match &raw.max_body_bytes {
-        Some(v) => positive(v, "max_body_bytes", usize::MAX as i128)
+        Some(v) => positive(v, "max_body_bytes", Config::MAX_BODY_BYTES_BOUND as i128)
             .map_err(|m| err(v.referenced, m))? as usize,
         None => Config::DEFAULT_MAX_BODY_BYTES,
     };
+    let unknown_endpoints = match &raw.unknown_endpoints {
+        None => UnknownEndpoints::Deny,
+        Some(v) => match v.value.as_str() {
+            "deny" => UnknownEndpoints::Deny,
+            "count" => UnknownEndpoints::Count,
+            other => {
+                return Err(err(
+                    v.referenced,
+                    format!("unknown_endpoints must be `deny` or `count`, got `{other}`"),
+                ))
+            }
+        },
+    };
+    let azure_deployments = azure_deployments(raw.azure_deployments.as_ref(), origin)?;
 
     let mut keys = Vec::with_capacity(raw.keys.len());
     let mut by_name: HashMap<String, usize> = HashMap::new();
@@ -178,7 +194,7 @@ fn validate(raw: RawFile, origin: &str) -> Result<Config, ConfigError> {
 
         let limit = |value: &Option<Spanned<Count>>, field: &str| match value {
             None => Err(err(entry_at, format!("key `{name}` is missing `{field}`"))),
-            Some(v) => positive(v, field, u64::MAX as i128)
+            Some(v) => positive(v, field, Config::MAX_LIMIT as i128)
                 .map(|n| n as u64)
                 .map_err(|m| err(v.referenced, m)),
         };
@@ -203,6 +219,8 @@ fn validate(raw: RawFile, origin: &str) -> Result<Config, ConfigError> {
         shape,
         default_max_output_tokens,
         max_body_bytes,
+        unknown_endpoints,
+        azure_deployments,
         keys,
         by_digest,
         by_name,
@@ -260,7 +278,65 @@ fn window_and_precision(raw: &RawFile, origin: &str) -> Result<(Duration, Durati
             format!("window {window_text} is not a whole multiple of precision {precision_text}"),
         ));
     }
+    // Each store keeps one slot per bucket for every key: this bounds a key's memory
+    // (36,000 × 10 B ≈ 352 KiB in Redis) and the work of a ring that advances a whole window.
+    let buckets = window.as_nanos() / precision.as_nanos();
+    if buckets > Config::MAX_BUCKETS as u128 {
+        return Err(err(
+            at,
+            format!(
+                "window {window_text} / precision {precision_text} is {buckets} buckets; at most {} are allowed (use a longer precision)",
+                Config::MAX_BUCKETS
+            ),
+        ));
+    }
     Ok((window, precision))
+}
+
+/// `azure_deployments`: deployment name → model. A name is one path segment.
+fn azure_deployments(
+    raw: Option<&HashMap<Spanned<String>, Spanned<String>>>,
+    origin: &str,
+) -> Result<HashMap<String, String>, ConfigError> {
+    let err = |at: Location, message: String| ConfigError::at(origin, at, message);
+    // In file order, so the first problem in the file is the one reported.
+    let mut entries: Vec<_> = raw.into_iter().flatten().collect();
+    entries.sort_by_key(|(name, _)| (name.referenced.line(), name.referenced.column()));
+    let mut map = HashMap::new();
+    for (name, model) in entries {
+        let bad = |c: char| c == '/' || c == '\\' || c == '?' || c == '#' || c.is_control();
+        if name.value.is_empty() || name.value.contains(bad) {
+            return Err(err(
+                name.referenced,
+                format!(
+                    "azure_deployments: `{}` is not a deployment name (one path segment, not empty)",
+                    name.value
+                ),
+            ));
+        }
+        if model.value.is_empty() {
+            return Err(err(
+                model.referenced,
+                format!(
+                    "azure_deployments: deployment `{}` has an empty model",
+                    name.value
+                ),
+            ));
+        }
+        if map
+            .insert(name.value.clone(), model.value.clone())
+            .is_some()
+        {
+            return Err(err(
+                name.referenced,
+                format!(
+                    "azure_deployments: deployment `{}` is listed twice",
+                    name.value
+                ),
+            ));
+        }
+    }
+    Ok(map)
 }
 
 /// `value` if it is in `1..=max`, else the message saying why not.
@@ -406,6 +482,74 @@ keys:
     }
 
     #[test]
+    fn a_window_has_at_most_36000_buckets() {
+        // The example of the issue: 3.6 billion buckets, tens of GB per ring.
+        assert_error(
+            &one_key("window: 1000h\nprecision: 1ms\n", ENTRY),
+            1,
+            9,
+            "is 3600000000 buckets; at most 36000 are allowed",
+        );
+        assert_error(
+            &one_key("window: 36001ms\nprecision: 1ms\n", ENTRY),
+            1,
+            9,
+            "36001 buckets",
+        );
+        // Only precision set: the default 60s window at 1ms is 60,000 buckets.
+        assert_error(&one_key("precision: 1ms\n", ENTRY), 1, 12, "60000 buckets");
+        assert!(parse(&one_key("window: 36s\nprecision: 1ms\n", ENTRY), "c").is_ok());
+        assert!(parse(&one_key("window: 10h\nprecision: 1s\n", ENTRY), "c").is_err());
+        assert!(parse(&one_key("window: 9h\nprecision: 900ms\n", ENTRY), "c").is_ok());
+    }
+
+    #[test]
+    fn body_size_is_bounded() {
+        assert_error(
+            &one_key("max_body_bytes: 1000000000\n", ENTRY),
+            1,
+            17,
+            "max_body_bytes must be at most 67108864",
+        );
+    }
+
+    #[test]
+    fn unknown_endpoints_is_deny_or_count() {
+        let c = parse(&one_key("", ENTRY), "c").unwrap();
+        assert_eq!(c.unknown_endpoints(), UnknownEndpoints::Deny);
+        let c = parse(&one_key("unknown_endpoints: count\n", ENTRY), "c").unwrap();
+        assert_eq!(c.unknown_endpoints(), UnknownEndpoints::Count);
+        assert_error(
+            &one_key("unknown_endpoints: allow\n", ENTRY),
+            1,
+            20,
+            "unknown_endpoints must be `deny` or `count`, got `allow`",
+        );
+    }
+
+    #[test]
+    fn azure_deployments_map_names_to_models() {
+        let top = "azure_deployments:\n  prod-gpt4o: gpt-4o\n  legacy: gpt-35-turbo\n";
+        let c = parse(&one_key(top, ENTRY), "c").unwrap();
+        assert_eq!(c.azure_model("prod-gpt4o"), Some("gpt-4o"));
+        assert_eq!(c.azure_model("legacy"), Some("gpt-35-turbo"));
+        assert_eq!(c.azure_model("other"), None);
+        assert_error(
+            &one_key("azure_deployments:\n  a/b: gpt-4o\n", ENTRY),
+            2,
+            3,
+            "`a/b` is not a deployment name",
+        );
+        assert_error(
+            &one_key("azure_deployments:\n  ok: gpt-4o\n  x: ''\n", ENTRY),
+            3,
+            6,
+            "deployment `x` has an empty model",
+        );
+        assert_error(&one_key("azure_deployments: [gpt-4o]\n", ENTRY), 1, 20, "");
+    }
+
+    #[test]
     fn yaml_syntax_error() {
         let text = "keys:\n  - name: a\n    key: \"sk-unterminated\n    rpm: 1\n";
         assert_error(text, 3, 10, "unclosed quote");
@@ -487,12 +631,16 @@ keys:
             "output_tpm must be greater than 0, got -5",
         );
         let huge = one_key("", &ENTRY.replace("rpm: 1", "rpm: 18446744073709551616"));
-        assert_error(&huge, 4, 10, "rpm must be at most 18446744073709551615");
+        assert_error(&huge, 4, 10, "rpm must be at most 1000000000000000");
+        let over = one_key("", &ENTRY.replace("rpm: 1", "rpm: 1000000000000001"));
+        assert_error(&over, 4, 10, "rpm must be at most 1000000000000000");
         let huge = one_key(
             "",
             &ENTRY.replace("rpm: 1", "rpm: 99999999999999999999999999999999999999999"),
         );
-        assert_error(&huge, 4, 10, "rpm must be at most 18446744073709551615");
+        assert_error(&huge, 4, 10, "rpm must be at most 1000000000000000");
+        let over = one_key("", &ENTRY.replace("rpm: 1", "rpm: 1000000000000001"));
+        assert_error(&over, 4, 10, "rpm must be at most 1000000000000000");
         assert_error(
             &one_key("default_max_output_tokens: 0\n", ENTRY),
             1,

@@ -39,6 +39,7 @@ impl Admission {
 /// gRPC status codes (google.rpc.Code).
 const OK: i32 = 0;
 const INVALID_ARGUMENT: i32 = 3;
+const NOT_FOUND: i32 = 5;
 const PERMISSION_DENIED: i32 = 7;
 const RESOURCE_EXHAUSTED: i32 = 8;
 const UNAVAILABLE: i32 = 14;
@@ -89,6 +90,7 @@ fn denied(answer: Answer) -> CheckResponse {
         429 => RESOURCE_EXHAUSTED,
         401 => UNAUTHENTICATED,
         400 | 413 => INVALID_ARGUMENT,
+        404 => NOT_FOUND,
         503 => UNAVAILABLE,
         _ => PERMISSION_DENIED,
     };
@@ -134,12 +136,14 @@ impl Authorization for Admission {
             &http.raw_body
         };
         let client = ClientRequest {
+            method: &http.method,
             authorization: http.headers.get("authorization").map(String::as_str),
+            api_key: http.headers.get("api-key").map(String::as_str),
             path: &http.path,
             body,
         };
         let verdict = if count_only {
-            self.limiter.count(client)
+            self.limiter.count(client).await
         } else {
             self.limiter.check(client).await
         };

@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::HeaderValue;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
@@ -53,7 +54,13 @@ struct Ask {
     refund: bool,
 }
 
-fn read(d: &RateLimitDescriptor, request_hits: u32) -> Option<Ask> {
+/// A descriptor that names a limit we do not have. Holding the key to no limit would
+/// make a typo in Envoy's config an unlimited key, so the whole call is refused.
+struct UnknownLimit(String);
+
+/// Reads one descriptor: `Ok(None)` when it is not ours (no `api_key`) or is an
+/// after-response charge for a request that was not admitted.
+fn read(d: &RateLimitDescriptor, request_hits: u32) -> Result<Option<Ask>, UnknownLimit> {
     let mut secret = None;
     let mut kind = LimitKind::Requests;
     let mut after_response = false;
@@ -62,7 +69,8 @@ fn read(d: &RateLimitDescriptor, request_hits: u32) -> Option<Ask> {
         match e.key.as_str() {
             "api_key" => secret = Some(e.value.clone()),
             "limit" => {
-                kind = LimitKind::parse(&e.value)?;
+                kind = LimitKind::parse(&e.value)
+                    .ok_or_else(|| UnknownLimit(e.value.chars().take(64).collect()))?;
             }
             "phase" => after_response = e.value == "response",
             ADMITTED_FIELD => admitted = e.value == "true",
@@ -72,20 +80,20 @@ fn read(d: &RateLimitDescriptor, request_hits: u32) -> Option<Ask> {
     // Envoy sends the after-response descriptor at stream end even for a request it
     // answered 429, only without the `admitted` entry: a rejected request never counts.
     if after_response && !admitted {
-        return None;
+        return Ok(None);
     }
     let hits = match d.hits_addend.as_ref() {
         Some(h) => h.value,
         None if request_hits > 0 => u64::from(request_hits),
         None => 1,
     };
-    Some(Ask {
-        secret: secret?,
+    Ok(secret.map(|secret| Ask {
+        secret,
         kind,
         hits,
         after_response,
         refund: d.is_negative_hits,
-    })
+    }))
 }
 
 fn add(usage: &mut Usage, kind: LimitKind, n: u64) {
@@ -116,8 +124,22 @@ struct Group {
     denied: bool,
 }
 
+/// The window as Envoy's `RateLimit` can say it: a whole unit when it is one, else
+/// `UNKNOWN` (the name then says the real window).
+fn unit_of(window: Duration) -> Unit {
+    match window.as_secs() {
+        _ if window.subsec_nanos() != 0 => Unit::Unknown,
+        1 => Unit::Second,
+        60 => Unit::Minute,
+        3600 => Unit::Hour,
+        86_400 => Unit::Day,
+        _ => Unit::Unknown,
+    }
+}
+
 fn status_of(
     kind: LimitKind,
+    window: Duration,
     outcome: Option<&(Limits, Snapshot)>,
     denied: bool,
 ) -> DescriptorStatus {
@@ -132,9 +154,10 @@ fn status_of(
     DescriptorStatus {
         code: if denied { Code::OverLimit } else { Code::Ok } as i32,
         current_limit: Some(RateLimit {
-            name: kind.as_str().to_string(),
+            // e.g. `input_tokens per 60s sliding window`: the unit alone cannot say 10s.
+            name: format!("{} per {window:?} sliding window", kind.as_str()),
             requests_per_unit: u32::try_from(limit).unwrap_or(u32::MAX),
-            unit: Unit::Minute as i32,
+            unit: unit_of(window) as i32,
         }),
         limit_remaining: u32::try_from(limit.saturating_sub(snapshot.usage.of(kind)))
             .unwrap_or(u32::MAX),
@@ -153,11 +176,22 @@ impl RateLimitService for RateLimiter {
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
         let request = request.into_inner();
-        let asks: Vec<Option<Ask>> = request
+        let asks: Vec<Option<Ask>> = match request
             .descriptors
             .iter()
             .map(|d| read(d, request.hits_addend))
-            .collect();
+            .collect()
+        {
+            Ok(asks) => asks,
+            Err(UnknownLimit(value)) => {
+                self.limiter.metrics().reject("unknown_limit");
+                tracing::warn!(limit = %value, "ShouldRateLimit names an unknown limit; refused");
+                return Err(Status::invalid_argument(format!(
+                    "unknown `limit` descriptor value `{value}`: expected requests, input_tokens or output_tokens"
+                )));
+            }
+        };
+        let window = self.limiter.config().window();
         let mut groups: Vec<Group> = Vec::new();
         for (i, ask) in asks.iter().enumerate() {
             let Some(ask) = ask else { continue };
@@ -251,7 +285,7 @@ impl RateLimitService for RateLimiter {
         for group in &groups {
             for &i in &group.members {
                 let kind = asks[i].as_ref().map_or(LimitKind::Requests, |a| a.kind);
-                statuses[i] = status_of(kind, group.outcome.as_ref(), group.denied);
+                statuses[i] = status_of(kind, window, group.outcome.as_ref(), group.denied);
             }
         }
         let response = match denial {

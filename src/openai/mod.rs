@@ -2,9 +2,12 @@
 //! names, how many input tokens it carries and how many output tokens it may produce
 //! (admission), and how many output tokens the upstream really produced (reconcile).
 //!
-//! - [`Endpoint`] — the API a request path addresses.
+//! - [`Route`] — what a request path is metered as: its [`Endpoint`] and, on Azure OpenAI
+//!   paths, the deployment; the path is normalised first, as the proxies do, and a path
+//!   they would refuse is a [`RouteError`] (HTTP 400).
 //! - [`Tokenizer`] — owns the BPE encoders; [`Tokenizer::understand`] turns a body into an
-//!   [`LlmRequest`] or a [`RequestError`] (HTTP 400).
+//!   [`LlmRequest`] or a [`RequestError`] (HTTP 400); [`Tokenizer::understand_with`] takes
+//!   the model from an Azure deployment instead of the body.
 //! - [`OutputMeter`] — reads an upstream response (JSON or SSE, in chunks) and reports the
 //!   real output tokens.
 //!
@@ -20,7 +23,7 @@ mod request;
 mod responses;
 mod tokens;
 
-pub use endpoint::Endpoint;
+pub use endpoint::{Endpoint, Route, RouteError};
 pub use error::RequestError;
 pub use output::{OutputCount, OutputMeter, OutputSource};
 pub use request::LlmRequest;
