@@ -311,7 +311,9 @@ async fn an_ext_proc_stream_over_the_cap_is_ended_at_once() {
     let handle = node
         .limiter
         .check(ClientRequest {
+            method: "POST",
             authorization: Some("Bearer sk-pressure-a"),
+            api_key: None,
             path: "/v1/chat/completions",
             body: BODY.as_bytes(),
         })
