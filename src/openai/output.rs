@@ -943,6 +943,7 @@ mod tests {
             m.feed(b, tokenizer());
             most = most.max(m.retained_bytes());
         }
+        eprintln!("a 50 MB stream: at most {most} bytes held");
         assert!(most <= HEAD_CAP + FORCED_CUT + 2 * words.len(), "{most}");
         let count = m.finish(tokenizer()).unwrap();
         assert_eq!(count.source, OutputSource::CountedStream);
