@@ -1,6 +1,8 @@
 //! The HTTP surface (`--http-addr`): admission and settlement for Nginx and other
 //! non-Envoy callers, usage, health, readiness and metrics. Handlers only translate
-//! HTTP to [`Limiter`] calls and [`Answer`]s back.
+//! HTTP to [`Limiter`] calls and [`Answer`]s back. `/v1/*` passes the node's
+//! back-pressure [`Gate`] (a shed is 503 with `retry-after` and an OpenAI `server_error`
+//! body); `/healthz`, `/readyz` and `/metrics` never do.
 
 use std::sync::Arc;
 
@@ -13,8 +15,30 @@ use axum::Router;
 
 use crate::admission::{ClientRequest, Handle, Limiter};
 use crate::answer::Answer;
+use crate::pressure::{Gate, GateLayer, Pressure, Shed};
 
+/// The routes behind a gate of the default [`Pressure`] sizes of their own.
 pub fn router(limiter: Arc<Limiter>) -> Router {
+    let gate = Arc::new(Gate::new(&Pressure::default(), limiter.metrics()));
+    router_with(limiter, gate)
+}
+
+/// The surface an HTTP path belongs to, for the gate; `None` is never shed.
+fn surface_of(path: &str) -> Option<&'static str> {
+    match path {
+        "/v1/check" => Some("http_check"),
+        "/v1/report" => Some("http_report"),
+        _ if path.starts_with("/v1/") => Some("http_usage"),
+        _ => None,
+    }
+}
+
+fn shed(why: Shed) -> Response {
+    render(why.answer())
+}
+
+/// The routes, `/v1/*` behind `gate`.
+pub fn router_with(limiter: Arc<Limiter>, gate: Arc<Gate>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -22,6 +46,7 @@ pub fn router(limiter: Arc<Limiter>) -> Router {
         .route("/v1/usage/{name}", get(usage))
         .route("/v1/check", post(check))
         .route("/v1/report", post(report))
+        .layer(GateLayer::new(gate, surface_of, shed))
         .with_state(limiter)
 }
 
@@ -118,11 +143,12 @@ async fn report(State(limiter): State<Arc<Limiter>>, request: Request) -> Respon
     };
     let status = header(&parts.headers, "x-upstream-status").and_then(|s| s.trim().parse().ok());
     let mut meter = handle.meter();
+    let tokenizer = limiter.tokenizer();
     let mut stream = body.into_data_stream();
     use futures_util::StreamExt;
     while let Some(chunk) = stream.next().await {
         match chunk {
-            Ok(bytes) => meter.feed(&bytes),
+            Ok(bytes) => meter.feed(&bytes, tokenizer),
             Err(_) => break,
         }
     }

@@ -14,4 +14,5 @@ pub mod http;
 pub mod metrics;
 pub mod mock;
 pub mod openai;
+pub mod pressure;
 pub mod serve;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use llm_ratelimit::config::Config;
+use llm_ratelimit::pressure::Pressure;
 use llm_ratelimit::serve::{run, Options};
 
 // glibc malloc took ~15 % of the limiter's CPU under load (docs/performance.md); mimalloc
@@ -47,6 +48,21 @@ enum Command {
         /// This node's name in logs (default: the hostname).
         #[arg(long, env = "NODE_ID")]
         node_id: Option<String>,
+        /// Admission requests (gRPC Check/ShouldRateLimit, HTTP /v1/*) running at once.
+        #[arg(long, default_value_t = Pressure::default().max_in_flight)]
+        max_in_flight: usize,
+        /// Admission requests waiting for a running slot; beyond it requests are shed at once.
+        #[arg(long, default_value_t = Pressure::default().max_queued)]
+        max_queued: usize,
+        /// The longest a request waits for a running slot (gRPC: at most half its deadline), ms.
+        #[arg(long, default_value_t = Pressure::default().queue_wait.as_millis() as u64)]
+        queue_wait_ms: u64,
+        /// The longest an admission request runs before it is answered as shed, ms.
+        #[arg(long, default_value_t = Pressure::default().request_timeout.as_millis() as u64)]
+        request_timeout_ms: u64,
+        /// ext_proc streams open at once; a stream over the cap is ended at once.
+        #[arg(long, default_value_t = Pressure::default().max_settlement_streams)]
+        max_settlement_streams: usize,
     },
     /// Validate a config file: exit 0 if valid, else 1 with file:line:col and why.
     CheckConfig { path: PathBuf },
@@ -80,6 +96,11 @@ fn main() -> ExitCode {
             redis_url,
             redis_timeout_ms,
             node_id,
+            max_in_flight,
+            max_queued,
+            queue_wait_ms,
+            request_timeout_ms,
+            max_settlement_streams,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -101,6 +122,13 @@ fn main() -> ExitCode {
                 redis_url: redis_url.filter(|u| !u.is_empty()),
                 redis_timeout: Duration::from_millis(redis_timeout_ms),
                 node_id: node_id.unwrap_or_else(hostname),
+                pressure: Pressure {
+                    max_in_flight,
+                    max_queued,
+                    queue_wait: Duration::from_millis(queue_wait_ms),
+                    request_timeout: Duration::from_millis(request_timeout_ms),
+                    max_settlement_streams,
+                },
             };
             match runtime.block_on(run(options)) {
                 Ok(()) => ExitCode::SUCCESS,

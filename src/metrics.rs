@@ -30,6 +30,14 @@ pub struct TokenLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShedLabels {
+    /// `ext_authz`, `ratelimit`, `ext_proc`, `http_check`, `http_report`, `http_usage`.
+    pub surface: &'static str,
+    /// `queue_full`, `waited`, `timeout`, `streams` (see `pressure::Shed`).
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
@@ -43,6 +51,10 @@ pub struct Metrics {
     pub config_reloads: Family<OutcomeLabels, Counter>,
     pub config_keys: Gauge,
     pub store_seconds: Histogram,
+    pub shed: Family<ShedLabels, Counter>,
+    pub in_flight: Gauge,
+    pub queued: Gauge,
+    pub settlement_streams: Gauge,
 }
 
 impl Default for Metrics {
@@ -56,6 +68,10 @@ impl Default for Metrics {
             config_reloads: Family::default(),
             config_keys: Gauge::default(),
             store_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 14)),
+            shed: Family::default(),
+            in_flight: Gauge::default(),
+            queued: Gauge::default(),
+            settlement_streams: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -93,6 +109,26 @@ impl Default for Metrics {
             "Latency of one store call",
             m.store_seconds.clone(),
         );
+        registry.register(
+            "shed",
+            "Requests and ext_proc streams refused because the node was at capacity, by surface and reason",
+            m.shed.clone(),
+        );
+        registry.register(
+            "in_flight",
+            "Admission requests running (gRPC and HTTP, behind the back-pressure gate)",
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "queued",
+            "Admission requests waiting for a running slot",
+            m.queued.clone(),
+        );
+        registry.register(
+            "settlement_streams",
+            "ext_proc streams open",
+            m.settlement_streams.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -104,6 +140,12 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    pub fn shed(&self, surface: &'static str, reason: &'static str) {
+        self.shed
+            .get_or_create(&ShedLabels { surface, reason })
+            .inc();
     }
 
     pub fn reject(&self, reason: &'static str) {

@@ -17,6 +17,8 @@ use crate::engine::redis::RedisStore;
 use crate::engine::Store;
 use crate::metrics::{Metrics, OutcomeLabels};
 
+use crate::pressure::{Gate, Pressure};
+
 pub struct Options {
     pub config: PathBuf,
     pub http_addr: SocketAddr,
@@ -24,6 +26,8 @@ pub struct Options {
     pub redis_url: Option<String>,
     pub redis_timeout: Duration,
     pub node_id: String,
+    /// Back-pressure: the gate's sizes and the ext_proc stream cap.
+    pub pressure: Pressure,
 }
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
@@ -62,6 +66,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         )
     };
 
+    // One gate for both listeners: gRPC and HTTP admission share the node's CPU.
+    let gate = Arc::new(Gate::new(&options.pressure, &metrics));
     let limiter = Arc::new(Limiter::new(config, store, metrics));
     let http = tokio::net::TcpListener::bind(options.http_addr).await?;
     let grpc = tokio::net::TcpListener::bind(options.grpc_addr).await?;
@@ -82,10 +88,19 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let http = http.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    let http = axum::serve(http, crate::http::router(limiter.clone()))
-        .with_graceful_shutdown(wait(stopped.clone()))
-        .into_future();
-    let grpc = crate::grpc::serve(grpc, limiter, wait(stopped));
+    let http = axum::serve(
+        http,
+        crate::http::router_with(limiter.clone(), gate.clone()),
+    )
+    .with_graceful_shutdown(wait(stopped.clone()))
+    .into_future();
+    let grpc = crate::grpc::serve_with(
+        grpc,
+        limiter,
+        gate,
+        options.pressure.max_settlement_streams,
+        wait(stopped),
+    );
     let signal = async move {
         shutdown().await;
         let _ = stop.send(true);

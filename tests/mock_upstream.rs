@@ -61,11 +61,12 @@ fn input_tokens(endpoint: Endpoint, body: &Value) -> u64 {
 /// What the limiter settles from this response body.
 fn settled(endpoint: Endpoint, model: &str, text: &str) -> (u64, OutputSource) {
     let mut meter = OutputMeter::new(endpoint, model);
+    let tokenizer = tokenizer();
     // Odd chunk sizes, as a proxy would deliver them.
     for piece in text.as_bytes().chunks(7) {
-        meter.feed(piece);
+        meter.feed(piece, &tokenizer);
     }
-    let count = meter.finish(&tokenizer()).unwrap();
+    let count = meter.finish(&tokenizer).unwrap();
     (count.tokens, count.source)
 }
 

@@ -8,6 +8,12 @@
 //! carries no reservation (a 429, an embeddings call): Envoy otherwise holds each
 //! observability stream open until its `deferred_close_timeout`, and under load the open
 //! streams exhaust the cluster's circuit breakers (see FIELD-NOTES).
+//!
+//! At most `max_settlement_streams` streams are open at once: one over the cap is ended at
+//! once with `RESOURCE_EXHAUSTED` and counted (`llm_ratelimit_shed_total{surface="ext_proc"}`);
+//! its reservation stays counted at the reserved amount until its bucket leaves the
+//! window — the safe side. Each open stream holds at most the meter's bounded memory
+//! ([`crate::openai::OutputMeter`]).
 
 use std::sync::Arc;
 
@@ -19,20 +25,37 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
     TrailersResponse,
 };
 use envoy_types::pb::google::protobuf::value::Kind;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{METADATA_NAMESPACE, RESERVATION_FIELD};
 use crate::admission::{Handle, Limiter};
+use crate::pressure::Shed;
 
 pub struct Settlement {
     limiter: Arc<Limiter>,
+    streams: Arc<Semaphore>,
 }
 
 impl Settlement {
-    pub fn new(limiter: Arc<Limiter>) -> Settlement {
-        Settlement { limiter }
+    pub fn new(limiter: Arc<Limiter>, max_streams: usize) -> Settlement {
+        Settlement {
+            limiter,
+            streams: Arc::new(Semaphore::new(max_streams)),
+        }
+    }
+}
+
+/// One open stream's place under the cap, and its count in the gauge.
+struct OpenStream {
+    _permit: OwnedSemaphorePermit,
+    limiter: Arc<Limiter>,
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.limiter.metrics().settlement_streams.dec();
     }
 }
 
@@ -82,10 +105,12 @@ fn pass(phase: &Phase) -> ProcessingResponse {
 }
 
 async fn run(
-    limiter: Arc<Limiter>,
+    open: OpenStream,
     mut inbound: Streaming<ProcessingRequest>,
     replies: mpsc::Sender<Result<ProcessingResponse, Status>>,
 ) {
+    let limiter = open.limiter.clone();
+    let tokenizer = limiter.tokenizer();
     let mut handle: Option<Handle> = None;
     let mut meter = None;
     let mut status = None;
@@ -110,7 +135,7 @@ async fn run(
             Phase::ResponseBody(b) => {
                 saw_body = true;
                 if let Some(m) = meter.as_mut() {
-                    m.feed(&b.body);
+                    m.feed(&b.body, tokenizer);
                 }
                 b.end_of_stream
             }
@@ -134,6 +159,7 @@ async fn run(
         }
     }
     drop(replies); // ends our side of the stream
+    drop(open);
 }
 
 #[tonic::async_trait]
@@ -144,8 +170,19 @@ impl ExternalProcessor for Settlement {
         &self,
         request: Request<Streaming<ProcessingRequest>>,
     ) -> Result<Response<Self::ProcessStream>, Status> {
+        let Ok(permit) = self.streams.clone().try_acquire_owned() else {
+            self.limiter
+                .metrics()
+                .shed("ext_proc", Shed::Streams.label());
+            return Err(Shed::Streams.status());
+        };
+        self.limiter.metrics().settlement_streams.inc();
+        let open = OpenStream {
+            _permit: permit,
+            limiter: self.limiter.clone(),
+        };
         let (tx, rx) = mpsc::channel(8);
-        tokio::spawn(run(self.limiter.clone(), request.into_inner(), tx));
+        tokio::spawn(run(open, request.into_inner(), tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

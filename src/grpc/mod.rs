@@ -1,6 +1,9 @@
 //! The gRPC surface (`--grpc-addr`, HTTP/2): Envoy's ext_authz `Check` (admission),
 //! ext_proc `Process` (settlement after the response), `ShouldRateLimit` (Envoy's
-//! `ratelimit` filter), `grpc.health.v1.Health` and server reflection. Each service only translates Envoy's messages to [`Limiter`] calls.
+//! `ratelimit` filter), `grpc.health.v1.Health` and server reflection. Each service only
+//! translates Envoy's messages to [`Limiter`] calls. `Check` and `ShouldRateLimit` pass
+//! the node's back-pressure [`Gate`] (shed as `RESOURCE_EXHAUSTED`); ext_proc streams are
+//! capped by their own count; health and reflection are never shed.
 
 mod authz;
 mod ext_proc;
@@ -17,6 +20,7 @@ use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 
 use crate::admission::Limiter;
+use crate::pressure::{Gate, GateLayer, Pressure, Shed};
 
 pub use authz::Admission;
 pub use ext_proc::Settlement;
@@ -30,11 +34,49 @@ pub const RESERVATION_FIELD: &str = "reservation";
 /// Descriptors of the Envoy services, for reflection (`scripts/gen-proto-descriptors.sh`).
 const ENVOY_DESCRIPTORS: &[u8] = include_bytes!("../../proto/envoy-services.desc");
 
-/// Serves every gRPC service on `listener` until `shutdown` completes. Health reports
-/// SERVING while the store answers.
+/// The surface a gRPC path belongs to, for the gate; `None` is never shed (health,
+/// reflection, and ext_proc, whose streams are capped apart).
+fn surface_of(path: &str) -> Option<&'static str> {
+    if path.starts_with("/envoy.service.auth.v3.Authorization/") {
+        Some("ext_authz")
+    } else if path.starts_with("/envoy.service.ratelimit.v3.RateLimitService/") {
+        Some("ratelimit")
+    } else {
+        None
+    }
+}
+
+fn shed(why: Shed) -> axum::http::Response<tonic::body::Body> {
+    why.status().into_http()
+}
+
+/// Serves every gRPC service on `listener` until `shutdown` completes, behind a gate of
+/// the default [`Pressure`] sizes of its own.
 pub async fn serve(
     listener: TcpListener,
     limiter: Arc<Limiter>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let pressure = Pressure::default();
+    let gate = Arc::new(Gate::new(&pressure, limiter.metrics()));
+    serve_with(
+        listener,
+        limiter,
+        gate,
+        pressure.max_settlement_streams,
+        shutdown,
+    )
+    .await
+}
+
+/// Serves every gRPC service on `listener` until `shutdown` completes. Health reports
+/// SERVING while the store answers. `Check` and `ShouldRateLimit` pass `gate`; at most
+/// `max_settlement_streams` ext_proc streams are open at once.
+pub async fn serve_with(
+    listener: TcpListener,
+    limiter: Arc<Limiter>,
+    gate: Arc<Gate>,
+    max_settlement_streams: usize,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -69,9 +111,11 @@ pub async fn serve(
     };
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .layer(GateLayer::new(gate, surface_of, shed))
         .add_service(AuthorizationServer::new(Admission::new(limiter.clone())))
         .add_service(ExternalProcessorServer::new(Settlement::new(
             limiter.clone(),
+            max_settlement_streams,
         )))
         .add_service(RateLimitServiceServer::new(RateLimiter::new(limiter)))
         .add_service(health)

@@ -163,7 +163,7 @@ mod tests {
     fn meter(endpoint: Endpoint, body: &[u8], chunk: usize) -> Option<OutputCount> {
         let mut m = OutputMeter::new(endpoint, "gpt-4o");
         for piece in body.chunks(chunk.max(1)) {
-            m.feed(piece);
+            m.feed(piece, tokenizer());
         }
         m.finish(tokenizer())
     }

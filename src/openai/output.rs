@@ -3,23 +3,49 @@
 //! The body arrives in chunks split at arbitrary bytes: either one JSON document or the SSE
 //! text of a stream. The meter prefers the `usage` the upstream reports; a stream without a
 //! usage chunk (the client did not ask for `stream_options.include_usage`) is counted from
-//! its streamed text instead. Memory stays bounded: a JSON body is buffered up to
-//! [`MAX_JSON_BODY`], a stream keeps one partial line plus the generated text, capped.
+//! its streamed text instead.
+//!
+//! Memory per meter is bounded whatever the response's size, because ext_proc holds one
+//! meter per open stream:
+//! - A JSON document (the body, or one SSE line) is kept whole up to [`HEAD_CAP`] (32 KiB)
+//!   and parsed at its end. A longer one keeps only its last [`TAIL`] (8 KiB) and its
+//!   `usage` object is read from there: OpenAI writes `usage` after `choices`/`output`,
+//!   followed by a few short fields only. A long document without `usage` in its tail gives
+//!   nothing (a JSON body: the reservation stays as reserved, the safe side; an SSE line: it
+//!   is skipped).
+//! - Generated text is counted in pieces as it arrives: each stream of text keeps only the
+//!   part not yet counted, cut after [`PIECE`] (1 KiB) at a space between two non-space
+//!   characters — where tiktoken's pre-tokenizer always starts a new piece, so counting in
+//!   pieces gives exactly the count of the whole text. Text with no such space for
+//!   [`FORCED_CUT`] (4 KiB: CJK, base64) is counted as it is, which may differ from the
+//!   whole count by about one token per cut (tests measure it). At most [`MAX_SEGMENTS`]
+//!   streams of text are kept apart, and at most [`MAX_COUNTED_TEXT`] bytes tokenized
+//!   (this bounds CPU); the rest is estimated at the tokens-per-byte rate of what was
+//!   counted.
+//!
+//! So one meter holds at most `HEAD_CAP + 2·TAIL` bytes of document plus
+//! `MAX_SEGMENTS × (FORCED_CUT + one event's text)` of pending text: under 200 KiB in the
+//! worst case (64 KiB + 32 × 4 KiB, with events under the line cap), a few KiB for a
+//! usual one-choice stream.
 
 use super::endpoint::Endpoint;
 use super::json::Json;
 use super::tokens::{Encoding, Tokenizer};
 
-/// Past this a JSON body is not parsed at all (→ `None`): real completions are far smaller.
-const MAX_JSON_BODY: usize = 8 << 20;
-/// One SSE line. The Responses `response.completed` event repeats the whole output, so it
-/// may be large; a longer line is skipped.
-const MAX_SSE_LINE: usize = 8 << 20;
-/// Generated text kept for counting. Beyond it the remaining bytes are only measured and
-/// estimated at the tokens-per-byte rate of the text kept (~1M tokens in: never in practice).
-const MAX_COUNTED_TEXT: usize = 4 << 20;
+/// A JSON body or SSE line kept whole up to this; a longer one keeps only its tail.
+pub const HEAD_CAP: usize = 32 << 10;
+/// What is kept of a longer document: its end, where `usage` is.
+pub const TAIL: usize = 8 << 10;
+/// Pending text of one stream is counted once it is longer than this, up to its last
+/// space between two non-space characters.
+pub const PIECE: usize = 1 << 10;
+/// Pending text with no such space is counted as it is once longer than this.
+pub const FORCED_CUT: usize = 4 << 10;
+/// Generated text tokenized per response (bounds the CPU one response costs); the rest is
+/// estimated at the rate of what was counted (~1M tokens in: never in practice).
+pub const MAX_COUNTED_TEXT: usize = 4 << 20;
 /// Separately counted text streams (choices × tool calls); more is folded into the estimate.
-const MAX_SEGMENTS: usize = 256;
+pub const MAX_SEGMENTS: usize = 32;
 
 /// The real output tokens of one response.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,9 +80,7 @@ pub struct OutputMeter {
     encoding: Encoding,
     format: Format,
     /// The JSON body so far, or the current partial SSE line.
-    buffer: Vec<u8>,
-    /// The JSON body or the current SSE line outgrew its cap and is being dropped.
-    overflowed: bool,
+    document: Document,
     usage: Option<u64>,
     /// A choice, delta or output item was seen: the response did generate (maybe nothing).
     saw_output: bool,
@@ -79,15 +103,16 @@ impl OutputMeter {
             } else {
                 Format::Ignored
             },
-            buffer: Vec::new(),
-            overflowed: false,
+            document: Document::default(),
             usage: None,
             saw_output: false,
             text: GeneratedText::default(),
         }
     }
 
-    pub fn feed(&mut self, chunk: &[u8]) {
+    /// Takes the next chunk of the body; generated text is counted with `tokenizer` as it
+    /// arrives.
+    pub fn feed(&mut self, chunk: &[u8], tokenizer: &Tokenizer) {
         if self.format == Format::Undecided {
             // A JSON body starts with `{`; an SSE stream with `data:`, `event:` or `:`.
             match chunk.iter().find(|b| !b.is_ascii_whitespace()) {
@@ -97,10 +122,15 @@ impl OutputMeter {
             }
         }
         match self.format {
-            Format::Json => self.feed_json(chunk),
-            Format::Sse => self.feed_sse(chunk),
+            Format::Json => self.document.push(chunk),
+            Format::Sse => self.feed_sse(chunk, tokenizer),
             Format::Undecided | Format::Ignored => {}
         }
+    }
+
+    /// Bytes this meter holds now (buffers' capacity): what the per-stream bound is about.
+    pub fn retained_bytes(&self) -> usize {
+        self.document.bytes.capacity() + self.text.retained_bytes()
     }
 
     /// Ends the body. Usage from the response if present (chat/completions:
@@ -109,22 +139,22 @@ impl OutputMeter {
     /// `choices[].delta.content` / `message.content`, refusals, tool-call names and
     /// arguments; completions: `choices[].text`; responses: the `*.delta` events, or the
     /// output items of a JSON body), counted with the model's encoding. `None` when nothing
-    /// usable was seen (an error body, an oversized JSON body, embeddings).
+    /// usable was seen (an error body, an oversized JSON body without `usage` at its end,
+    /// embeddings).
     pub fn finish(mut self, tokenizer: &Tokenizer) -> Option<OutputCount> {
         match self.format {
             Format::Undecided | Format::Ignored => return None,
-            Format::Json if self.overflowed => return None,
             Format::Json => {
-                let body = std::mem::take(&mut self.buffer);
-                if let Ok(response) = Json::parse(&body) {
-                    self.observe(&response, true);
+                let body = std::mem::take(&mut self.document);
+                if body.overflowed {
+                    self.usage_from_tail(&body.bytes);
+                } else if let Ok(response) = Json::parse(&body.bytes) {
+                    self.observe(&response, true, tokenizer);
                 }
             }
             Format::Sse => {
-                if !self.overflowed && !self.buffer.is_empty() {
-                    let line = std::mem::take(&mut self.buffer);
-                    self.sse_line(&line);
-                }
+                let line = std::mem::take(&mut self.document);
+                self.end_of_line(&line, tokenizer);
             }
         }
         if let Some(tokens) = self.usage {
@@ -137,56 +167,59 @@ impl OutputMeter {
             return None;
         }
         Some(OutputCount {
-            tokens: self.text.count(tokenizer, self.encoding),
+            tokens: self.text.finish(tokenizer, self.encoding),
             source: OutputSource::CountedStream,
         })
     }
 
-    fn feed_json(&mut self, chunk: &[u8]) {
-        if self.overflowed {
-            return;
-        }
-        if self.buffer.len() + chunk.len() > MAX_JSON_BODY {
-            self.overflowed = true;
-            self.buffer = Vec::new();
-            return;
-        }
-        self.buffer.extend_from_slice(chunk);
-    }
-
-    fn feed_sse(&mut self, mut chunk: &[u8]) {
+    fn feed_sse(&mut self, mut chunk: &[u8], tokenizer: &Tokenizer) {
         while let Some(end) = chunk.iter().position(|&b| b == b'\n') {
             let head = &chunk[..end];
             chunk = &chunk[end + 1..];
-            if self.overflowed {
-                // The tail of a line too long to keep: drop it and start afresh.
-                self.overflowed = false;
-            } else if self.buffer.is_empty() {
-                self.sse_line(head);
-            } else if self.buffer.len() + head.len() <= MAX_SSE_LINE {
-                let mut line = std::mem::take(&mut self.buffer);
-                line.extend_from_slice(head);
-                self.sse_line(&line);
+            if self.document.is_empty() {
+                self.sse_line(head, tokenizer);
+            } else {
+                let mut line = std::mem::take(&mut self.document);
+                line.push(head);
+                self.end_of_line(&line, tokenizer);
                 line.clear();
-                self.buffer = line;
+                self.document = line; // keeps its allocation for the next partial line
             }
-            self.buffer.clear();
         }
-        if self.overflowed {
-            return;
+        self.document.push(chunk);
+    }
+
+    /// A complete SSE line that was kept in `document`: parsed, or, if it outgrew the cap,
+    /// its `usage` read from its tail.
+    fn end_of_line(&mut self, line: &Document, tokenizer: &Tokenizer) {
+        if line.overflowed {
+            self.usage_from_tail(&line.bytes);
+        } else if !line.bytes.is_empty() {
+            self.sse_line(&line.bytes, tokenizer);
         }
-        if self.buffer.len() + chunk.len() > MAX_SSE_LINE {
-            self.overflowed = true;
-            self.buffer = Vec::new();
-        } else {
-            self.buffer.extend_from_slice(chunk);
+    }
+
+    /// Usage from the end of a document too long to keep: the last `"usage":{...}` in it.
+    /// The bytes `"usage"` cannot occur inside a JSON string (its quotes would be escaped),
+    /// so the last one is a key; in OpenAI's objects it is the response's own.
+    fn usage_from_tail(&mut self, tail: &[u8]) {
+        let field = match self.endpoint {
+            Endpoint::ChatCompletions | Endpoint::Completions => "completion_tokens",
+            Endpoint::Responses => "output_tokens",
+            Endpoint::Embeddings | Endpoint::Other => return,
+        };
+        if let Some(tokens) = last_usage_object(tail)
+            .and_then(|object| Json::parse(object).ok())
+            .and_then(|usage| usage.field(field).and_then(Json::as_u64))
+        {
+            self.usage = Some(tokens);
         }
     }
 
     /// One SSE line. OpenAI puts each event's JSON on a single `data:` line, so each data
     /// line is parsed on its own; this also copes with servers that omit the blank line
     /// between events. Other fields (`event:`, `id:`) and comments are not needed.
-    fn sse_line(&mut self, line: &[u8]) {
+    fn sse_line(&mut self, line: &[u8], tokenizer: &Tokenizer) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         let Some(data) = line.strip_prefix(b"data:") else {
             return;
@@ -196,20 +229,22 @@ impl OutputMeter {
             return;
         }
         if let Ok(event) = Json::parse(data) {
-            self.observe(&event, false);
+            self.observe(&event, false, tokenizer);
         }
     }
 
     /// Takes usage and generated text from one stream event or a whole JSON body.
-    fn observe(&mut self, event: &Json, whole_body: bool) {
+    fn observe(&mut self, event: &Json, whole_body: bool, tokenizer: &Tokenizer) {
         match self.endpoint {
-            Endpoint::ChatCompletions | Endpoint::Completions => self.observe_choices(event),
-            Endpoint::Responses => self.observe_response(event, whole_body),
+            Endpoint::ChatCompletions | Endpoint::Completions => {
+                self.observe_choices(event, tokenizer)
+            }
+            Endpoint::Responses => self.observe_response(event, whole_body, tokenizer),
             Endpoint::Embeddings | Endpoint::Other => {}
         }
     }
 
-    fn observe_choices(&mut self, event: &Json) {
+    fn observe_choices(&mut self, event: &Json, tokenizer: &Tokenizer) {
         if let Some(tokens) = event
             .field("usage")
             .and_then(|u| u.field("completion_tokens"))
@@ -227,7 +262,11 @@ impl OutputMeter {
                 .and_then(Json::as_u64)
                 .unwrap_or(position as u64);
             if self.endpoint == Endpoint::Completions {
-                self.append(Segment::new(index, 0, Part::Content), choice.field("text"));
+                self.append(
+                    Segment::new(index, 0, Part::Content),
+                    choice.field("text"),
+                    tokenizer,
+                );
                 continue;
             }
             // Stream chunks carry a `delta`, a JSON body a `message`; both have the same fields.
@@ -237,19 +276,23 @@ impl OutputMeter {
             self.append(
                 Segment::new(index, 0, Part::Content),
                 message.field("content"),
+                tokenizer,
             );
             self.append(
                 Segment::new(index, 0, Part::Refusal),
                 message.field("refusal"),
+                tokenizer,
             );
             if let Some(call) = message.field("function_call") {
                 self.append(
                     Segment::new(index, u64::MAX, Part::ToolName),
                     call.field("name"),
+                    tokenizer,
                 );
                 self.append(
                     Segment::new(index, u64::MAX, Part::ToolArguments),
                     call.field("arguments"),
+                    tokenizer,
                 );
             }
             let calls = message
@@ -267,16 +310,18 @@ impl OutputMeter {
                 self.append(
                     Segment::new(index, call_index, Part::ToolName),
                     function.field("name"),
+                    tokenizer,
                 );
                 self.append(
                     Segment::new(index, call_index, Part::ToolArguments),
                     function.field("arguments"),
+                    tokenizer,
                 );
             }
         }
     }
 
-    fn observe_response(&mut self, event: &Json, whole_body: bool) {
+    fn observe_response(&mut self, event: &Json, whole_body: bool, tokenizer: &Tokenizer) {
         // Stream events wrap the response object (`response.completed` etc.); a JSON body is it.
         let response = event.field("response").unwrap_or(event);
         if let Some(tokens) = response
@@ -304,15 +349,18 @@ impl OutputMeter {
                     self.append(
                         segment,
                         part.field("text").or_else(|| part.field("refusal")),
+                        tokenizer,
                     );
                 }
                 self.append(
                     Segment::new(output_index, 0, Part::ToolName),
                     item.field("name"),
+                    tokenizer,
                 );
                 self.append(
                     Segment::new(output_index, 0, Part::ToolArguments),
                     item.field("arguments"),
+                    tokenizer,
                 );
             }
             return;
@@ -336,12 +384,13 @@ impl OutputMeter {
         self.append(
             Segment::new(output_index, content_index, part),
             event.field("delta"),
+            tokenizer,
         );
     }
 
-    fn append(&mut self, segment: Segment, text: Option<&Json>) {
+    fn append(&mut self, segment: Segment, text: Option<&Json>, tokenizer: &Tokenizer) {
         if let Some(text) = text.and_then(Json::as_str) {
-            self.text.append(segment, text);
+            self.text.append(segment, text, tokenizer, self.encoding);
         }
     }
 }
@@ -374,16 +423,124 @@ enum Part {
     ToolArguments,
 }
 
+/// A JSON document (a body, or one SSE line) as it arrives: whole up to [`HEAD_CAP`],
+/// beyond that only its last [`TAIL`] bytes (at most `2 × TAIL` held between trims).
+#[derive(Debug, Default)]
+struct Document {
+    bytes: Vec<u8>,
+    /// Longer than `HEAD_CAP`: `bytes` is its tail.
+    overflowed: bool,
+}
+
+impl Document {
+    fn is_empty(&self) -> bool {
+        self.bytes.is_empty() && !self.overflowed
+    }
+
+    fn push(&mut self, chunk: &[u8]) {
+        if !self.overflowed {
+            if self.bytes.len() + chunk.len() <= HEAD_CAP {
+                extend_within(&mut self.bytes, chunk, HEAD_CAP);
+                return;
+            }
+            self.overflowed = true;
+            let keep = self.bytes.len().saturating_sub(TAIL);
+            self.bytes.drain(..keep);
+        }
+        let chunk = &chunk[chunk.len().saturating_sub(TAIL)..];
+        if self.bytes.len() + chunk.len() > 2 * TAIL {
+            let drop = (self.bytes.len() + chunk.len() - TAIL).min(self.bytes.len());
+            self.bytes.drain(..drop);
+        }
+        extend_within(&mut self.bytes, chunk, HEAD_CAP.max(2 * TAIL));
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.overflowed = false;
+    }
+}
+
+/// Appends without letting the vector's doubling take its capacity past `cap`.
+fn extend_within(bytes: &mut Vec<u8>, more: &[u8], cap: usize) {
+    let needed = bytes.len() + more.len();
+    if needed > bytes.capacity() {
+        let target = needed.max((2 * bytes.capacity()).min(cap));
+        bytes.reserve_exact(target - bytes.len());
+    }
+    bytes.extend_from_slice(more);
+}
+
+/// The `{...}` after the last `"usage"` key in `tail`, if it is whole there.
+fn last_usage_object(tail: &[u8]) -> Option<&[u8]> {
+    const KEY: &[u8] = b"\"usage\"";
+    let at = tail.windows(KEY.len()).rposition(|w| w == KEY)?;
+    let rest = &tail[at + KEY.len()..];
+    let rest = rest
+        .trim_ascii_start()
+        .strip_prefix(b":")?
+        .trim_ascii_start();
+    if rest.first() != Some(&b'{') {
+        return None; // `"usage": null`
+    }
+    // The matching brace, skipping strings (which may hold braces and escaped quotes).
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for (i, &b) in rest.iter().enumerate() {
+        match (in_string, b) {
+            (true, _) if escaped => escaped = false,
+            (true, b'\\') => escaped = true,
+            (true, b'"') => in_string = false,
+            (true, _) => {}
+            (false, b'"') => in_string = true,
+            (false, b'{') => depth += 1,
+            (false, b'}') => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(&rest[..=i]);
+                }
+            }
+            (false, _) => {}
+        }
+    }
+    None
+}
+
+/// Where pending text may be cut so that counting the two sides apart gives the count of
+/// the whole: before the last space that sits between two non-whitespace characters.
+/// tiktoken's pre-tokenizer (cl100k and o200k) starts a new piece at such a space — no
+/// pattern runs through a space into the next word — so BPE never merges across it.
+fn cut_point(text: &str) -> Option<usize> {
+    let bytes = text.as_bytes();
+    (1..bytes.len().saturating_sub(1)).rev().find(|&i| {
+        bytes[i] == b' '
+            && text[..i]
+                .chars()
+                .next_back()
+                .is_some_and(|c| !c.is_whitespace())
+            && text[i + 1..]
+                .chars()
+                .next()
+                .is_some_and(|c| !c.is_whitespace())
+    })
+}
+
+/// The generated text of a response, counted in pieces as it arrives.
 #[derive(Debug, Default)]
 struct GeneratedText {
+    /// Per stream of text, the part not yet counted.
     segments: Vec<(Segment, String)>,
+    /// Tokens of the pieces counted so far.
+    counted: u64,
+    /// Bytes taken for counting (counted or pending).
     kept_bytes: usize,
     /// Bytes not kept (caps reached); estimated at the end.
     dropped_bytes: u64,
+    /// Pieces counted without a clean cut (text without spaces): each may be off by a token.
+    forced_cuts: u64,
 }
 
 impl GeneratedText {
-    fn append(&mut self, segment: Segment, text: &str) {
+    fn append(&mut self, segment: Segment, text: &str, tokenizer: &Tokenizer, encoding: Encoding) {
         if text.is_empty() {
             return;
         }
@@ -393,35 +550,59 @@ impl GeneratedText {
             return;
         }
         // The current segment is nearly always the last one.
-        match self.segments.iter().rposition(|(s, _)| *s == segment) {
-            Some(i) => self.segments[i].1.push_str(text),
+        let i = match self.segments.iter().rposition(|(s, _)| *s == segment) {
+            Some(i) => i,
             None if self.segments.len() < MAX_SEGMENTS => {
-                self.segments.push((segment, text.to_owned()))
+                self.segments.push((segment, String::new()));
+                self.segments.len() - 1
             }
             None => {
                 self.dropped_bytes += text.len() as u64;
                 return;
             }
-        }
+        };
         self.kept_bytes += text.len();
+        let pending = &mut self.segments[i].1;
+        pending.push_str(text);
+        if pending.len() <= PIECE {
+            return;
+        }
+        let cut = match cut_point(pending) {
+            Some(cut) => cut,
+            None if pending.len() > FORCED_CUT => {
+                self.forced_cuts += 1;
+                pending.len()
+            }
+            None => return,
+        };
+        self.counted += tokenizer.count(encoding, &pending[..cut]);
+        pending.drain(..cut);
     }
 
-    fn count(&self, tokenizer: &Tokenizer, encoding: Encoding) -> u64 {
-        let counted: u64 = self
-            .segments
-            .iter()
-            .map(|(_, text)| tokenizer.count(encoding, text))
-            .sum();
+    fn retained_bytes(&self) -> usize {
+        self.segments.capacity() * std::mem::size_of::<(Segment, String)>()
+            + self
+                .segments
+                .iter()
+                .map(|(_, t)| t.capacity())
+                .sum::<usize>()
+    }
+
+    /// Counts what is pending and estimates what was dropped.
+    fn finish(&mut self, tokenizer: &Tokenizer, encoding: Encoding) -> u64 {
+        for (_, pending) in self.segments.drain(..) {
+            self.counted += tokenizer.count(encoding, &pending);
+        }
         if self.dropped_bytes == 0 {
-            return counted;
+            return self.counted;
         }
         // Estimate the rest at the rate of what was counted (or ~4 bytes a token).
-        let (tokens, bytes) = if counted > 0 {
-            (counted, self.kept_bytes as u64)
+        let (tokens, bytes) = if self.counted > 0 {
+            (self.counted, self.kept_bytes as u64)
         } else {
             (1, 4)
         };
-        counted + (self.dropped_bytes * tokens).div_ceil(bytes)
+        self.counted + (self.dropped_bytes * tokens).div_ceil(bytes)
     }
 }
 
@@ -432,7 +613,7 @@ mod tests {
 
     fn meter(endpoint: Endpoint, model: &str, body: &str) -> Option<OutputCount> {
         let mut m = OutputMeter::new(endpoint, model);
-        m.feed(body.as_bytes());
+        m.feed(body.as_bytes(), tokenizer());
         m.finish(tokenizer())
     }
 
@@ -442,7 +623,7 @@ mod tests {
         for size in 1..=17 {
             let mut m = OutputMeter::new(endpoint, model);
             for chunk in body.as_bytes().chunks(size) {
-                m.feed(chunk);
+                m.feed(chunk, tokenizer());
             }
             assert_eq!(m.finish(tokenizer()), whole, "chunk size {size}");
         }
@@ -623,35 +804,150 @@ mod tests {
     }
 
     #[test]
-    fn oversized_json_body_gives_up() {
+    fn an_oversized_json_body_keeps_its_tail_and_finds_usage_there() {
         let mut m = OutputMeter::new(Endpoint::ChatCompletions, "gpt-4o");
-        m.feed(b"{\"usage\":{\"completion_tokens\":5},\"pad\":\"");
+        m.feed(
+            b"{\"choices\":[{\"index\":0,\"message\":{\"content\":\"",
+            tokenizer(),
+        );
         let pad = vec![b'x'; 1 << 20];
         for _ in 0..9 {
-            m.feed(&pad);
+            m.feed(&pad, tokenizer());
+            assert!(m.retained_bytes() <= HEAD_CAP, "{}", m.retained_bytes());
         }
-        m.feed(b"\"}");
-        assert!(m.buffer.capacity() <= MAX_JSON_BODY);
+        // usage after choices, then short fields, as OpenAI writes it; a brace in a string.
+        m.feed(
+            br#""}}],"usage":{"prompt_tokens":9,"completion_tokens":1234,"completion_tokens_details":{"reasoning_tokens":0}},"system_fingerprint":"fp_}{\"x"}"#,
+            tokenizer(),
+        );
+        assert_eq!(m.finish(tokenizer()), usage(1234));
+        // Without usage at its end, an oversized body gives nothing: the reservation stays.
+        let mut m = OutputMeter::new(Endpoint::ChatCompletions, "gpt-4o");
+        m.feed(
+            b"{\"usage\":{\"completion_tokens\":5},\"pad\":\"",
+            tokenizer(),
+        );
+        for _ in 0..9 {
+            m.feed(&pad, tokenizer());
+        }
+        m.feed(b"\"}", tokenizer());
         assert_eq!(m.finish(tokenizer()), None);
     }
 
     #[test]
-    fn huge_stream_keeps_bounded_memory_and_estimates_the_rest() {
+    fn usage_objects_are_found_at_the_end_of_a_tail() {
+        assert_eq!(
+            last_usage_object(br#"..."usage" : {"a":{"b":"}"}} ,"x":1}"#),
+            Some(&br#"{"a":{"b":"}"}}"#[..])
+        );
+        assert_eq!(last_usage_object(br#""usage":null}"#), None);
+        assert_eq!(last_usage_object(br#""usage":{"completion_tok"#), None);
+        // An escaped "usage" inside a string is not a key.
+        assert_eq!(
+            last_usage_object(br#""usage":{"n":1},"t":"\"usage\":{\"n\":2}""#),
+            Some(&br#"{"n":1}"#[..])
+        );
+    }
+
+    #[test]
+    fn an_overlong_responses_completed_event_still_gives_its_usage() {
+        let text = "word ".repeat(20_000); // 100 KB: past the line cap
+        let body = format!(
+            "{RESPONSES_STREAM}event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{{\"id\":\"resp_1\",\
+             \"output\":[{{\"type\":\"message\",\"content\":[{{\"type\":\"output_text\",\"text\":\"{text}\"}}]}}],\
+             \"usage\":{{\"input_tokens\":9,\"output_tokens\":20001,\"total_tokens\":20010}},\"user\":null,\"metadata\":{{}}}}}}\n\n"
+        );
+        let mut m = OutputMeter::new(Endpoint::Responses, "gpt-4o");
+        for chunk in body.as_bytes().chunks(1000) {
+            m.feed(chunk, tokenizer());
+        }
+        assert!(m.retained_bytes() < HEAD_CAP + 2 * TAIL);
+        assert_eq!(m.finish(tokenizer()), usage(20001));
+    }
+
+    /// An SSE stream whose deltas, joined, are `text`; each delta about `size` bytes.
+    fn stream_of(text: &str, size: usize) -> String {
+        let mut body = String::new();
+        let mut rest = text;
+        while !rest.is_empty() {
+            let mut end = size.min(rest.len());
+            while !rest.is_char_boundary(end) {
+                end += 1;
+            }
+            let delta = serde_json::to_string(&rest[..end]).unwrap();
+            body.push_str(&format!(
+                "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":{delta}}}}}]}}\n\n"
+            ));
+            rest = &rest[end..];
+        }
+        body + "data: [DONE]\n\n"
+    }
+
+    /// Tokens counted by the meter, and its forced cuts.
+    fn counted_in_pieces(text: &str, size: usize) -> (u64, u64) {
         let mut m = OutputMeter::new(Endpoint::ChatCompletions, "gpt-4o");
-        // " hello" is one token; 6 bytes. 5 MiB of deltas → past the 4 MiB text cap.
-        let words = " hello".repeat(1000);
+        for chunk in stream_of(text, size).as_bytes().chunks(997) {
+            m.feed(chunk, tokenizer());
+        }
+        let forced = m.text.forced_cuts;
+        (m.finish(tokenizer()).unwrap().tokens, forced)
+    }
+
+    #[test]
+    fn counting_in_pieces_equals_counting_at_once() {
+        let prose = "The quick brown fox, who's 3.14 years old, jumps over the lazy dog!\n\n\
+                     Voilà: naïve café résumé — “quotes” and 12345678 numbers.\tTabs  and   spaces;\
+                     code: fn main() { println!(\"hi\"); }\r\n    indented line\n- item 1\n";
+        let text = prose.repeat(400); // ~70 KB: many pieces
+        let whole = tokenizer().count(Encoding::O200k, &text);
+        for size in [1, 7, 64, 333, 5000] {
+            assert_eq!(
+                counted_in_pieces(&text, size),
+                (whole, 0),
+                "deltas of {size} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn text_without_spaces_is_counted_within_a_token_per_forced_cut() {
+        let cjk = "人工智能正在改变世界。我们需要负责任地开发它。".repeat(600);
+        let base64 =
+            "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2d3h5ejAxMjM0NTY3ODk+/"
+                .repeat(600);
+        for text in [cjk, base64] {
+            let whole = tokenizer().count(Encoding::O200k, &text);
+            let (pieces, forced) = counted_in_pieces(&text, 50);
+            assert!(forced > 0);
+            assert!(
+                pieces.abs_diff(whole) <= forced,
+                "{pieces} in pieces, {whole} at once, {forced} forced cuts"
+            );
+        }
+    }
+
+    #[test]
+    fn a_50_mb_stream_is_metered_in_bounded_memory() {
+        let mut m = OutputMeter::new(Endpoint::ChatCompletions, "gpt-4o");
+        // " hello" is one token; 6 bytes. Events of ~24 KB, 50 MB in all.
+        let words = " hello".repeat(4000);
         let event = format!(
             "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{words}\"}}}}]}}\n\n"
         );
-        let events = 5 * (1 << 20) / words.len();
+        let events = (50 << 20) / event.len();
+        let mut most = 0;
         for _ in 0..events {
-            m.feed(event.as_bytes());
+            // Split mid-line, as the network does.
+            let (a, b) = event.as_bytes().split_at(event.len() / 3);
+            m.feed(a, tokenizer());
+            m.feed(b, tokenizer());
+            most = most.max(m.retained_bytes());
         }
-        assert!(m.text.kept_bytes <= MAX_COUNTED_TEXT);
-        assert!(m.buffer.capacity() < 2 * event.len());
+        eprintln!("a 50 MB stream: at most {most} bytes held");
+        assert!(most <= HEAD_CAP + FORCED_CUT + 2 * words.len(), "{most}");
         let count = m.finish(tokenizer()).unwrap();
         assert_eq!(count.source, OutputSource::CountedStream);
-        let exact = (events * 1000) as u64;
+        let exact = (events * 4000) as u64;
         assert!(
             count.tokens.abs_diff(exact) <= exact / 100,
             "{} vs {exact}",
@@ -662,12 +958,15 @@ mod tests {
     #[test]
     fn an_overlong_sse_line_is_skipped_and_the_stream_resumes() {
         let mut m = OutputMeter::new(Endpoint::ChatCompletions, "gpt-4o");
-        m.feed(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"");
+        m.feed(
+            b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"",
+            tokenizer(),
+        );
         let pad = vec![b'x'; 1 << 20];
         for _ in 0..9 {
-            m.feed(&pad);
+            m.feed(&pad, tokenizer());
         }
-        m.feed(b"\"}}]}\n\ndata: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello world!\"}}]}\n\n");
+        m.feed(b"\"}}]}\n\ndata: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello world!\"}}]}\n\n", tokenizer());
         assert_eq!(m.finish(tokenizer()), counted(3));
     }
 }
