@@ -1,9 +1,10 @@
-//! Measures the in-process store (`MemoryStore`): decisions/s from several threads over many
-//! keys, and its resident memory while keys and window shapes come and go. The figures in
-//! docs/performance.md ("The in-process store") come from this program.
+//! Measures the in-process store (`MemoryStore`): admissions/s from one and two threads
+//! over many keys, and its resident memory while keys and window shapes come and go. The
+//! figures in docs/performance.md ("The in-process store") come from this program.
+//! `MEMORY_BENCH_SECS` (default 5) sets each throughput run.
 //!
 //! ```sh
-//! nice -n 10 cargo run --release --example memory_store -- throughput   # MEMORY_BENCH_SECS (default 5)
+//! nice -n 10 cargo run --release --example memory_store -- throughput
 //! nice -n 10 cargo run --release --example memory_store -- reloads
 //! nice -n 10 cargo run --release --example memory_store -- keys
 //! ```

@@ -131,12 +131,13 @@ pub struct MemoryStore {
     sweep_due: AtomicU64,
 }
 
-/// The default clock: the wall clock read once, when the clock is made (the store's start),
-/// then advanced by the monotonic clock (`Instant`, which NTP may slew but never steps). Its readings stay comparable with ms timestamps since the Unix epoch
-/// (as in Redis), but an NTP step of the wall clock after start neither moves a window
-/// back (which would freeze it: the ring stays at its head) nor forward (which would wipe
-/// it). A process running for months may drift from the wall clock by what NTP slewed;
-/// nothing outside the process compares with it.
+/// The default clock: the wall clock read once, when the clock is made (the store's
+/// start), then advanced by the monotonic clock (`Instant`, which NTP may slew but never
+/// steps). Its readings stay comparable with ms timestamps since the Unix epoch (as in
+/// Redis), but an NTP step of the wall clock after start neither moves a window back
+/// (which would freeze it: the ring stays at its head) nor forward (which would wipe it).
+/// A process running for months may drift from the wall clock by what NTP slewed; nothing
+/// outside the process compares with it.
 pub fn monotonic_clock() -> Clock {
     let wall_at_start = (system_clock())();
     let start = Instant::now();
