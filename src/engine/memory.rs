@@ -8,7 +8,7 @@
 //! - **Memory bounded by the config in force.** [`MemoryStore::retain`] drops the rings and
 //!   markers of keys or window shapes a reload removed; an amortised sweep drops idle rings
 //!   and expired markers without any reload (see `MemoryStore::tick` for why a sweep
-//!   every so many operations rather than a thread or a timer).
+//!   every so many reservations rather than a thread or a timer).
 //! - **Time that never steps.** The default clock is [`monotonic_clock`]: an NTP step of
 //!   the wall clock neither wipes nor freezes a window.
 
@@ -131,7 +131,7 @@ type Rings = DashMap<(KeyName, WindowShape), Arc<Mutex<Ring>>>;
 /// Reservations waiting for their settlement (and charges a refund may name), by ring and id.
 type Markers = DashMap<MarkerId, Marker>;
 
-/// The fewest operations between two sweeps, so that a small store does not sweep on
+/// The fewest reservations between two sweeps, so that a small store does not sweep on
 /// every call.
 const SWEEP_EVERY_AT_LEAST: u64 = 1024;
 
@@ -139,18 +139,19 @@ pub struct MemoryStore {
     clock: Clock,
     rings: Rings,
     markers: Markers,
-    /// Operations so far (reserve, settle, refund, usage).
-    operations: AtomicU64,
-    /// The operation count at which the next sweep runs; `u64::MAX` while one runs.
+    /// Reservations so far: the only calls that make a ring or a marker.
+    reservations: AtomicU64,
+    /// The reservation count at which the next sweep runs; `u64::MAX` while one runs.
     sweep_due: AtomicU64,
 }
 
-/// The default clock: the wall clock read once, when the clock is made (the store's start),
-/// then advanced by the monotonic clock (`Instant`, which NTP may slew but never steps). Its readings stay comparable with ms timestamps since the Unix epoch
-/// (as in Redis), but an NTP step of the wall clock after start neither moves a window
-/// back (which would freeze it: the ring stays at its head) nor forward (which would wipe
-/// it). A process running for months may drift from the wall clock by what NTP slewed;
-/// nothing outside the process compares with it.
+/// The default clock: the wall clock read once, when the clock is made (the store's
+/// start), then advanced by the monotonic clock (`Instant`, which NTP may slew but never
+/// steps). Its readings stay comparable with ms timestamps since the Unix epoch (as in
+/// Redis), but an NTP step of the wall clock after start neither moves a window back
+/// (which would freeze it: the ring stays at its head) nor forward (which would wipe it).
+/// A process running for months may drift from the wall clock by what NTP slewed; nothing
+/// outside the process compares with it.
 pub fn monotonic_clock() -> Clock {
     let wall_at_start = (system_clock())();
     let start = Instant::now();
@@ -180,7 +181,7 @@ impl MemoryStore {
             clock,
             rings: Rings::default(),
             markers: Markers::default(),
-            operations: AtomicU64::new(0),
+            reservations: AtomicU64::new(0),
             sweep_due: AtomicU64::new(SWEEP_EVERY_AT_LEAST),
         }
     }
@@ -205,17 +206,18 @@ impl MemoryStore {
         self.markers.len()
     }
 
-    /// Counts one operation and, when one is due, sweeps: drops idle rings and expired
-    /// markers. A sweep visits every ring and marker, and the next one waits for as many
-    /// operations as the store then holds (at least [`SWEEP_EVERY_AT_LEAST`]), so sweeping
-    /// costs O(1) per operation amortised, and the store holds at most about twice what
-    /// was in use within a window, plus that minimum. Sweeping on the operations rather
-    /// than on a timer needs no thread and no runtime, costs nothing while the node is idle
-    /// (when nothing grows either), and makes the counts a function of the calls alone,
-    /// which the tests rely on. Called before any ring is locked: a sweep takes the rings'
-    /// shard locks and then their mutexes.
+    /// Counts one reservation and, when one is due, sweeps: drops idle rings and expired
+    /// markers. Only a reservation makes a ring or a marker, so only reservations count
+    /// (reads and settlements stay cheaper). A sweep visits every ring and marker, and the
+    /// next one waits for as many reservations as the store then holds (at least
+    /// [`SWEEP_EVERY_AT_LEAST`]), so sweeping costs O(1) per reservation amortised, and the
+    /// store holds at most about twice what was in use within a window, plus that minimum.
+    /// Sweeping on a count rather than on a timer needs no thread and no runtime, costs
+    /// nothing while the node is idle (when nothing grows either), and makes the counts a
+    /// function of the calls alone, which the tests rely on. Called before any ring is
+    /// locked: a sweep takes the rings' shard locks and then their mutexes.
     fn tick(&self, now: u64) {
-        let n = self.operations.fetch_add(1, Ordering::Relaxed) + 1;
+        let n = self.reservations.fetch_add(1, Ordering::Relaxed) + 1;
         let due = self.sweep_due.load(Ordering::Relaxed);
         // Exactly one caller claims a due sweep; the others carry on without waiting.
         if n < due
@@ -348,7 +350,6 @@ impl MemoryStore {
 
     pub(super) fn settle(&self, reservation: &Reservation, output_tokens: u64) -> Settlement {
         let now = (self.clock)();
-        self.tick(now);
         let id = (reservation.key.clone(), reservation.shape, reservation.id);
         let Some((_, marker)) = self.markers.remove(&id) else {
             return Settlement::Unknown;
@@ -394,7 +395,6 @@ impl MemoryStore {
         marker: Option<u64>,
     ) -> Snapshot {
         let now = (self.clock)();
-        self.tick(now);
         let Some(ring) = self.existing_ring(key, shape) else {
             return Snapshot::empty(now);
         };
@@ -447,7 +447,6 @@ impl MemoryStore {
 
     pub(super) fn usage(&self, key: &KeyName, shape: WindowShape) -> Snapshot {
         let now = (self.clock)();
-        self.tick(now);
         let Some(ring) = self.existing_ring(key, shape) else {
             return Snapshot::empty(now);
         };
@@ -542,7 +541,7 @@ mod tests {
     #[test]
     fn an_idle_ring_is_freed_after_a_window_without_a_reload() {
         // 1 s at 100 ms: 11 buckets. `reference` sees the same calls on `idle` but is never
-        // swept (too few operations), to show that freeing changes no answer.
+        // swept (too few reservations), to show that freeing changes no answer.
         let (store, now) = store_at(1_000_000);
         let (reference, reference_now) = store_at(1_000_000);
         let s = shape(1_000, 100);
@@ -553,25 +552,26 @@ mod tests {
             now.fetch_add(ms, Ordering::SeqCst);
             reference_now.fetch_add(ms, Ordering::SeqCst);
         };
-        // Any run of this many operations holds a sweep (the store holds little).
+        // Any run of this many reservations holds a sweep (the store holds little); `busy`
+        // keeps one ring of its own.
         let sweep = || {
             for _ in 0..SWEEP_EVERY_AT_LEAST {
-                store.usage(&busy, s);
+                store.reserve(&busy, s, &LIMITS, &WANT, Charge::Check, None);
             }
         };
         // Ten buckets on, its bucket is still in the window: the sweep keeps it.
         advance(1_000);
         sweep();
-        assert_eq!((store.rings_held(), store.markers_held()), (1, 1));
+        assert_eq!((store.rings_held(), store.markers_held()), (2, 1));
         // Eleven on, it has left: the sweep frees the ring; the marker lives out its ttl
         // (a window and two buckets), then goes too.
         advance(100);
         sweep();
-        assert_eq!((store.rings_held(), store.markers_held()), (0, 1));
+        assert_eq!((store.rings_held(), store.markers_held()), (1, 1));
         assert_eq!(store.usage(&idle, s), reference.usage(&idle, s));
         advance(100);
         sweep();
-        assert_eq!((store.rings_held(), store.markers_held()), (0, 0));
+        assert_eq!((store.rings_held(), store.markers_held()), (1, 0));
         // The key starts afresh exactly as the never-swept ring goes on.
         let again = |st: &MemoryStore| st.reserve(&idle, s, &LIMITS, &WANT, Charge::Check, None);
         assert_eq!(again(&store), again(&reference));
@@ -597,7 +597,7 @@ mod tests {
             most_markers = most_markers.max(store.markers_held());
         }
         // ~1,100 keys live within a window (plus a bucket) and ~1,200 open markers within
-        // their ttl; a sweep every max(held, 1,024) operations (5 a key) lets at most
+        // their ttl; a sweep every max(held, 1,024) reservations (3 a key) lets at most
         // about that many more accumulate between two sweeps.
         assert!(most_rings <= 3_000, "rings peaked at {most_rings}");
         assert!(most_markers <= 3_000, "markers peaked at {most_markers}");
@@ -634,15 +634,16 @@ mod tests {
         let k = key("held");
         let held = store.ring(&k, s);
         now.fetch_add(10_000, Ordering::SeqCst);
-        for _ in 0..2 * SWEEP_EVERY_AT_LEAST {
-            store.usage(&key("other"), s);
-        }
-        assert_eq!(store.rings_held(), 1);
+        let sweep = || {
+            for _ in 0..SWEEP_EVERY_AT_LEAST {
+                store.reserve(&key("other"), s, &LIMITS, &WANT, Charge::Check, None);
+            }
+        };
+        sweep();
+        assert_eq!(store.rings_held(), 2);
         drop(held);
-        for _ in 0..2 * SWEEP_EVERY_AT_LEAST {
-            store.usage(&key("other"), s);
-        }
-        assert_eq!(store.rings_held(), 0);
+        sweep();
+        assert_eq!(store.rings_held(), 1);
     }
 
     #[test]
