@@ -82,8 +82,15 @@ fn key(i: usize) -> KeyName {
 
 /// One admission as the server makes it: reserve (leaving a reservation), then settle.
 fn admit(store: &Store, key: &KeyName, shape: WindowShape) {
-    let decision = block_on(store.reserve(key, shape, &LIMITS, &WANT, Charge::Check, true))
-        .expect("the memory store always answers");
+    let decision = block_on(store.reserve(
+        key,
+        shape,
+        &LIMITS,
+        &WANT,
+        Charge::Check,
+        Some(rand::random()),
+    ))
+    .expect("the memory store always answers");
     if let Decision::Admitted {
         reservation: Some(r),
         ..
@@ -150,8 +157,15 @@ fn throughput() {
 /// Leaves a reservation open (a response that never reports back), as every tenth
 /// admission below does, so that markers come and go too.
 fn admit_unsettled(store: &Store, key: &KeyName, shape: WindowShape) {
-    block_on(store.reserve(key, shape, &LIMITS, &WANT, Charge::Check, true))
-        .expect("the memory store always answers");
+    block_on(store.reserve(
+        key,
+        shape,
+        &LIMITS,
+        &WANT,
+        Charge::Check,
+        Some(rand::random()),
+    ))
+    .expect("the memory store always answers");
 }
 
 /// 1,000 reloads, each changing the window (precision 1..999 ms, always 600 buckets wide,
