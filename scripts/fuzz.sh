@@ -43,9 +43,11 @@ run_target() {
   mkdir -p "$work" "fuzz/artifacts/$target" "$(dirname "$log")"
   local dict
   dict=$(dict_for "$target")
-  # -timeout: an input that takes 10 s is a hang, reported like a crash.
+  # -timeout: an input that takes 60 s is a hang, reported like a crash. Inputs take
+  # milliseconds, but a process's first one also builds the tokenizer (~1 s of CPU), which
+  # at nice 19 on a busy machine was seen to take 10 s of wall time.
   cargo +nightly fuzz run "${BUILD_FLAGS[@]}" "$target" "$work" "fuzz/corpus/$target" -- \
-    -timeout=10 -max_len=16384 -print_final_stats=1 ${dict:+"$dict"} "$@" >"$log" 2>&1
+    -timeout=60 -max_len=16384 -print_final_stats=1 ${dict:+"$dict"} "$@" >"$log" 2>&1
 }
 
 # runs_of TARGET — executions of the last run, from libFuzzer's final stats.
