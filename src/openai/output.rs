@@ -112,14 +112,20 @@ impl OutputMeter {
 
     /// Takes the next chunk of the body; generated text is counted with `tokenizer` as it
     /// arrives.
-    pub fn feed(&mut self, chunk: &[u8], tokenizer: &Tokenizer) {
+    pub fn feed(&mut self, mut chunk: &[u8], tokenizer: &Tokenizer) {
         if self.format == Format::Undecided {
             // A JSON body starts with `{`; an SSE stream with `data:`, `event:` or `:`.
-            match chunk.iter().find(|b| !b.is_ascii_whitespace()) {
-                None => return,
-                Some(b'{' | b'[') => self.format = Format::Json,
-                Some(_) => self.format = Format::Sse,
-            }
+            // Whitespace before that is skipped whichever chunk it comes in, so the answer
+            // never depends on where the body was split (found by fuzzing: a leading tab
+            // kept in one chunking and dropped in another).
+            let Some(start) = chunk.iter().position(|b| !b.is_ascii_whitespace()) else {
+                return;
+            };
+            chunk = &chunk[start..];
+            self.format = match chunk[0] {
+                b'{' | b'[' => Format::Json,
+                _ => Format::Sse,
+            };
         }
         match self.format {
             Format::Json => self.document.push(chunk),
@@ -628,6 +634,25 @@ mod tests {
             assert_eq!(m.finish(tokenizer()), whole, "chunk size {size}");
         }
         whole
+    }
+
+    #[test]
+    fn leading_whitespace_counts_the_same_in_any_chunking() {
+        // Found by cargo-fuzz (fuzz/regressions/output_meter/): a body that starts with a
+        // tab before `data:` was a counted stream when the tab came in its own chunk, and
+        // no stream when it came with the line.
+        let body = "\tdata: {\"choices\":[{}]}";
+        let whole = meter(Endpoint::ChatCompletions, "gpt-4o", body);
+        let mut split = OutputMeter::new(Endpoint::ChatCompletions, "gpt-4o");
+        split.feed(&body.as_bytes()[..1], tokenizer());
+        split.feed(&body.as_bytes()[1..], tokenizer());
+        assert_eq!(split.finish(tokenizer()), whole);
+        meter_chunked(Endpoint::ChatCompletions, "gpt-4o", body);
+        meter_chunked(
+            Endpoint::ChatCompletions,
+            "gpt-4o",
+            "\n \r\n\tdata: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n",
+        );
     }
 
     fn usage(tokens: u64) -> Option<OutputCount> {
