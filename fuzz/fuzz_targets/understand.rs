@@ -4,14 +4,14 @@
 //! Two modes, picked by the first byte, so one corpus serves both:
 //! - raw (`< 0x80`): the rest is a body, understood as each endpoint in turn;
 //! - structured (`>= 0x80`): its low bits pick a path form a gateway may send
-//!   (prefix, trailing slash, query), which goes through `Endpoint::from_path` as a real
+//!   (prefix, trailing slash, query), which goes through `Route::from_path` as a real
 //!   request's path does; the rest is the body for that one endpoint.
 #![no_main]
 
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use llm_ratelimit::openai::{Endpoint, Tokenizer};
+use llm_ratelimit::openai::{Endpoint, Route, Tokenizer};
 
 /// Building the encoders takes ~200 ms: once per process, not once per input.
 fn tokenizer() -> &'static Tokenizer {
@@ -41,10 +41,12 @@ const SUFFIXES: [&str; 4] = ["", "/", "?api-version=2024-10-21", "/#x"];
 /// Output budgets above this are refused by the parser (`MAX_OUTPUT_TOKENS` in request.rs).
 const MAX_OUTPUT_TOKENS: u64 = 16_777_216;
 
-fn check(endpoint: Endpoint, body: &[u8]) {
-    match tokenizer().understand(endpoint, body) {
+fn check(endpoint: Endpoint, body: &[u8], model_hint: Option<&str>) {
+    match tokenizer().understand_with(endpoint, body, model_hint) {
         Ok(request) => {
             assert_eq!(request.endpoint, endpoint);
+            // Every accepted request asks for at least one completion.
+            assert!(request.completions >= 1);
             if endpoint == Endpoint::Other {
                 assert_eq!(request.input_tokens, 0);
                 assert!(!request.reserves_output);
@@ -69,7 +71,7 @@ fuzz_target!(|data: &[u8]| {
     };
     if mode < 0x80 {
         for endpoint in ENDPOINTS {
-            check(endpoint, body);
+            check(endpoint, body, None);
         }
     } else {
         let m = usize::from(mode & 0x7f);
@@ -79,6 +81,9 @@ fuzz_target!(|data: &[u8]| {
             APIS[(m / PREFIXES.len()) % APIS.len()],
             SUFFIXES[(m / (PREFIXES.len() * APIS.len())) % SUFFIXES.len()],
         );
-        check(Endpoint::from_path(&path), body);
+        // As admission does: the route, and for an Azure deployment its name as the model.
+        if let Ok(route) = Route::from_path(&path) {
+            check(route.endpoint, body, route.deployment.as_deref());
+        }
     }
 });
