@@ -71,23 +71,22 @@ end
 -- Reads the slots of buckets first..last (at most `slots` of them) and calls
 -- fn(bucket, requests, input, output) for each until fn returns true. With `grow`, the
 -- first read is of one slot and each next read twice as many (a scan that usually stops
--- at once stays cheap); otherwise reads are whole batches.
+-- at once stays cheap); otherwise reads are whole batches. Each read is one GETRANGE of
+-- consecutive slots (split where the ring wraps), decoded with struct.unpack: far cheaper
+-- per slot than a BITFIELD_RO of three GETs each, which matters to a scan of a whole window.
 local function each_slot(ring, slots, first, last, fn, grow)
   local x = first
   local batch = grow and 1 or BATCH
   while x <= last do
     local upto = math.min(last, x + batch - 1)
-    local args = {}
+    local s0 = x % slots
+    -- the last bucket before the ring wraps back to slot 0
+    upto = math.min(upto, x + slots - 1 - s0)
+    local from = HDR_BYTES + SLOT_BYTES * s0
+    local bytes = redis.call('GETRANGE', ring, from, from + SLOT_BYTES * (upto - x + 1) - 1)
     for y = x, upto do
-      local bit = slot_bit(y, slots)
-      args[#args + 1] = 'GET'; args[#args + 1] = 'u16'; args[#args + 1] = bit
-      args[#args + 1] = 'GET'; args[#args + 1] = 'u32'; args[#args + 1] = bit + 16
-      args[#args + 1] = 'GET'; args[#args + 1] = 'u32'; args[#args + 1] = bit + 48
-    end
-    local v = redis.call('BITFIELD_RO', ring, unpack(args))
-    for y = x, upto do
-      local k = (y - x) * 3
-      if fn(y, v[k + 1], v[k + 2], v[k + 3]) then return end
+      local r, i, o = struct.unpack('>I2I4I4', bytes, (y - x) * SLOT_BYTES + 1)
+      if fn(y, r, i, o) then return end
     end
     x = upto + 1
     batch = math.min(batch * 2, BATCH)
