@@ -6,6 +6,7 @@
 //! end, and prints Markdown sections to stdout (progress goes to stderr).
 //!
 //! `ENGINE_BENCH_SECS` (default 5) sets each measured interval; warm-up is 1 s.
+//! `ENGINE_BENCH_ONLY=denials` runs only the denied-vs-admitted section.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -71,6 +72,10 @@ fn main() {
     machine_section(workers);
     rt.block_on(async {
         let mut probe = Probe::connect(&url).await;
+        denial_section(&url, &mut probe).await;
+        if std::env::var("ENGINE_BENCH_ONLY").as_deref() == Ok("denials") {
+            return;
+        }
         let (engine, steady) = engine_section(&url, &mut probe).await;
         let (ceiling, full) = ceiling_section(port, &url, &mut probe).await;
         summary_section(&engine, &steady, &ceiling, &full);
@@ -79,6 +84,180 @@ fn main() {
     drop(rt);
     drop(server); // kills redis-server by pid
     eprintln!("done; redis-server stopped");
+}
+
+// ---------------------------------------------------------------------------------------
+// Denied vs admitted: what a storm of denials costs next to admissions
+
+/// One run of the denial section.
+struct Storm {
+    label: &'static str,
+    decisions: u64,
+    other: u64,
+    secs: f64,
+    p50: u32,
+    p99: u32,
+    evalsha: CmdStat,
+    bytes_per_call: f64,
+}
+
+/// 128 callers over 100 keys whose rings hold a reservation in each of the last 600
+/// buckets (a busy key at 60 s / 100 ms), on a clock held at the end of that minute: once
+/// under limits that deny every request (at the limit, wanting a little: the usual
+/// denial; then a limit of 1 request, the worst case, which must free the whole window),
+/// once under limits that admit every request.
+async fn denial_section(url: &str, probe: &mut Probe) {
+    probe.flushall().await;
+    let shape = shape();
+    let (store, at) = clocked_store(url).await;
+    let denied_keys: Arc<Vec<KeyName>> = Arc::new(
+        (0..KEYS)
+            .map(|i| KeyName::new(&format!("deny-{i}")).unwrap())
+            .collect(),
+    );
+    let admitted_keys: Arc<Vec<KeyName>> = Arc::new(
+        (0..KEYS)
+            .map(|i| KeyName::new(&format!("admit-{i}")).unwrap())
+            .collect(),
+    );
+    let first = 1_700_000_000_000;
+    let mut all: Vec<KeyName> = denied_keys.to_vec();
+    all.extend(admitted_keys.iter().cloned());
+    let took = fill(&store, &at, &all, first).await;
+    eprintln!("denials: filled {} rings in {took:?}", all.len());
+    let window = (shape.slots() as u64 - 1) * shape.precision_ms();
+    at.store(first + window, Ordering::Relaxed);
+    let used = store
+        .usage(&denied_keys[0], shape)
+        .await
+        .expect("usage")
+        .usage;
+    let at_limit = Limits {
+        requests: used.requests,
+        ..LIMITS
+    };
+    let one = Limits {
+        requests: 1,
+        ..LIMITS
+    };
+    let measure = Duration::from_secs(measure_secs());
+    let mut runs = Vec::new();
+    for (label, keys, limits, want_denied) in [
+        ("denied, at the limit", &denied_keys, at_limit, true),
+        (
+            "denied, limit 1 (frees the whole window)",
+            &denied_keys,
+            one,
+            true,
+        ),
+        ("admitted", &admitted_keys, LIMITS, false),
+    ] {
+        eprintln!("denials: {label}, {WARM_UP:?} warm-up + {measure:?}");
+        let start = Instant::now();
+        let (from, end) = (start + WARM_UP, start + WARM_UP + measure);
+        let tasks: Vec<_> = (0..128)
+            .map(|_| {
+                let (store, keys) = (store.clone(), keys.clone());
+                tokio::spawn(async move {
+                    storm_caller(&store, &keys, limits, want_denied, from, end).await
+                })
+            })
+            .collect();
+        tokio::time::sleep_until(from.into()).await;
+        probe.reset_stats().await;
+        tokio::time::sleep_until(end.into()).await;
+        let evalsha = probe.evalsha_stats().await;
+        let out: f64 = probe
+            .info("stats")
+            .await
+            .get("total_net_output_bytes")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        let mut lat = Vec::new();
+        let mut other = 0;
+        for t in tasks {
+            let (l, o) = t.await.expect("storm task");
+            lat.extend(l);
+            other += o;
+        }
+        lat.sort_unstable();
+        runs.push(Storm {
+            label,
+            decisions: lat.len() as u64,
+            other,
+            secs: measure.as_secs_f64(),
+            p50: percentile(&lat, 0.50),
+            p99: percentile(&lat, 0.99),
+            evalsha,
+            bytes_per_call: out / evalsha.calls.max(1) as f64,
+        });
+    }
+    println!("\n## Denied vs admitted (Redis store, full rings)\n");
+    println!(
+        "| run | decisions/s | p50 µs | p99 µs | EVALSHA µs/call (Redis) | bytes sent by Redis per call | wrong outcome |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for r in &runs {
+        println!(
+            "| {} | {:.0} | {} | {} | {:.2} | {:.0} | {} |",
+            r.label,
+            r.decisions as f64 / r.secs,
+            r.p50,
+            r.p99,
+            r.evalsha.usec_per_call,
+            r.bytes_per_call,
+            r.other
+        );
+    }
+    println!(
+        "\n{KEYS} keys per run, each ring first filled with one reservation (1/150/256) in each \
+         of the 600 buckets of one minute of injected time; the clock (passed as `now_ms`) is \
+         then held at the end of that minute, so every ring holds {} requests. 128 callers, \
+         {WARM_UP:?} warm-up + {measure:?}. \"at the limit\": `requests` limit = {} (the usual \
+         denial: freeing the oldest bucket is enough); \"limit 1\": the request fits only once \
+         the whole window has left. Bytes per call: `total_net_output_bytes` / EVALSHA calls \
+         (includes the probe's few INFO replies).\n",
+        used.requests, used.requests
+    );
+}
+
+/// Reserves (no marker) until `end`; returns the latencies of the expected outcome and
+/// how many calls had another.
+async fn storm_caller(
+    store: &Store,
+    keys: &[KeyName],
+    limits: Limits,
+    want_denied: bool,
+    from: Instant,
+    end: Instant,
+) -> (Vec<u32>, u64) {
+    let shape = shape();
+    let want = Usage {
+        requests: 1,
+        input_tokens: 1,
+        output_tokens: 1,
+    };
+    let (mut lat, mut other) = (Vec::with_capacity(64 * 1024), 0);
+    loop {
+        let t0 = Instant::now();
+        if t0 >= end {
+            break;
+        }
+        let key = &keys[rand::random_range(0..keys.len())];
+        let d = store
+            .reserve(key, shape, &limits, &want, Charge::Check, None)
+            .await;
+        let us = t0.elapsed().as_micros().min(u32::MAX as u128) as u32;
+        if t0 < from {
+            continue;
+        }
+        match d {
+            Ok(Decision::Denied { .. }) if want_denied => lat.push(us),
+            Ok(Decision::Admitted { .. }) if !want_denied => lat.push(us),
+            _ => other += 1,
+        }
+    }
+    (lat, other)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -411,7 +590,14 @@ async fn caller(store: &Store, keys: &[KeyName], from: Instant, end: Instant) ->
         }
         let key = &keys[rand::random_range(0..keys.len())];
         let d = store
-            .reserve(key, shape, &LIMITS, &WANT, Charge::Check, true)
+            .reserve(
+                key,
+                shape,
+                &LIMITS,
+                &WANT,
+                Charge::Check,
+                Some(rand::random()),
+            )
             .await;
         let us = t0.elapsed().as_micros().min(u32::MAX as u128) as u32;
         if t0 < from {
@@ -461,7 +647,7 @@ async fn fill(store: &Arc<Store>, at: &AtomicU64, names: &[KeyName], first_ms: u
             let (store, k) = (store.clone(), k.clone());
             set.spawn(async move {
                 store
-                    .reserve(&k, shape, &LIMITS, &WANT, Charge::Check, false)
+                    .reserve(&k, shape, &LIMITS, &WANT, Charge::Check, None)
                     .await
             });
         }
@@ -584,11 +770,15 @@ fn rb_args(port: u16, sha: &str, now_ms: u64, c: usize, p: usize) -> Vec<String>
         // ring over KEYS names; the marker over KEYS^3 names, so that nearly every
         // call creates a new marker as the engine's random reservation ids do
         format!(
-            "llmrl:{{rb-__rand_int__}}:w{}:p{}",
+            "llmrl:{{rb-__rand_int__}}:v2:w{}:p{}",
             shape.window_ms(),
             shape.precision_ms()
         ),
-        "llmrl:{rb-__rand_int__}:r:__rand_int__-__rand_int__".into(),
+        format!(
+            "llmrl:{{rb-__rand_int__}}:r:{}.{}.__rand_int__-__rand_int__",
+            shape.window_ms(),
+            shape.precision_ms()
+        ),
         now_ms.to_string(),
         shape.precision_ms().to_string(),
         shape.slots().to_string(),
@@ -885,7 +1075,14 @@ async fn memory_section(url: &str, probe: &mut Probe) {
         for i in 0..6_000u64 {
             at.store(t0 + i * 10, Ordering::Relaxed);
             let d = store
-                .reserve(&key, shape, &LIMITS, &WANT, Charge::Check, true)
+                .reserve(
+                    &key,
+                    shape,
+                    &LIMITS,
+                    &WANT,
+                    Charge::Check,
+                    Some(rand::random()),
+                )
                 .await
                 .unwrap_or_else(|e: StoreError| panic!("reserve: {e}"));
             let Decision::Admitted {

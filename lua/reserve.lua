@@ -1,11 +1,14 @@
 -- reserve.lua: checks all three limits and, only if every one fits, records the request
--- in the current bucket — one atomic step. A denial records nothing.
--- KEYS[1] ring, KEYS[2] reservation marker (used when ARGV[11] > 0)
+-- in the current bucket — one atomic step. A denial records nothing, and is answered here,
+-- where the ring is: which limit, when to retry, when each limit next gains room, in a
+-- reply of fixed size (the ring never travels).
+-- KEYS[1] ring, KEYS[2] reservation marker (written when ARGV[11] = 1)
 -- ARGV: now_ms (0 = Redis TIME), precision_ms, slots, requests, input, output,
 --       limit_requests, limit_input, limit_output, ttl_ms, marker (1 = leave a marker),
 --       force (1 = charge even over the limits, for after-the-fact accounting)
 -- Returns {1, now, requests, input, output, tail, bucket} when admitted,
---         {0, now, requests, input, output, ring bytes} when denied.
+--         {0, now, requests, input, output, limit (1..3), retry_ms, reset_requests,
+--          reset_input, reset_output} when denied.
 local ring = KEYS[1]
 local now = now_ms(ARGV[1])
 local precision = tonumber(ARGV[2])
@@ -27,9 +30,15 @@ if not force then
   end
 end
 if not fits then
+  -- The first limit that does not fit; a refusal for a full slot names requests.
+  local denied = 1
+  for k = 3, 1, -1 do
+    if h[k + 2] + want[k] > limit[k] then denied = k end
+  end
+  local reset, retry = scan_window(ring, h, slots, precision, now, want, limit)
   write_header(ring, h)
   redis.call('PEXPIRE', ring, ttl)
-  return {0, now, h[3], h[4], h[5], redis.call('GET', ring)}
+  return {0, now, h[3], h[4], h[5], denied, retry, reset[1], reset[2], reset[3]}
 end
 
 -- Only what the slot can hold is added, so the totals stay the sums of the slots.
@@ -45,6 +54,9 @@ redis.call('BITFIELD', ring,
   'SET', 'i64', 256, h[5])
 redis.call('PEXPIRE', ring, ttl)
 if marker then
-  redis.call('SET', KEYS[2], b .. ':' .. want[3], 'PX', ttl)
+  -- What was actually added (a forced charge may saturate), so a refund or settlement
+  -- by this marker never takes back more than this charge put in.
+  redis.call('SET', KEYS[2],
+    marker_value({bucket = b, epoch = h[6], amounts = add, expires = now + ttl}), 'PX', ttl)
 end
 return {1, now, h[3], h[4], h[5], h[2], b}

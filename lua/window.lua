@@ -1,14 +1,18 @@
 -- window.lua: the ring layout shared by every llm-ratelimit script (prepended to each).
 --
 -- One Redis string per key and window shape holds the whole sliding window:
---   header, 5 x i64 (40 bytes): head bucket, tail bucket, requests, input, output totals
+--   header, 6 x i64 (48 bytes): head bucket, tail bucket, requests, input, output totals,
+--     epoch (Redis TIME in µs when this ring was created)
 --   then `slots` slots of 10 bytes: requests u16, input u32, output u32
 -- Bucket x lives in slot x % slots. The window at bucket b is the buckets b-slots+1 .. b,
 -- with slots = window/precision + 1, so it always covers at least the exact window.
 -- The totals are the sums over the slots in the window, kept up to date as buckets leave,
 -- so a decision reads five numbers instead of summing the ring.
+-- The epoch tells rings apart: a ring recreated after idling a whole window, or after Redis
+-- evicted it (or someone deleted it), has a new one, so a reservation marker written for
+-- the old ring cannot change the new one's buckets.
 
-local HDR_BYTES = 40
+local HDR_BYTES = 48
 local SLOT_BYTES = 10
 local U16_MAX = 65535
 local U32_MAX = 4294967295
@@ -27,15 +31,41 @@ local function now_ms(arg)
   return now
 end
 
--- Reads the header: {head, tail, requests, input, output}; all zero for a missing key.
+-- Reads the header: {head, tail, requests, input, output, epoch}; all zero for a missing key.
 local function read_header(ring)
   return redis.call('BITFIELD_RO', ring, 'GET', 'i64', 0, 'GET', 'i64', 64,
-    'GET', 'i64', 128, 'GET', 'i64', 192, 'GET', 'i64', 256)
+    'GET', 'i64', 128, 'GET', 'i64', 192, 'GET', 'i64', 256, 'GET', 'i64', 320)
 end
 
+-- Writes the fields that change after creation (the epoch never does).
 local function write_header(ring, h)
   redis.call('BITFIELD', ring, 'SET', 'i64', 0, h[1], 'SET', 'i64', 64, h[2],
     'SET', 'i64', 128, h[3], 'SET', 'i64', 192, h[4], 'SET', 'i64', 256, h[5])
+end
+
+-- A new ring's epoch: Redis TIME in µs (exact in a Lua double until the year 2255), and
+-- never the epoch of the ring it replaces.
+local function new_epoch(old)
+  local t = redis.call('TIME')
+  local e = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  if e == old then e = e + 1 end
+  return e
+end
+
+-- A reservation marker: what one charge added to one bucket of one ring, and when the
+-- marker stops counting (the store's clock, so a test clock and Redis TIME read alike).
+-- Stored as "bucket:epoch:requests:input:output:expires_ms".
+local function read_marker(key)
+  local m = redis.call('GET', key)
+  if not m then return nil end
+  local f = {}
+  for n in string.gmatch(m, '[^:]+') do f[#f + 1] = tonumber(n) end
+  return {bucket = f[1], epoch = f[2], amounts = {f[3], f[4], f[5]}, expires = f[6]}
+end
+
+local function marker_value(m)
+  return string.format('%.0f:%.0f:%.0f:%.0f:%.0f:%.0f', m.bucket, m.epoch,
+    m.amounts[1], m.amounts[2], m.amounts[3], m.expires)
 end
 
 -- Reads the slots of buckets first..last (at most `slots` of them) and calls
@@ -72,17 +102,19 @@ end
 local function advance(ring, b, slots)
   local bit = slot_bit(b, slots)
   local v = redis.call('BITFIELD_RO', ring, 'GET', 'i64', 0, 'GET', 'i64', 64,
-    'GET', 'i64', 128, 'GET', 'i64', 192, 'GET', 'i64', 256,
+    'GET', 'i64', 128, 'GET', 'i64', 192, 'GET', 'i64', 256, 'GET', 'i64', 320,
     'GET', 'u16', bit, 'GET', 'u32', bit + 16, 'GET', 'u32', bit + 48)
-  local h = {v[1], v[2], v[3], v[4], v[5]}
+  local h = {v[1], v[2], v[3], v[4], v[5], v[6]}
   if h[1] == 0 or b - h[1] >= slots then
     if h[1] ~= 0 then redis.call('DEL', ring) end
     -- Made at full length at once: one allocation of the right size class, rather than
     -- a string grown (and over-allocated) as later buckets are written.
     redis.call('SETRANGE', ring, HDR_BYTES + SLOT_BYTES * slots - 1, '\0')
-    return {b, b, 0, 0, 0}, b, {0, 0, 0}
+    local epoch = new_epoch(h[6])
+    redis.call('BITFIELD', ring, 'SET', 'i64', 320, epoch)
+    return {b, b, 0, 0, 0, epoch}, b, {0, 0, 0}
   end
-  if b == h[1] then return h, b, {v[6], v[7], v[8]} end
+  if b == h[1] then return h, b, {v[7], v[8], v[9]} end
   if b < h[1] then
     local hb = slot_bit(h[1], slots)
     local c = redis.call('BITFIELD_RO', ring, 'GET', 'u16', hb, 'GET', 'u32', hb + 16, 'GET', 'u32', hb + 48)
@@ -125,4 +157,68 @@ local function settle_tail(ring, h, slots)
     if r ~= 0 or i ~= 0 or o ~= 0 then found = x; return true end
   end, true)
   h[2] = found
+end
+
+-- Scans the window from its oldest non-empty bucket forward, reading one slot, then two,
+-- then four..., and stops as soon as the answers are known, so the usual denial (at the
+-- limit, asking for a little) reads a slot or two. Answers, as WindowShape::resets and
+-- WindowShape::retry_after do in Rust:
+--   resets: per limit, the wait until its oldest counted usage leaves the window (0 = none);
+--   retry (only when `want` is given): the wait until `want` fits beside the totals if
+--   nothing else arrives; a request that fits the totals (refused because its bucket's
+--   slot is full) waits for the next bucket.
+-- Moves the tail to the oldest non-empty bucket on the way. h is the header after
+-- advance, b the head bucket, now the script's clock.
+local function scan_window(ring, h, slots, precision, now, want, limit)
+  local b = h[1]
+  local function wait_until(t)
+    local w = t - now
+    if w < 1 then w = 1 end
+    return w
+  end
+  local function leaves_at(x) return (x + slots) * precision end
+  local reset = {0, 0, 0}
+  local open = 0
+  for k = 1, 3 do
+    if h[k + 2] > 0 then open = open + 1 end
+  end
+  local freed = {0, 0, 0}
+  local function fits()
+    for k = 1, 3 do
+      if h[k + 2] - freed[k] + want[k] > limit[k] then return false end
+    end
+    return true
+  end
+  local retry = nil
+  if want == nil then
+    retry = 0
+  elseif fits() then
+    retry = wait_until((b + 1) * precision)
+  end
+  local first = b - slots + 1
+  if h[2] < first then h[2] = first end
+  local tail = nil
+  if open > 0 or retry == nil then
+    each_slot(ring, slots, h[2], b, function(x, r, i, o)
+      if r == 0 and i == 0 and o == 0 then return false end
+      if tail == nil then tail = x end
+      local v = {r, i, o}
+      for k = 1, 3 do
+        if reset[k] == 0 and v[k] > 0 then
+          reset[k] = wait_until(leaves_at(x))
+          open = open - 1
+        end
+      end
+      if retry == nil then
+        for k = 1, 3 do freed[k] = freed[k] + v[k] end
+        if fits() then retry = wait_until(leaves_at(x)) end
+      end
+      return open == 0 and retry ~= nil
+    end, true)
+  end
+  if retry == nil then retry = wait_until(leaves_at(b)) end
+  -- A scan that stopped early found the oldest non-empty bucket first; one that found
+  -- nothing means the window is empty up to the head.
+  h[2] = tail or b
+  return reset, retry
 end

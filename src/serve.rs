@@ -42,17 +42,23 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         ),
         None => Store::Memory(MemoryStore::new()),
     };
+    // One gate for both listeners: gRPC and HTTP admission share the node's CPU.
+    let gate = Arc::new(Gate::new(&options.pressure, &metrics));
+    let limiter = Arc::new(Limiter::new(config.clone(), store, metrics.clone()));
     let watcher = {
-        let (metrics, current) = (metrics.clone(), config.clone());
+        let limiter = limiter.clone();
         spawn_watcher(
             options.config.clone(),
-            config.clone(),
+            config,
             Duration::from_secs(1),
             move |outcome| {
                 let label = match outcome {
                     ReloadOutcome::Applied => {
-                        metrics.config_keys.set(current.load().keys().len() as i64);
-                        tracing::info!("config reloaded");
+                        let keys = limiter.config().keys().len();
+                        metrics.config_keys.set(keys as i64);
+                        // State of keys or window shapes no longer configured is freed.
+                        limiter.forget_unconfigured();
+                        tracing::info!(keys, "config reloaded");
                         "applied"
                     }
                     ReloadOutcome::Unchanged => return,
@@ -66,9 +72,6 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         )
     };
 
-    // One gate for both listeners: gRPC and HTTP admission share the node's CPU.
-    let gate = Arc::new(Gate::new(&options.pressure, &metrics));
-    let limiter = Arc::new(Limiter::new(config, store, metrics));
     let http = tokio::net::TcpListener::bind(options.http_addr).await?;
     let grpc = tokio::net::TcpListener::bind(options.grpc_addr).await?;
     let http_addr = http.local_addr()?;

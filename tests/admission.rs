@@ -262,7 +262,10 @@ async fn path_variants_and_azure_deployments_are_metered_as_the_upstream_routes_
         "azure_deployments:\n  prod-4o: gpt-4o\n  legacy: gpt-4\n",
     ))
     .await;
-    let body = chat("Расскажите о скользящих окнах: 日本語のテキスト、トークン数。", 20);
+    let body = chat(
+        "Расскажите о скользящих окнах: 日本語のテキスト、トークン数。",
+        20,
+    );
     let tokens = input_tokens(Endpoint::ChatCompletions, &body);
     let variants = [
         "/v1//chat/completions",
@@ -353,4 +356,52 @@ async fn path_variants_and_azure_deployments_are_metered_as_the_upstream_routes_
     )
     .await;
     assert_eq!(status, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_frees_the_state_of_keys_no_longer_configured() {
+    let with_key = config("");
+    let without_key = Config::parse("keys: []\n", "empty.yaml").unwrap();
+    let current = Arc::new(ArcSwap::from_pointee(with_key.clone()));
+    let limiter = Limiter::new(
+        current.clone(),
+        Store::Memory(MemoryStore::new()),
+        Arc::new(Metrics::default()),
+    );
+    let admit = || async {
+        let body = chat("hello", 10);
+        limiter
+            .check(llm_ratelimit::admission::ClientRequest {
+                method: "POST",
+                authorization: Some("Bearer sk-test-admission-secret"),
+                api_key: None,
+                path: "/v1/chat/completions",
+                body: body.as_bytes(),
+            })
+            .await
+    };
+    let requests = |u: Value| u["requests"]["used"].as_u64().unwrap();
+    assert!(admit().await.admitted.is_some());
+    assert_eq!(requests(limiter.usage("team-a").await.unwrap()), 1);
+
+    // A reload without the key frees its ring; the key coming back starts afresh. (A
+    // reload that only re-applies the same keys keeps their windows.)
+    limiter.forget_unconfigured();
+    assert_eq!(requests(limiter.usage("team-a").await.unwrap()), 1);
+    current.store(Arc::new(without_key));
+    limiter.forget_unconfigured();
+    current.store(Arc::new(with_key.clone()));
+    assert_eq!(requests(limiter.usage("team-a").await.unwrap()), 0);
+
+    // A changed window is a new shape: the old shape's ring is freed the same way.
+    assert!(admit().await.admitted.is_some());
+    let longer = Config::parse(
+        &format!("window: 120s\nkeys:\n  - name: team-a\n    key: {SECRET}\n    rpm: 1000\n    input_tpm: 10000000\n    output_tpm: 10000\n"),
+        "longer.yaml",
+    )
+    .unwrap();
+    current.store(Arc::new(longer));
+    limiter.forget_unconfigured();
+    current.store(Arc::new(with_key));
+    assert_eq!(requests(limiter.usage("team-a").await.unwrap()), 0);
 }

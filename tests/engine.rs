@@ -7,12 +7,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::reference::Reference;
+use common::reference::{Reference, Settled};
 use common::{RedisCluster, RedisServer};
 use llm_ratelimit::engine::memory::MemoryStore;
-use llm_ratelimit::engine::redis::{ring_key, RedisStore};
+use llm_ratelimit::engine::redis::{marker_key, ring_key, RedisStore};
 use llm_ratelimit::engine::{
-    Charge, Clock, Decision, KeyName, Limits, Settlement, Store, StoreError, Usage, WindowShape,
+    Charge, Clock, Decision, KeyName, LimitKind, Limits, Reservation, Settlement, Store,
+    StoreError, Usage, WindowShape,
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
@@ -38,6 +39,12 @@ fn unique_key(prefix: &str) -> KeyName {
     KeyName::new(&format!("{prefix}-{}", N.fetch_add(1, Ordering::SeqCst))).unwrap()
 }
 
+/// A marker id, as admission picks them.
+fn rand_id() -> u64 {
+    static N: AtomicU64 = AtomicU64::new(1);
+    N.fetch_add(1, Ordering::SeqCst)
+}
+
 fn usage(a: [u64; 3]) -> Usage {
     Usage {
         requests: a[0],
@@ -48,22 +55,68 @@ fn usage(a: [u64; 3]) -> Usage {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Reserve { want: [u64; 3], settle_later: bool },
-    Settle { pick: usize, actual: u64 },
+    Reserve {
+        want: [u64; 3],
+        marker: bool,
+        force: bool,
+    },
+    Settle {
+        pick: usize,
+        actual: u64,
+    },
+    Refund {
+        amount: [u64; 3],
+        /// By the marker of this pick among those ever left; `None` = newest first.
+        pick: Option<usize>,
+    },
     Usage,
-    Wait { ms: u64 },
+    Wait {
+        ms: u64,
+    },
+    /// Idle a whole window and then some.
+    Idle {
+        extra_ms: u64,
+    },
+    /// The clock steps back (a failover to a node whose clock is behind).
+    Back {
+        ms: u64,
+    },
+}
+
+/// A token count; often zero, so that empty charges (whose buckets hold nothing until
+/// settled) come up.
+fn tokens() -> impl Strategy<Value = u64> {
+    prop_oneof![1 => Just(0u64), 3 => 0u64..60]
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (0u64..3, 0u64..60, 0u64..60, any::<bool>()).prop_map(|(r, i, o, s)| Op::Reserve {
-            want: [r, i, o],
-            settle_later: s,
-        }),
+        6 => (0u64..3, tokens(), tokens(), any::<bool>(), prop::bool::weighted(0.1)).prop_map(
+            |(r, i, o, marker, force)| Op::Reserve {
+                want: [r, i, o],
+                marker,
+                force,
+            }
+        ),
         2 => (any::<usize>(), 0u64..90).prop_map(|(pick, actual)| Op::Settle { pick, actual }),
+        2 => (0u64..3, 0u64..80, 0u64..80, prop::option::weighted(0.6, any::<usize>()))
+            .prop_map(|(r, i, o, pick)| Op::Refund {
+                amount: [r, i, o],
+                pick,
+            }),
         1 => Just(Op::Usage),
         4 => prop_oneof![0u64..150, 0u64..1200, 1000u64..5000].prop_map(|ms| Op::Wait { ms }),
+        1 => (0u64..1000).prop_map(|extra_ms| Op::Idle { extra_ms }),
+        1 => (1u64..1500).prop_map(|ms| Op::Back { ms }),
     ]
+}
+
+fn settlement(s: Settlement) -> Settled {
+    match s {
+        Settlement::Applied { delta } => Settled::Applied(delta),
+        Settlement::Expired => Settled::Expired,
+        Settlement::Unknown => Settled::Unknown,
+    }
 }
 
 /// Runs one sequence on both stores and the reference, checking after every step that
@@ -91,32 +144,65 @@ async fn run_sequence(
         output_tokens: limits[2],
     };
     let mut model = Reference::new(window_ms, precision_ms);
-    // (model event, memory reservation, redis reservation)
-    let mut open = Vec::new();
-    let mut raised = 0u64; // output tokens added by settlements above the reservation
+    // Every marker id left so far (settled, used up and expired ones too).
+    let mut ids: Vec<u64> = Vec::new();
+    // What forced charges and settlements above their reservations added: the exact window
+    // may exceed a limit by that much, no more.
+    let mut slack = [0u64; 3];
+    let mut latest = 0;
     for op in ops {
         let now = clock_now.load(Ordering::SeqCst);
+        latest = latest.max(now);
         match op {
             Op::Wait { ms } => {
                 clock_now.fetch_add(ms, Ordering::SeqCst);
+            }
+            Op::Idle { extra_ms } => {
+                clock_now.fetch_add(window_ms + extra_ms, Ordering::SeqCst);
+            }
+            Op::Back { ms } => {
+                clock_now.fetch_sub(ms, Ordering::SeqCst);
             }
             Op::Usage => {
                 let m = memory.usage(&key, shape).await.unwrap();
                 let r = redis.usage(&key, shape).await.unwrap();
                 prop_assert_eq!(m, r);
+                model.touch(now, false);
                 prop_assert_eq!(m.usage, usage(model.bucketed(now)));
+                prop_assert_eq!(m.reset_ms, model.resets(now));
             }
-            Op::Reserve { want, settle_later } => {
+            Op::Refund { amount, pick } => {
+                let id = pick.and_then(|p| (!ids.is_empty()).then(|| ids[p % ids.len()]));
+                let a = usage(amount);
+                let m = memory.refund(&key, shape, &a, id).await.unwrap();
+                let r = redis.refund(&key, shape, &a, id).await.unwrap();
+                prop_assert_eq!(m, r);
+                model.touch(now, false);
+                model.refund(now, amount, id);
+                prop_assert_eq!(m.usage, usage(model.bucketed(now)));
+                prop_assert_eq!(m.reset_ms, model.tail_resets(now));
+            }
+            Op::Reserve {
+                want,
+                marker,
+                force,
+            } => {
                 let w = usage(want);
+                let charge = if force { Charge::Force } else { Charge::Check };
+                let id = marker.then(|| ids.len() as u64 + 1);
                 let m = memory
-                    .reserve(&key, shape, &lim, &w, Charge::Check, settle_later)
+                    .reserve(&key, shape, &lim, &w, charge, id)
                     .await
                     .unwrap();
                 let r = redis
-                    .reserve(&key, shape, &lim, &w, Charge::Check, settle_later)
+                    .reserve(&key, shape, &lim, &w, charge, id)
                     .await
                     .unwrap();
-                let fits = model.fits(now, want, limits);
+                let too_large = !force && (0..3).any(|k| want[k] > limits[k]);
+                model.touch(now, !too_large);
+                let fits = force || model.fits(now, want, limits);
+                // Behind an instant already seen: the exact window is not defined then.
+                let stepped_back = now < latest;
                 match (&m, &r) {
                     (
                         Decision::Admitted {
@@ -130,18 +216,26 @@ async fn run_sequence(
                     ) => {
                         prop_assert_eq!(ms, rs);
                         prop_assert!(fits, "admitted but the reference says it does not fit");
-                        let i = model.admit(now, want);
-                        prop_assert_eq!(ms.usage, usage(model.bucketed(now)));
-                        // Never over a limit in the exact window (output may exceed only
-                        // by what settlements raised above their reservations).
-                        let exact = model.exact(now, window_ms);
-                        prop_assert!(exact[0] <= limits[0] && exact[1] <= limits[1]);
-                        prop_assert!(exact[2] <= limits[2] + raised);
-                        prop_assert_eq!(mr.is_some(), settle_later);
-                        prop_assert_eq!(rr.is_some(), settle_later);
-                        if let (Some(mr), Some(rr)) = (mr.clone(), rr.clone()) {
-                            open.push((i, mr, rr));
+                        model.admit(now, want, id);
+                        if let Some(id) = id {
+                            ids.push(id);
                         }
+                        if force {
+                            for k in 0..3 {
+                                slack[k] += want[k];
+                            }
+                        }
+                        prop_assert_eq!(ms.usage, usage(model.bucketed(now)));
+                        prop_assert_eq!(ms.reset_ms, model.tail_resets(now));
+                        // Never over a limit in the exact window, but for the slack.
+                        if !stepped_back {
+                            let exact = model.exact(now, window_ms);
+                            for k in 0..3 {
+                                prop_assert!(exact[k] <= limits[k] + slack[k]);
+                            }
+                        }
+                        prop_assert_eq!(mr.as_ref().map(|r| r.id), id);
+                        prop_assert_eq!(rr.as_ref().map(|r| r.id), id);
                     }
                     (
                         Decision::Denied {
@@ -160,12 +254,22 @@ async fn run_sequence(
                         prop_assert_eq!(mretry, rretry);
                         prop_assert!(!fits, "denied but the reference says it fits");
                         prop_assert_eq!(ms.usage, usage(model.bucketed(now)));
+                        prop_assert_eq!(ms.reset_ms, model.resets(now));
+                        // The limit the request alone exceeds, else the first one full.
+                        let used = if too_large {
+                            [0; 3]
+                        } else {
+                            model.bucketed(now)
+                        };
+                        let first = (0..3).find(|k| used[*k] + want[*k] > limits[*k]);
+                        prop_assert_eq!(LimitKind::ALL.iter().position(|k| k == ml), first);
                         // A denial is justified by the window stretched by one bucket.
-                        let stretched = model.exact(now, window_ms + precision_ms);
-                        let too_large = (0..3).any(|k| want[k] > limits[k]);
-                        prop_assert!(
-                            too_large || (0..3).any(|k| stretched[k] + want[k] > limits[k])
-                        );
+                        if !stepped_back {
+                            let stretched = model.exact(now, window_ms + precision_ms);
+                            prop_assert!(
+                                too_large || (0..3).any(|k| stretched[k] + want[k] > limits[k])
+                            );
+                        }
                         match mretry {
                             None => prop_assert!(too_large),
                             Some(retry) => {
@@ -178,21 +282,22 @@ async fn run_sequence(
                 }
             }
             Op::Settle { pick, actual } => {
-                if open.is_empty() {
+                if ids.is_empty() {
                     continue;
                 }
-                let (i, mr, rr) = open[pick % open.len()].clone();
-                let m = memory.settle(&mr, actual).await.unwrap();
-                let r = redis.settle(&rr, actual).await.unwrap();
-                let expected = model.settle(i, now, actual);
-                let applied = |s: Settlement| match s {
-                    Settlement::Applied { delta } => Some(delta),
-                    _ => None,
+                let id = ids[pick % ids.len()];
+                let res = Reservation {
+                    key: key.clone(),
+                    shape,
+                    id,
                 };
-                prop_assert_eq!(applied(m), applied(r));
-                prop_assert_eq!(applied(m), expected);
-                if let Some(d) = expected {
-                    raised += d.max(0) as u64;
+                let m = settlement(memory.settle(&res, actual).await.unwrap());
+                let r = settlement(redis.settle(&res, actual).await.unwrap());
+                prop_assert_eq!(m, r);
+                let expected = model.settle(id, now, actual);
+                prop_assert_eq!(m, expected);
+                if let Settled::Applied(d) = expected {
+                    slack[2] += d.max(0) as u64;
                 }
             }
         }
@@ -200,6 +305,7 @@ async fn run_sequence(
     let now = clock_now.load(Ordering::SeqCst);
     let m = memory.usage(&key, shape).await.unwrap();
     prop_assert_eq!(m, redis.usage(&key, shape).await.unwrap());
+    model.touch(now, false);
     prop_assert_eq!(m.usage, usage(model.bucketed(now)));
     Ok(())
 }
@@ -215,9 +321,11 @@ fn stores_agree_with_each_other_and_the_reference() {
         .enable_all()
         .build()
         .unwrap();
+    // The production shape (601 slots) beside small ones that idle and wrap often.
     let strategy = (
         prop_oneof![
-            Just((2000u64, 100u64)),
+            Just((60_000u64, 100u64)),
+            Just((2000, 100)),
             Just((1000, 250)),
             Just((3000, 500))
         ],
@@ -225,7 +333,7 @@ fn stores_agree_with_each_other_and_the_reference() {
         prop::collection::vec(op(), 1..80),
     );
     let mut runner = TestRunner::new(ProptestConfig {
-        cases: 96,
+        cases: 128,
         ..ProptestConfig::default()
     });
     let result = runner.run(&strategy, |((window_ms, precision_ms), limits, ops)| {
@@ -284,7 +392,7 @@ async fn a_denied_request_leaves_usage_unchanged() {
                 &limits,
                 &usage([1, 60, 60]),
                 Charge::Check,
-                true,
+                Some(rand_id()),
             )
             .await
             .unwrap();
@@ -292,7 +400,14 @@ async fn a_denied_request_leaves_usage_unchanged() {
         let before = store.usage(&key, shape).await.unwrap();
         for want in [[1, 41, 1], [1, 1, 41], [1, 101, 1]] {
             let d = store
-                .reserve(&key, shape, &limits, &usage(want), Charge::Check, true)
+                .reserve(
+                    &key,
+                    shape,
+                    &limits,
+                    &usage(want),
+                    Charge::Check,
+                    Some(rand_id()),
+                )
                 .await
                 .unwrap();
             assert!(
@@ -312,7 +427,14 @@ async fn admitted_for_settlement(
     want: [u64; 3],
 ) -> llm_ratelimit::engine::Reservation {
     match store
-        .reserve(key, shape, &big_limits(), &usage(want), Charge::Check, true)
+        .reserve(
+            key,
+            shape,
+            &big_limits(),
+            &usage(want),
+            Charge::Check,
+            Some(rand_id()),
+        )
         .await
         .unwrap()
     {
@@ -363,7 +485,7 @@ async fn a_duplicate_report_settles_once_and_a_late_one_changes_nothing() {
                 &big_limits(),
                 &usage([1, 0, 7]),
                 Charge::Check,
-                false,
+                None,
             )
             .await
             .unwrap();
@@ -395,14 +517,7 @@ async fn a_denial_says_when_the_request_fits_from_the_buckets() {
         for step in [0, 10_000, 20_000] {
             now.store(T0 + step, Ordering::SeqCst);
             let d = store
-                .reserve(
-                    &key,
-                    shape,
-                    &limits,
-                    &usage([1, 1, 1]),
-                    Charge::Check,
-                    false,
-                )
+                .reserve(&key, shape, &limits, &usage([1, 1, 1]), Charge::Check, None)
                 .await
                 .unwrap();
             assert!(matches!(d, Decision::Admitted { .. }));
@@ -413,14 +528,7 @@ async fn a_denial_says_when_the_request_fits_from_the_buckets() {
             limit,
             snapshot,
         } = store
-            .reserve(
-                &key,
-                shape,
-                &limits,
-                &usage([1, 1, 1]),
-                Charge::Check,
-                false,
-            )
+            .reserve(&key, shape, &limits, &usage([1, 1, 1]), Charge::Check, None)
             .await
             .unwrap()
         else {
@@ -434,7 +542,7 @@ async fn a_denial_says_when_the_request_fits_from_the_buckets() {
 }
 
 #[tokio::test]
-async fn an_idle_key_expires_and_its_ring_stays_bounded() {
+async fn a_busy_ring_stays_bounded() {
     let redis = RedisServer::start();
     let (now, clock) = manual_clock(T0);
     let store = Store::Redis(
@@ -453,23 +561,84 @@ async fn an_idle_key_expires_and_its_ring_stays_bounded() {
                 &big_limits(),
                 &usage([1, 100, 50]),
                 Charge::Check,
-                false,
+                None,
             )
             .await
             .unwrap();
     }
     let ring = ring_key(&key, shape);
     let len: usize = redis.cli(&["STRLEN", &ring]).parse().unwrap();
-    assert!(
-        len <= 40 + 10 * shape.slots() as usize,
-        "ring is {len} bytes"
+    assert_eq!(len, 48 + 10 * shape.slots() as usize, "ring is {len} bytes");
+}
+
+/// Polls until `key` is gone from `redis`, or fails at the deadline.
+fn wait_until_gone(redis: &RedisServer, key: &str, deadline: std::time::Instant) {
+    while redis.cli(&["EXISTS", key]) != "0" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{key} still there (PTTL {})",
+            redis.cli(&["PTTL", key])
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// On Redis's own clock (no test clock): the ring and the marker carry a TTL of a window
+/// and two buckets, and an idle key's ring and marker are gone once it has passed.
+#[tokio::test]
+async fn an_idle_key_expires_on_redis_time() {
+    let redis = RedisServer::start();
+    let store = Store::Redis(RedisStore::connect(&redis.url(), Duration::from_secs(2)).unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while store.ping().await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "store did not connect"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let shape = shape(1_000, 100);
+    let key = unique_key("idle");
+    let id = rand_id();
+    let d = store
+        .reserve(
+            &key,
+            shape,
+            &big_limits(),
+            &usage([1, 5, 5]),
+            Charge::Check,
+            Some(id),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(d, Decision::Admitted { .. }), "{d:?}");
+    let started = std::time::Instant::now();
+    let ring = ring_key(&key, shape);
+    let marker = marker_key(&key, shape, id);
+    for k in [&ring, &marker] {
+        let ttl: i64 = redis.cli(&["PTTL", k]).parse().unwrap();
+        assert!(ttl > 0 && ttl <= shape.ttl_ms() as i64, "{k}: PTTL {ttl}");
+    }
+    // Idle past the window: both go by themselves, soon after their TTL.
+    let deadline = started + Duration::from_millis(shape.ttl_ms()) + Duration::from_secs(5);
+    wait_until_gone(&redis, &ring, deadline);
+    wait_until_gone(&redis, &marker, deadline);
+    assert!(started.elapsed() >= Duration::from_millis(shape.window_ms()));
+    // And the key starts afresh.
+    assert_eq!(
+        store.usage(&key, shape).await.unwrap().usage,
+        Usage::default()
     );
-    let ttl: i64 = redis.cli(&["PTTL", &ring]).parse().unwrap();
-    assert!(ttl > 0 && ttl <= shape.ttl_ms() as i64, "ttl {ttl}");
 }
 
 /// `nodes` independent connections fire `per_node` concurrent reservations each at one key.
-async fn race(url: &str, nodes: usize, per_node: usize, limits: Limits, want: Usage) -> usize {
+async fn race(
+    url: &str,
+    nodes: usize,
+    per_node: usize,
+    limits: Limits,
+    want: Usage,
+) -> (usize, KeyName) {
     let shape = shape(60_000, 100);
     let key = unique_key("race");
     let mut stores = Vec::new();
@@ -492,7 +661,7 @@ async fn race(url: &str, nodes: usize, per_node: usize, limits: Limits, want: Us
             let (store, key) = (store.clone(), key.clone());
             tasks.push(tokio::spawn(async move {
                 store
-                    .reserve(&key, shape, &limits, &want, Charge::Check, true)
+                    .reserve(&key, shape, &limits, &want, Charge::Check, Some(rand_id()))
                     .await
                     .unwrap()
             }));
@@ -507,31 +676,33 @@ async fn race(url: &str, nodes: usize, per_node: usize, limits: Limits, want: Us
     let used = stores[0].usage(&key, shape).await.unwrap().usage;
     assert_eq!(used.requests, admitted as u64 * want.requests);
     assert_eq!(used.input_tokens, admitted as u64 * want.input_tokens);
-    admitted
+    (admitted, key)
 }
 
-async fn races_admit_exactly_the_limit(url: &str) {
+/// Races on three keys; returns their names.
+async fn races_admit_exactly_the_limit(url: &str) -> Vec<KeyName> {
     let by_requests = Limits {
         requests: 100,
         input_tokens: 1_000_000,
         output_tokens: 1_000_000,
     };
-    assert_eq!(race(url, 3, 150, by_requests, usage([1, 7, 3])).await, 100);
+    let (n, a) = race(url, 3, 150, by_requests, usage([1, 7, 3])).await;
+    assert_eq!(n, 100);
     let by_input = Limits {
         requests: 10_000,
         input_tokens: 1_000,
         output_tokens: 1_000_000,
     };
-    assert_eq!(
-        race(url, 3, 150, by_input, usage([1, 7, 3])).await,
-        1_000 / 7
-    );
+    let (n, b) = race(url, 3, 150, by_input, usage([1, 7, 3])).await;
+    assert_eq!(n, 1_000 / 7);
     let by_output = Limits {
         requests: 10_000,
         input_tokens: 1_000_000,
         output_tokens: 999,
     };
-    assert_eq!(race(url, 3, 150, by_output, usage([1, 7, 10])).await, 99);
+    let (n, c) = race(url, 3, 150, by_output, usage([1, 7, 10])).await;
+    assert_eq!(n, 99);
+    vec![a, b, c]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -543,14 +714,29 @@ async fn concurrent_nodes_admit_exactly_the_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_nodes_admit_exactly_the_limit_on_a_cluster() {
     let cluster = RedisCluster::start(3);
-    races_admit_exactly_the_limit(&cluster.url()).await;
-    // Keys of different names spread over the masters, and each key's data is in one slot.
-    let keys: usize = cluster
-        .nodes
-        .iter()
-        .map(|n| n.cli(&["DBSIZE"]).parse::<usize>().unwrap())
-        .sum();
-    assert!(keys >= 3);
+    let keys = races_admit_exactly_the_limit(&cluster.url()).await;
+    // Each key's ring exists on exactly one master, in the slot of the key's hash tag.
+    for key in keys {
+        let ring = ring_key(&key, shape(60_000, 100));
+        let node = &cluster.nodes[0];
+        let slot = node.cli(&["CLUSTER", "KEYSLOT", &ring]);
+        assert_eq!(
+            slot,
+            node.cli(&["CLUSTER", "KEYSLOT", key.as_str()]),
+            "{ring}"
+        );
+        let holders: Vec<_> = cluster
+            .nodes
+            .iter()
+            .filter(|n| n.cli(&["EXISTS", &ring]) == "1")
+            .collect();
+        assert_eq!(holders.len(), 1, "{ring} should be on exactly one master");
+        let keys_in_slot = holders[0].cli(&["CLUSTER", "GETKEYSINSLOT", &slot, "1000"]);
+        assert!(
+            keys_in_slot.lines().any(|k| k == ring),
+            "{ring} not in slot {slot}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -581,7 +767,7 @@ async fn a_store_that_does_not_answer_errors_within_its_deadline() {
             &big_limits(),
             &usage([1, 1, 1]),
             Charge::Check,
-            false,
+            None,
         )
         .await;
     std::process::Command::new("kill")
@@ -613,7 +799,7 @@ async fn rediss_urls_speak_tls() {
             &big_limits(),
             &usage([1, 5, 5]),
             Charge::Check,
-            false,
+            None,
         )
         .await
         .unwrap();
@@ -642,14 +828,17 @@ async fn a_refund_takes_back_from_the_newest_buckets_and_never_below_zero() {
                     &big_limits(),
                     &usage(want),
                     Charge::Check,
-                    false,
+                    None,
                 )
                 .await
                 .unwrap();
             assert!(matches!(d, Decision::Admitted { .. }));
         }
         // 40 input: 30 from the newest bucket, 10 from the one before.
-        let s = store.refund(&key, shape, &usage([1, 40, 0])).await.unwrap();
+        let s = store
+            .refund(&key, shape, &usage([1, 40, 0]), None)
+            .await
+            .unwrap();
         assert_eq!(s.usage, usage([3, 20, 15]));
         // What leaves the window first is the oldest bucket: still holding its 10 input.
         now.store(T0 + 2_150, Ordering::SeqCst);
@@ -659,7 +848,7 @@ async fn a_refund_takes_back_from_the_newest_buckets_and_never_below_zero() {
         );
         // More than the window holds: down to zero, not below.
         let s = store
-            .refund(&key, shape, &usage([9, 999, 999]))
+            .refund(&key, shape, &usage([9, 999, 999]), None)
             .await
             .unwrap();
         assert_eq!(s.usage, usage([0, 0, 0]));
@@ -670,7 +859,7 @@ async fn a_refund_takes_back_from_the_newest_buckets_and_never_below_zero() {
                 &big_limits(),
                 &usage([1, 1, 1]),
                 Charge::Check,
-                false,
+                None,
             )
             .await
             .unwrap();
@@ -681,4 +870,284 @@ async fn a_refund_takes_back_from_the_newest_buckets_and_never_below_zero() {
         seen.push(snapshot);
     }
     assert_eq!(seen[0], seen[1], "both stores answer alike");
+}
+
+/// Reserves `want` under generous limits with marker `id`.
+async fn charge_with_marker(
+    store: &Store,
+    key: &KeyName,
+    shape: WindowShape,
+    want: [u64; 3],
+    id: u64,
+) -> Reservation {
+    match store
+        .reserve(
+            key,
+            shape,
+            &big_limits(),
+            &usage(want),
+            Charge::Check,
+            Some(id),
+        )
+        .await
+        .unwrap()
+    {
+        Decision::Admitted {
+            reservation: Some(r),
+            ..
+        } => r,
+        other => panic!("admission with a marker expected, got {other:?}"),
+    }
+}
+
+/// A ring evicted (here: deleted) while a marker survives: settling or refunding by that
+/// marker must not touch the fresh ring's buckets (the epochs differ).
+#[tokio::test]
+async fn a_marker_that_outlived_its_ring_changes_nothing_in_the_new_one() {
+    let redis = RedisServer::start();
+    let (_, clock) = manual_clock(T0);
+    let store = Store::Redis(
+        RedisStore::connect_with_clock(&redis.url(), Duration::from_secs(2), clock)
+            .await
+            .unwrap(),
+    );
+    let shape = shape(60_000, 100);
+    let key = unique_key("evicted");
+    let settled = charge_with_marker(&store, &key, shape, [1, 10, 500], rand_id()).await;
+    let refunded = charge_with_marker(&store, &key, shape, [1, 10, 500], rand_id()).await;
+    assert_eq!(redis.cli(&["DEL", &ring_key(&key, shape)]), "1");
+    // Other requests, in the same bucket, in the ring made afresh.
+    for _ in 0..3 {
+        charge_with_marker(&store, &key, shape, [1, 20, 300], rand_id()).await;
+    }
+    let before = store.usage(&key, shape).await.unwrap();
+    assert_eq!(before.usage, usage([3, 60, 900]));
+    assert_eq!(
+        store.settle(&settled, 0).await.unwrap(),
+        Settlement::Expired
+    );
+    assert_eq!(store.usage(&key, shape).await.unwrap(), before);
+    store
+        .refund(&key, shape, &usage([1, 10, 500]), Some(refunded.id))
+        .await
+        .unwrap();
+    assert_eq!(store.usage(&key, shape).await.unwrap(), before);
+}
+
+/// A refund by marker goes back to the bucket the charge went into, at most what the
+/// charge added; a settlement after a partial refund corrects against what is left.
+#[tokio::test]
+async fn a_refund_by_marker_frees_the_charged_bucket_only() {
+    let redis = RedisServer::start();
+    let (now, stores) = both_stores(&redis, T0).await;
+    let shape = shape(2_000, 100);
+    let mut seen = Vec::new();
+    for store in &stores {
+        now.store(T0, Ordering::SeqCst);
+        let key = unique_key("refund-marker");
+        let old = charge_with_marker(store, &key, shape, [1, 10, 100], rand_id()).await;
+        now.store(T0 + 1_000, Ordering::SeqCst);
+        charge_with_marker(store, &key, shape, [2, 40, 200], rand_id()).await;
+        // More than the charge added: only what it added, and only from its bucket.
+        let s = store
+            .refund(&key, shape, &usage([5, 50, 80]), Some(old.id))
+            .await
+            .unwrap();
+        assert_eq!(s.usage, usage([2, 40, 220]));
+        // Newest-first would have emptied the newer bucket instead; here it is intact once
+        // the old bucket has left the window.
+        now.store(T0 + 2_150, Ordering::SeqCst);
+        assert_eq!(
+            store.usage(&key, shape).await.unwrap().usage,
+            usage([2, 40, 200])
+        );
+
+        // Partial refund of output, then settlement against the rest of the reservation.
+        now.store(T0 + 3_000, Ordering::SeqCst);
+        let key = unique_key("refund-settle");
+        let res = charge_with_marker(store, &key, shape, [1, 10, 500], rand_id()).await;
+        store
+            .refund(&key, shape, &usage([0, 0, 200]), Some(res.id))
+            .await
+            .unwrap();
+        // 300 still reserved: settling at 120 gives back 180, to 120 in all.
+        assert_eq!(
+            store.settle(&res, 120).await.unwrap(),
+            Settlement::Applied { delta: -180 }
+        );
+        assert_eq!(
+            store.usage(&key, shape).await.unwrap().usage,
+            usage([1, 10, 120])
+        );
+
+        // A marker used up by refunds is gone: its settlement is unknown, and a further
+        // refund under it falls back to the newest buckets.
+        let res = charge_with_marker(store, &key, shape, [1, 5, 5], rand_id()).await;
+        let s = store
+            .refund(&key, shape, &usage([1, 5, 5]), Some(res.id))
+            .await
+            .unwrap();
+        assert_eq!(s.usage, usage([1, 10, 120]));
+        assert_eq!(store.settle(&res, 1).await.unwrap(), Settlement::Unknown);
+        let s = store
+            .refund(&key, shape, &usage([1, 0, 0]), Some(res.id))
+            .await
+            .unwrap();
+        assert_eq!(s.usage, usage([0, 10, 120]));
+
+        // A forced charge leaves a marker too, and a refund by it undoes exactly it.
+        let forced = match store
+            .reserve(
+                &key,
+                shape,
+                &Limits {
+                    requests: 1,
+                    input_tokens: 1,
+                    output_tokens: 1,
+                },
+                &usage([3, 30, 30]),
+                Charge::Force,
+                Some(rand_id()),
+            )
+            .await
+            .unwrap()
+        {
+            Decision::Admitted {
+                reservation: Some(r),
+                ..
+            } => r,
+            other => panic!("a forced charge is admitted with its marker: {other:?}"),
+        };
+        let s = store
+            .refund(&key, shape, &usage([9, 99, 99]), Some(forced.id))
+            .await
+            .unwrap();
+        assert_eq!(s.usage, usage([0, 10, 120]));
+        seen.push(s);
+    }
+    assert_eq!(seen[0], seen[1], "both stores answer alike");
+}
+
+/// A denial's answer is computed in the script: the reply is a few integers, not the ring
+/// (which at 60 s / 100 ms is 6 KB), however full the ring is.
+#[tokio::test]
+async fn a_denial_reply_is_small_however_full_the_ring() {
+    let redis = RedisServer::start();
+    let (now, clock) = manual_clock(T0);
+    let store = Store::Redis(
+        RedisStore::connect_with_clock(&redis.url(), Duration::from_secs(2), clock)
+            .await
+            .unwrap(),
+    );
+    let shape = shape(60_000, 100);
+    let key = unique_key("full");
+    for j in 0..600u64 {
+        now.store(T0 + j * 100, Ordering::SeqCst);
+        store
+            .reserve(
+                &key,
+                shape,
+                &big_limits(),
+                &usage([1, 100, 50]),
+                Charge::Check,
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    now.store(T0 + 60_000, Ordering::SeqCst);
+    let at_limit = Limits {
+        requests: 600,
+        ..big_limits()
+    };
+    redis.cli(&["CONFIG", "RESETSTAT"]);
+    let d = store
+        .reserve(
+            &key,
+            shape,
+            &at_limit,
+            &usage([1, 1, 1]),
+            Charge::Check,
+            None,
+        )
+        .await
+        .unwrap();
+    let sent: u64 = redis
+        .cli(&["INFO", "stats"])
+        .lines()
+        .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // The oldest bucket leaves at T0 + 60_100; every limit's oldest usage is in it.
+    assert_eq!(
+        d,
+        Decision::Denied {
+            snapshot: llm_ratelimit::engine::Snapshot {
+                now_ms: T0 + 60_000,
+                usage: usage([600, 60_000, 30_000]),
+                reset_ms: [100, 100, 100],
+            },
+            limit: LimitKind::Requests,
+            retry_after_ms: Some(100),
+        }
+    );
+    assert!(sent < 300, "the denial cost {sent} bytes from Redis");
+}
+
+/// An empty charge's bucket may sit before the tail; settling output into it must move the
+/// tail back, or resets and retries would be computed from a later bucket.
+#[tokio::test]
+async fn a_settlement_into_an_empty_bucket_counts_from_that_bucket() {
+    let redis = RedisServer::start();
+    let (now, stores) = both_stores(&redis, T0).await;
+    let shape = shape(2_000, 100);
+    for store in &stores {
+        now.store(T0, Ordering::SeqCst);
+        let key = unique_key("empty");
+        let res = charge_with_marker(store, &key, shape, [0, 0, 0], rand_id()).await;
+        now.store(T0 + 500, Ordering::SeqCst);
+        charge_with_marker(store, &key, shape, [1, 1, 1], rand_id()).await;
+        assert_eq!(
+            store.settle(&res, 50).await.unwrap(),
+            Settlement::Applied { delta: 50 }
+        );
+        // The bucket of T0 leaves the window at T0 + 2_100.
+        now.store(T0 + 600, Ordering::SeqCst);
+        let limits = Limits {
+            requests: 10,
+            input_tokens: 10,
+            output_tokens: 51,
+        };
+        let d = store
+            .reserve(&key, shape, &limits, &usage([0, 0, 1]), Charge::Check, None)
+            .await
+            .unwrap();
+        let Decision::Denied {
+            snapshot,
+            retry_after_ms,
+            ..
+        } = d
+        else {
+            panic!("denial expected: {d:?}");
+        };
+        assert_eq!(retry_after_ms, Some(1_500));
+        assert_eq!(snapshot.reset_ms, [2_000, 2_000, 1_500]);
+        let Decision::Admitted { snapshot, .. } = store
+            .reserve(
+                &key,
+                shape,
+                &big_limits(),
+                &usage([0, 0, 1]),
+                Charge::Check,
+                None,
+            )
+            .await
+            .unwrap()
+        else {
+            panic!("admission expected");
+        };
+        assert_eq!(snapshot.reset_ms, [1_500, 1_500, 1_500]);
+    }
 }

@@ -1,10 +1,14 @@
 //! The gRPC surface without Envoy: ShouldRateLimit's descriptor rules, Check's answers,
 //! and health — against the in-process server on an ephemeral loopback port.
 
+mod common;
+
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use common::RedisServer;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
@@ -21,7 +25,8 @@ use envoy_types::pb::google::protobuf::UInt64Value;
 use llm_ratelimit::admission::Limiter;
 use llm_ratelimit::config::Config;
 use llm_ratelimit::engine::memory::MemoryStore;
-use llm_ratelimit::engine::Store;
+use llm_ratelimit::engine::redis::{ring_key, RedisStore};
+use llm_ratelimit::engine::{KeyName, Store};
 use llm_ratelimit::metrics::Metrics;
 use serde_json::Value;
 
@@ -256,6 +261,140 @@ async fn an_unknown_limit_is_an_error_never_unlimited_and_statuses_describe_the_
     assert_eq!(limit.requests_per_unit, 1000);
     assert_eq!(limit.name, "output_tokens per 60s sliding window");
     assert!(r.statuses[0].duration_until_reset.is_some());
+}
+
+const TWO_KEYS: &str = "window: 10s\nkeys:\n  - name: team-a\n    key: sk-grpc-a\n    rpm: 50\n    input_tpm: 1000\n    output_tpm: 1000\n  - name: team-b\n    key: sk-grpc-b\n    rpm: 50\n    input_tpm: 1000\n    output_tpm: 1000\n";
+
+async fn server_on(store: Store, keys: &str) -> (String, Arc<Limiter>) {
+    let limiter = Arc::new(Limiter::new(
+        Arc::new(ArcSwap::from_pointee(
+            Config::parse(keys, "k.yaml").unwrap(),
+        )),
+        store,
+        Arc::new(Metrics::default()),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    let l = limiter.clone();
+    tokio::spawn(async move {
+        llm_ratelimit::grpc::serve(listener, l, std::future::pending())
+            .await
+            .unwrap();
+    });
+    (addr, limiter)
+}
+
+async fn used_by(limiter: &Limiter, name: &str) -> [u64; 3] {
+    let u = limiter.usage(name).await.unwrap();
+    ["requests", "input_tokens", "output_tokens"].map(|k| u[k]["used"].as_u64().unwrap())
+}
+
+fn call(descriptors: Vec<RateLimitDescriptor>) -> RateLimitRequest {
+    RateLimitRequest {
+        domain: "llm".into(),
+        descriptors,
+        hits_addend: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_failure_on_the_second_key_leaves_the_first_uncharged() {
+    let redis = RedisServer::start();
+    let store =
+        Store::Redis(RedisStore::connect(&redis.url(), std::time::Duration::from_secs(1)).unwrap());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while store.ping().await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "store did not connect"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let (addr, limiter) = server_on(store, TWO_KEYS).await;
+    let mut client = RateLimitServiceClient::connect(addr).await.unwrap();
+    // A real store failure on team-b alone: its ring key holds a value of the wrong
+    // type, so the script on it errors (WRONGTYPE) while team-a's works.
+    let shape = limiter.config().shape();
+    let ring_b = ring_key(&KeyName::new("team-b").unwrap(), shape);
+    redis.cli(&["SADD", &ring_b, "not-a-ring"]);
+    let both = || {
+        call(vec![
+            descriptor(
+                &[("api_key", "sk-grpc-a"), ("limit", "input_tokens")],
+                Some(100),
+                false,
+            ),
+            descriptor(
+                &[("api_key", "sk-grpc-b"), ("limit", "input_tokens")],
+                Some(100),
+                false,
+            ),
+        ])
+    };
+    let err = client.should_rate_limit(both()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    // team-a was charged first, then given back: the call recorded nothing.
+    assert_eq!(used_by(&limiter, "team-a").await, [0, 0, 0]);
+    // With the store whole again, the same call charges both.
+    redis.cli(&["DEL", &ring_b]);
+    let r = client.should_rate_limit(both()).await.unwrap().into_inner();
+    assert_eq!(r.overall_code, Code::Ok as i32);
+    assert_eq!(used_by(&limiter, "team-a").await, [0, 100, 0]);
+    assert_eq!(used_by(&limiter, "team-b").await, [0, 100, 0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_with_the_request_id_goes_back_to_the_bucket_it_was_charged_in() {
+    const T0: u64 = 1_700_000_000_000;
+    let now = Arc::new(AtomicU64::new(T0));
+    let read = now.clone();
+    let store = Store::Memory(MemoryStore::with_clock(Arc::new(move || {
+        read.load(Ordering::SeqCst)
+    })));
+    let (addr, limiter) = server_on(store, TWO_KEYS).await;
+    let mut client = RateLimitServiceClient::connect(addr).await.unwrap();
+    let charge = |id: &str, negative: bool| {
+        call(vec![descriptor(
+            &[
+                ("api_key", "sk-grpc-a"),
+                ("limit", "input_tokens"),
+                ("request_id", id),
+            ],
+            Some(100),
+            negative,
+        )])
+    };
+    // Request r1 at 0 s, r2 at 5 s; then r1's charge is refunded.
+    client.should_rate_limit(charge("r1", false)).await.unwrap();
+    now.store(T0 + 5_000, Ordering::SeqCst);
+    client.should_rate_limit(charge("r2", false)).await.unwrap();
+    client.should_rate_limit(charge("r1", true)).await.unwrap();
+    assert_eq!(used_by(&limiter, "team-a").await, [0, 100, 0]);
+    // Once r1's bucket has left the 10 s window, r2's 100 must still be counted: the
+    // refund took r1's tokens from r1's bucket, not from the newest (r2's).
+    now.store(T0 + 10_200, Ordering::SeqCst);
+    assert_eq!(used_by(&limiter, "team-a").await, [0, 100, 0]);
+    // Without a request id the refund is newest-first (documented): r3 at 10.2 s, a
+    // refund without id takes r3's bucket, and r2 still leaves on time.
+    client
+        .should_rate_limit(call(vec![descriptor(
+            &[("api_key", "sk-grpc-a"), ("limit", "input_tokens")],
+            Some(100),
+            false,
+        )]))
+        .await
+        .unwrap();
+    client
+        .should_rate_limit(call(vec![descriptor(
+            &[("api_key", "sk-grpc-a"), ("limit", "input_tokens")],
+            Some(100),
+            true,
+        )]))
+        .await
+        .unwrap();
+    assert_eq!(used_by(&limiter, "team-a").await, [0, 100, 0]);
+    now.store(T0 + 15_200, Ordering::SeqCst);
+    assert_eq!(used_by(&limiter, "team-a").await, [0, 0, 0]);
 }
 
 fn check_request(auth: &str, body: &str) -> CheckRequest {

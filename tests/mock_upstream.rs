@@ -266,12 +266,20 @@ async fn completions_answer_in_json_and_in_a_stream() {
     let prompt = v["usage"]["prompt_tokens"].as_u64().unwrap();
     assert_eq!(prompt, input_tokens(Endpoint::Completions, &body));
     let completion = v["usage"]["completion_tokens"].as_u64().unwrap();
-    assert!(completion <= 7);
-    let text = v["choices"][0]["text"].as_str().unwrap();
-    assert_eq!(
-        tokenizer().count_text("gpt-3.5-turbo-instruct", text),
-        completion
-    );
+    // Two prompts: one choice each, usage summed over both.
+    let texts: Vec<&str> = v["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts.len(), 2);
+    let counted: Vec<u64> = texts
+        .iter()
+        .map(|t| tokenizer().count_text("gpt-3.5-turbo-instruct", t))
+        .collect();
+    assert!(counted.iter().all(|&c| c <= 7));
+    assert_eq!(counted.iter().sum::<u64>(), completion);
 
     let mut streamed = body.clone();
     streamed["stream"] = json!(true);
@@ -290,15 +298,13 @@ async fn completions_answer_in_json_and_in_a_stream() {
         usage["usage"]["completion_tokens"].as_u64().unwrap(),
         completion
     );
-    let streamed_text: String = chunks
+    assert_eq!(streamed_texts(&chunks, "text"), texts);
+    let finishes: Vec<&Value> = chunks
         .iter()
-        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .filter(|c| !c["choices"][0]["finish_reason"].is_null())
+        .map(|c| &c["choices"][0]["finish_reason"])
         .collect();
-    assert_eq!(streamed_text, text);
-    assert_eq!(
-        chunks[chunks.len() - 2]["choices"][0]["finish_reason"],
-        "length"
-    );
+    assert_eq!(finishes, [&json!("length"), &json!("length")]);
 
     streamed["stream_options"] = json!({"include_usage": false});
     let answer = post(&base, "/v1/completions", &streamed).await;
@@ -313,6 +319,370 @@ async fn completions_answer_in_json_and_in_a_stream() {
     );
 }
 
+/// The text of each choice of a stream, by `index`: chunks carry one choice each and the
+/// choices interleave. `field` is `text` (completions) or `content` (chat deltas).
+fn streamed_texts(chunks: &[Value], field: &str) -> Vec<String> {
+    let mut texts: Vec<String> = Vec::new();
+    for chunk in chunks {
+        for choice in chunk["choices"].as_array().unwrap() {
+            let index = choice["index"].as_u64().unwrap() as usize;
+            let piece = choice
+                .get(field)
+                .or_else(|| choice["delta"].get(field))
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            if texts.len() <= index {
+                texts.resize(index + 1, String::new());
+            }
+            texts[index] += piece;
+        }
+    }
+    texts
+}
+
+/// The mock's documented rule for generation `g` of a request with `prompt` tokens.
+fn rule(prompt: u64, max: u64, g: u64) -> u64 {
+    (16 + (prompt + g) % 48).min(max)
+}
+
+#[tokio::test]
+async fn chat_n_gives_n_choices_and_summed_usage() {
+    let base = mock(Options::default()).await;
+    let body = chat_body(
+        "gpt-4o",
+        "Three ways to say hello",
+        json!({"n": 3, "max_tokens": 40}),
+    );
+    let prompt = input_tokens(Endpoint::ChatCompletions, &body);
+    let want: Vec<u64> = (0..3).map(|g| rule(prompt, 40, g)).collect();
+    let total: u64 = want.iter().sum();
+    assert!(
+        want[0] != want[1],
+        "choices differ, so a sum is not n × one"
+    );
+
+    let answer = post(&base, "/v1/chat/completions", &body).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    let v: Value = serde_json::from_str(&answer.text).unwrap();
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    for (i, choice) in choices.iter().enumerate() {
+        assert_eq!(choice["index"], i);
+        let text = choice["message"]["content"].as_str().unwrap();
+        assert_eq!(
+            tokenizer().count_text("gpt-4o", text),
+            want[i],
+            "choice {i}"
+        );
+    }
+    assert_eq!(v["usage"]["prompt_tokens"], prompt);
+    assert_eq!(v["usage"]["completion_tokens"], total);
+    assert_eq!(v["usage"]["total_tokens"], prompt + total);
+    assert_eq!(
+        settled(Endpoint::ChatCompletions, "gpt-4o", &answer.text),
+        (total, OutputSource::Usage)
+    );
+
+    for include_usage in [true, false] {
+        let mut streamed = body.clone();
+        streamed["stream"] = json!(true);
+        streamed["stream_options"] = json!({"include_usage": include_usage});
+        let answer = post(&base, "/v1/chat/completions", &streamed).await;
+        assert_eq!(answer.status, 200, "{}", answer.text);
+        let events = sse_events(&answer.text);
+        assert_eq!(events.last().unwrap().1, "[DONE]");
+        let chunks: Vec<Value> = events[..events.len() - 1]
+            .iter()
+            .map(|(_, d)| serde_json::from_str(d).unwrap())
+            .collect();
+        // Every choice gets its role chunk and its finish chunk.
+        for i in 0..3 {
+            let of_choice: Vec<&Value> = chunks
+                .iter()
+                .filter(|c| c["choices"][0]["index"] == i)
+                .collect();
+            assert_eq!(of_choice[0]["choices"][0]["delta"]["role"], "assistant");
+            assert!(!of_choice.last().unwrap()["choices"][0]["finish_reason"].is_null());
+        }
+        let texts = streamed_texts(&chunks, "content");
+        let counted: Vec<u64> = texts
+            .iter()
+            .map(|t| tokenizer().count_text("gpt-4o", t))
+            .collect();
+        assert_eq!(counted, want);
+        let settles = settled(Endpoint::ChatCompletions, "gpt-4o", &answer.text);
+        if include_usage {
+            let usage = &chunks.last().unwrap()["usage"];
+            assert_eq!(usage["completion_tokens"], total);
+            assert_eq!(settles, (total, OutputSource::Usage));
+        } else {
+            assert_eq!(settles, (total, OutputSource::CountedStream));
+        }
+    }
+}
+
+#[tokio::test]
+async fn completions_bill_every_candidate_of_every_prompt() {
+    let base = mock(Options::default()).await;
+    let model = "gpt-3.5-turbo-instruct";
+    // 2 prompts × best_of 3: 6 generations billed, 1 returned per prompt.
+    let body = json!({"model": model, "prompt": ["Say this is a test", "and again"], "best_of": 3, "max_tokens": 30});
+    let prompt = input_tokens(Endpoint::Completions, &body);
+    let answer = post(&base, "/v1/completions", &body).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    let v: Value = serde_json::from_str(&answer.text).unwrap();
+    let total: u64 = (0..6).map(|g| rule(prompt, 30, g)).sum();
+    assert_eq!(v["usage"]["prompt_tokens"], prompt);
+    assert_eq!(v["usage"]["completion_tokens"], total);
+    let choices = v["choices"].as_array().unwrap();
+    let counted: Vec<(u64, u64)> = choices
+        .iter()
+        .map(|c| {
+            let text = c["text"].as_str().unwrap();
+            (
+                c["index"].as_u64().unwrap(),
+                tokenizer().count_text(model, text),
+            )
+        })
+        .collect();
+    // Choice p is prompt p's first candidate: generation 3p.
+    assert_eq!(
+        counted,
+        [(0, rule(prompt, 30, 0)), (1, rule(prompt, 30, 3))]
+    );
+    assert_eq!(
+        settled(Endpoint::Completions, model, &answer.text),
+        (total, OutputSource::Usage)
+    );
+
+    // n 2 of best_of 3: choices 2p and 2p + 1 are generations 3p and 3p + 1.
+    let mut two = body.clone();
+    two["n"] = json!(2);
+    let v: Value = serde_json::from_str(&post(&base, "/v1/completions", &two).await.text).unwrap();
+    let lengths: Vec<u64> = v["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| tokenizer().count_text(model, c["text"].as_str().unwrap()))
+        .collect();
+    let want: Vec<u64> = [0, 1, 3, 4].iter().map(|&g| rule(prompt, 30, g)).collect();
+    assert_eq!(lengths, want);
+    assert_eq!(v["usage"]["completion_tokens"], total);
+
+    // best_of cannot be streamed (OpenAI's rule; the hidden candidates would escape a
+    // settlement that counts the streamed text).
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let answer = post(&base, "/v1/completions", &streamed).await;
+    assert_eq!(answer.status, 400, "{}", answer.text);
+    let v: Value = serde_json::from_str(&answer.text).unwrap();
+    assert_eq!(v["error"]["param"], "best_of");
+    // An empty prompt list asks for nothing: refused.
+    let answer = post(
+        &base,
+        "/v1/completions",
+        &json!({"model": model, "prompt": []}),
+    )
+    .await;
+    assert_eq!(answer.status, 400);
+}
+
+/// Sends one HTTP/1.1 request exactly as written (reqwest would normalise the path first)
+/// and returns the status and body.
+async fn raw(base: &str, method: &str, target: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let addr = base.trim_start_matches("http://").to_owned();
+    let request = format!(
+        "{method} {target} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let status = response[9..12].parse().unwrap();
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn path_variants_are_routed_as_the_endpoint_they_mean() {
+    let base = mock(Options::default()).await;
+    let body = chat_body("gpt-4o", "routed", json!({"max_tokens": 5}));
+    let want = input_tokens(Endpoint::ChatCompletions, &body);
+    for target in [
+        "/v1//chat/completions",
+        "/v1/./chat/completions",
+        "/v1/x/../chat/completions",
+        "/v1/chat/%63ompletions",
+        "/V1/Chat/Completions/",
+        "/openai/v1/chat/completions?api-version=1",
+    ] {
+        let (status, text) = raw(&base, "POST", target, &body.to_string()).await;
+        assert_eq!(status, 200, "{target}: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["object"], "chat.completion", "{target}");
+        assert_eq!(v["usage"]["prompt_tokens"], want, "{target}");
+    }
+
+    // Azure: the deployment names the model; the body needs none.
+    let mut azure = body.clone();
+    azure.as_object_mut().unwrap().remove("model");
+    let (status, text) = raw(
+        &base,
+        "POST",
+        "/openai/deployments/gpt-4/chat/completions?api-version=2024-10-21",
+        &azure.to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["model"], "gpt-4");
+    let as_gpt4 = tokenizer()
+        .understand_with(
+            Endpoint::ChatCompletions,
+            azure.to_string().as_bytes(),
+            Some("gpt-4"),
+        )
+        .unwrap();
+    assert_eq!(v["usage"]["prompt_tokens"], as_gpt4.input_tokens);
+    let (status, text) = raw(
+        &base,
+        "POST",
+        "/openai/deployments/emb/embeddings?api-version=2024-10-21",
+        r#"{"input":"hello"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+
+    // What the proxies refuse, the mock refuses too.
+    let (status, text) = raw(&base, "POST", "/v1/chat%2Fcompletions", &body.to_string()).await;
+    assert_eq!(status, 400, "{text}");
+    let (status, _) = raw(&base, "POST", "/openai/deployments/completions", "{}").await;
+    assert_eq!(status, 400);
+    // Sub-resources are not the endpoint.
+    let (status, _) = raw(&base, "POST", "/v1/chat/completions/..", &body.to_string()).await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn any_path_answers_every_other_request() {
+    let strict = mock(Options::default()).await;
+    let any = mock(Options {
+        any_path: true,
+        ..Options::default()
+    })
+    .await;
+    for (method, target) in [
+        ("POST", "/v1/nothing"),
+        ("GET", "/v1/chat/completions"),
+        ("DELETE", "/v1/responses/resp_1"),
+        ("PUT", "/"),
+    ] {
+        let (status, _) = raw(&strict, method, target, "").await;
+        assert_eq!(status, 404, "{method} {target}");
+        let (status, text) = raw(&any, method, target, "").await;
+        assert_eq!(status, 200, "{method} {target}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v, json!({"object": "mock.any", "path": target}));
+    }
+    // What it serves, it still serves as before.
+    let answer = post(
+        &any,
+        "/v1/chat/completions",
+        &chat_body("gpt-4o", "hi", json!({})),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    assert!(answer.text.contains("chat.completion"));
+    let (status, text) = raw(&any, "GET", "/v1/models", "").await;
+    assert_eq!(status, 200);
+    assert!(text.contains("\"list\""));
+}
+
+#[tokio::test]
+async fn received_totals_count_every_answered_request() {
+    let base = mock(Options {
+        any_path: true,
+        ..Options::default()
+    })
+    .await;
+    let totals = || async {
+        reqwest::get(format!("{base}/mock/received"))
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        totals().await,
+        json!({"requests": 0, "prompt_tokens": 0, "completion_tokens": 0})
+    );
+    let chat = chat_body("gpt-4o", "count me", json!({"n": 2, "max_tokens": 20}));
+    let v: Value =
+        serde_json::from_str(&post(&base, "/v1/chat/completions", &chat).await.text).unwrap();
+    let chat_prompt = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    let chat_completion = v["usage"]["completion_tokens"].as_u64().unwrap();
+    let embed = json!({"model": "text-embedding-3-small", "input": ["a b", "c"]});
+    let embed_prompt = input_tokens(Endpoint::Embeddings, &embed);
+    assert_eq!(post(&base, "/v1/embeddings", &embed).await.status, 200);
+    // A streamed chat with its usage in the last chunk.
+    let streamed = chat_body(
+        "gpt-4o",
+        "stream me",
+        json!({"stream": true, "max_tokens": 3}),
+    );
+    let stream_prompt = input_tokens(Endpoint::ChatCompletions, &streamed);
+    assert_eq!(
+        post(&base, "/v1/chat/completions", &streamed).await.status,
+        200
+    );
+    // Errors, other paths and the models list count as requests with no tokens.
+    assert_eq!(
+        post(&base, "/v1/chat/completions", &json!({})).await.status,
+        400
+    );
+    assert_eq!(
+        raw(&base, "POST", "/v1/chat%2Fcompletions", "{}").await.0,
+        400
+    );
+    assert_eq!(raw(&base, "GET", "/v1/models", "").await.0, 200);
+    assert_eq!(raw(&base, "PATCH", "/anything", "").await.0, 200);
+    // Counted, though under /mock/: answered as an endpoint.
+    let sneaky = chat_body("gpt-4o", "sneaky", json!({"max_tokens": 2}));
+    let sneaky_prompt = input_tokens(Endpoint::ChatCompletions, &sneaky);
+    let (status, _) = raw(
+        &base,
+        "POST",
+        "/mock/../v1/chat/completions",
+        &sneaky.to_string(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    // Not counted: the mock's own endpoints.
+    assert_eq!(raw(&base, "GET", "/healthz", "").await.0, 200);
+    assert_eq!(raw(&base, "GET", "/mock/other", "").await.0, 200);
+    totals().await;
+    assert_eq!(
+        totals().await,
+        json!({
+            "requests": 8,
+            "prompt_tokens": chat_prompt + embed_prompt + stream_prompt + sneaky_prompt,
+            "completion_tokens": chat_completion + 3 + 2,
+        })
+    );
+}
 #[tokio::test]
 async fn responses_answer_in_json_and_in_a_stream() {
     let base = mock(Options::default()).await;
@@ -485,6 +855,7 @@ async fn latency_and_stream_interval_pace_the_answer() {
     let base = mock(Options {
         latency: Duration::from_millis(150),
         stream_interval: Duration::from_millis(20),
+        ..Options::default()
     })
     .await;
     let body = chat_body("gpt-4o", "hi", json!({"max_tokens": 4, "stream": true}));

@@ -28,6 +28,10 @@ struct Cli {
     /// Delay between two events of a streamed answer, in milliseconds.
     #[arg(long, default_value_t = 0)]
     stream_interval_ms: u64,
+    /// Answer every path and method it does not serve with 200 and
+    /// `{"object":"mock.any","path":...}` instead of 404 (a catch-all upstream).
+    #[arg(long)]
+    any_path: bool,
 }
 
 #[tokio::main]
@@ -42,6 +46,7 @@ async fn main() -> ExitCode {
     let options = Options {
         latency: Duration::from_millis(cli.latency_ms),
         stream_interval: Duration::from_millis(cli.stream_interval_ms),
+        any_path: cli.any_path,
     };
     let listener = match tokio::net::TcpListener::bind(cli.addr).await {
         Ok(listener) => listener,

@@ -231,7 +231,8 @@ pub enum Charge {
 pub enum Settlement {
     /// Its bucket now holds the real output tokens; `delta` was added to it.
     Applied { delta: i64 },
-    /// Settled, but its bucket had already left the window: nothing changed.
+    /// Settled, but its bucket had already left the window, or its ring is not the one
+    /// charged (evicted or idled and recreated since, a new epoch): nothing changed.
     Expired,
     /// Unknown: settled before (a duplicate report), or older than the window.
     Unknown,
@@ -268,8 +269,13 @@ pub enum Store {
 }
 
 impl Store {
-    /// Checks every limit and, only if all fit, records `want` in the current bucket. With
-    /// `settle_later`, leaves a reservation whose output tokens [`Store::settle`] corrects.
+    /// Checks every limit and, only if all fit, records `want` in the current bucket.
+    ///
+    /// With `marker: Some(id)` the charge leaves a marker under `id` (per key and window
+    /// shape) naming its bucket, the ring's epoch and the amounts actually added; then, and
+    /// only then, `Decision::Admitted.reservation` is `Some`. [`Store::settle`] corrects the
+    /// output against it, and [`Store::refund`] with the same id gives back to that bucket.
+    /// A marker under an id already in use replaces the older one.
     pub async fn reserve(
         &self,
         key: &KeyName,
@@ -277,7 +283,7 @@ impl Store {
         limits: &Limits,
         want: &Usage,
         charge: Charge,
-        settle_later: bool,
+        marker: Option<u64>,
     ) -> Result<Decision, StoreError> {
         if charge == Charge::Check {
             if let Some(limit) = LimitKind::ALL
@@ -293,14 +299,14 @@ impl Store {
                 });
             }
         }
-        let id = settle_later.then(rand::random::<u64>);
         match self {
-            Store::Memory(s) => Ok(s.reserve(key, shape, limits, want, charge, id)),
-            Store::Redis(s) => s.reserve(key, shape, limits, want, charge, id).await,
+            Store::Memory(s) => Ok(s.reserve(key, shape, limits, want, charge, marker)),
+            Store::Redis(s) => s.reserve(key, shape, limits, want, charge, marker).await,
         }
     }
 
-    /// Corrects a reservation's bucket to the real output tokens, at most once.
+    /// Corrects a reservation's bucket to the real output tokens, at most once, and only in
+    /// the ring it was charged to (same epoch) while its bucket is in the window.
     pub async fn settle(
         &self,
         reservation: &Reservation,
@@ -320,17 +326,34 @@ impl Store {
         }
     }
 
-    /// Takes `amount` back from the key's newest buckets (Envoy's `is_negative_hits`);
-    /// never below zero, and never from buckets that have left the window.
+    /// Takes `amount` back from the key's window (Envoy's `is_negative_hits`, or a caller
+    /// undoing its own charge); never below zero, never from buckets that have left it.
+    ///
+    /// With `marker: Some(id)` naming a live marker of this ring's epoch whose bucket is
+    /// still in the window, takes `min(amount, what the marker still holds, the slot)` from
+    /// that bucket alone and lowers the marker by it (deleting it at zero); a marker of
+    /// another epoch, or whose bucket has left, refunds nothing. With no marker, or one that
+    /// is missing (expired, used up, never written), takes from the newest buckets backwards.
     pub async fn refund(
         &self,
         key: &KeyName,
         shape: WindowShape,
         amount: &Usage,
+        marker: Option<u64>,
     ) -> Result<Snapshot, StoreError> {
         match self {
-            Store::Memory(s) => Ok(s.refund(key, shape, amount)),
-            Store::Redis(s) => s.refund(key, shape, amount).await,
+            Store::Memory(s) => Ok(s.refund(key, shape, amount, marker)),
+            Store::Redis(s) => s.refund(key, shape, amount, marker).await,
+        }
+    }
+
+    /// Frees what the store holds for keys and window shapes `keep` refuses; called after
+    /// each applied reload with the config in force. Redis needs nothing: its rings and
+    /// markers expire by themselves.
+    pub fn retain(&self, keep: impl Fn(&KeyName, WindowShape) -> bool) {
+        match self {
+            Store::Memory(s) => s.retain(keep),
+            Store::Redis(_) => {}
         }
     }
 

@@ -104,6 +104,88 @@ async fn open(url: &str, timeout: Duration) -> redis::RedisResult<Connection> {
     }
 }
 
+/// What a Redis server's `maxmemory-policy` means for the limiter's keys.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum EvictionPolicy {
+    /// `noeviction`: Redis refuses writes when full rather than drop keys; the limiter then
+    /// sees store errors (and `on_store_error` decides), never silently lost counts.
+    Safe,
+    /// Any other policy may drop the limiter's keys under memory pressure. Every key it
+    /// writes carries a TTL, so the `volatile-*` policies may evict them too. A lost ring
+    /// forgets its window's usage (admitting up to a window's worth again); a lost marker
+    /// forgets a reservation's settlement.
+    Evicts(String),
+    /// The policy could not be read (CONFIG is often disabled on managed Redis).
+    Unknown(String),
+}
+
+impl EvictionPolicy {
+    /// Judges the answer to `CONFIG GET maxmemory-policy`.
+    pub(crate) fn judge(answer: Result<Vec<String>, String>) -> EvictionPolicy {
+        match answer {
+            Ok(pair) => match pair.get(1) {
+                Some(p) if p.eq_ignore_ascii_case("noeviction") => EvictionPolicy::Safe,
+                Some(p) => EvictionPolicy::Evicts(p.clone()),
+                None => EvictionPolicy::Unknown("CONFIG GET gave no value".into()),
+            },
+            Err(e) => EvictionPolicy::Unknown(e),
+        }
+    }
+
+    fn log(&self, node: &str) {
+        match self {
+            EvictionPolicy::Safe => {
+                tracing::info!(
+                    node,
+                    "Redis maxmemory-policy is noeviction: limiter keys are never evicted"
+                )
+            }
+            EvictionPolicy::Evicts(policy) => tracing::warn!(
+                node,
+                policy = policy.as_str(),
+                "Redis maxmemory-policy {policy} can evict the limiter's keys (all carry a TTL); \
+                 an evicted ring forgets its window's usage. Use noeviction for the limiter's Redis"
+            ),
+            EvictionPolicy::Unknown(why) => {
+                tracing::debug!(
+                    node,
+                    reason = why.as_str(),
+                    "could not read Redis maxmemory-policy"
+                )
+            }
+        }
+    }
+}
+
+/// Reads `maxmemory-policy` from the server (or each Cluster seed node) and logs what it
+/// means for the limiter; never fails the store.
+async fn check_eviction_policy(url: &str) {
+    let nodes = match targets(url) {
+        Ok(Some(nodes)) => nodes,
+        _ => vec![url.to_string()],
+    };
+    for (i, node) in nodes.iter().enumerate() {
+        let answer = async {
+            let client = redis::Client::open(node.as_str()).map_err(|e| e.to_string())?;
+            let mut con = client
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|e| e.to_string())?;
+            redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("maxmemory-policy")
+                .query_async::<Vec<String>>(&mut con)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let answer = tokio::time::timeout(Duration::from_secs(2), answer)
+            .await
+            .unwrap_or_else(|_| Err("timed out".into()));
+        // Node addresses may carry credentials: name nodes by position only.
+        EvictionPolicy::judge(answer).log(&format!("node {i}"));
+    }
+}
+
 impl RedisStore {
     /// Connects in the background: the store answers `Unavailable` errors until the first
     /// connection succeeds, then redis-rs reconnects by itself. Fails at once only for a URL
@@ -122,6 +204,7 @@ impl RedisStore {
                     Ok(c) => {
                         slot.store(Some(Arc::new(c)));
                         tracing::info!("connected to Redis");
+                        check_eviction_policy(&url).await;
                         return;
                     }
                     Err(e) => {
@@ -194,10 +277,10 @@ impl RedisStore {
         limits: &Limits,
         want: &Usage,
         charge: Charge,
-        reservation_id: Option<u64>,
+        marker: Option<u64>,
     ) -> Result<Decision, StoreError> {
         let mut inv = self.scripts.reserve.key(ring_key(key, shape));
-        inv.key(marker_key(key, reservation_id.unwrap_or(0)))
+        inv.key(marker_key(key, shape, marker.unwrap_or(0)))
             .arg(self.now_arg())
             .arg(shape.precision_ms())
             .arg(shape.slots())
@@ -208,7 +291,7 @@ impl RedisStore {
             .arg(limits.input_tokens)
             .arg(limits.output_tokens)
             .arg(shape.ttl_ms())
-            .arg(u8::from(reservation_id.is_some()))
+            .arg(u8::from(marker.is_some()))
             .arg(u8::from(charge == Charge::Force));
         let reply = Reply::new(self.call(&inv).await?)?;
         let now = reply.int(1)?;
@@ -221,32 +304,32 @@ impl RedisStore {
                     usage: Usage::from_array(totals),
                     reset_ms: shape.resets_from_tail(now, tail, totals),
                 },
-                reservation: reservation_id.map(|id| Reservation {
+                reservation: marker.map(|id| Reservation {
                     key: key.clone(),
                     shape,
                     id,
                 }),
             });
         }
-        let ring = RingBytes(reply.bytes(5)?);
-        let head = ring.head();
-        let (want, limits) = (
-            want.to_array(),
-            [limits.requests, limits.input_tokens, limits.output_tokens],
-        );
-        let slot = |x| ring.slot(shape, x);
-        let limit = LimitKind::ALL
-            .into_iter()
-            .find(|k| totals[k.index()] + want[k.index()] > limits[k.index()])
-            .unwrap_or(LimitKind::Requests);
+        // The script found the answers where the ring is (see scan_window in window.lua).
+        let limit = match reply.int(5)? {
+            1 => LimitKind::Requests,
+            2 => LimitKind::InputTokens,
+            3 => LimitKind::OutputTokens,
+            other => {
+                return Err(StoreError::Protocol(format!(
+                    "reserve.lua named limit {other}"
+                )))
+            }
+        };
         Ok(Decision::Denied {
             snapshot: Snapshot {
                 now_ms: now,
                 usage: Usage::from_array(totals),
-                reset_ms: shape.resets(now, head, slot),
+                reset_ms: [reply.int(7)?, reply.int(8)?, reply.int(9)?],
             },
             limit,
-            retry_after_ms: Some(shape.retry_after(now, head, totals, want, limits, slot)),
+            retry_after_ms: Some(reply.int(6)?),
         })
     }
 
@@ -257,7 +340,7 @@ impl RedisStore {
     ) -> Result<Settlement, StoreError> {
         let shape = reservation.shape;
         let mut inv = self.scripts.settle.key(ring_key(&reservation.key, shape));
-        inv.key(marker_key(&reservation.key, reservation.id))
+        inv.key(marker_key(&reservation.key, shape, reservation.id))
             .arg(self.now_arg())
             .arg(shape.precision_ms())
             .arg(shape.slots())
@@ -283,16 +366,10 @@ impl RedisStore {
             .arg(shape.slots())
             .arg(shape.ttl_ms());
         let reply = Reply::new(self.call(&inv).await?)?;
-        let now = reply.int(0)?;
-        let ring = RingBytes(reply.bytes(4)?);
         Ok(Snapshot {
-            now_ms: now,
+            now_ms: reply.int(0)?,
             usage: Usage::from_array([reply.int(1)?, reply.int(2)?, reply.int(3)?]),
-            reset_ms: if ring.0.is_empty() {
-                [0; 3]
-            } else {
-                shape.resets(now, ring.head(), |x| ring.slot(shape, x))
-            },
+            reset_ms: [reply.int(4)?, reply.int(5)?, reply.int(6)?],
         })
     }
 
@@ -301,15 +378,18 @@ impl RedisStore {
         key: &KeyName,
         shape: WindowShape,
         amount: &Usage,
+        marker: Option<u64>,
     ) -> Result<Snapshot, StoreError> {
         let mut inv = self.scripts.refund.key(ring_key(key, shape));
-        inv.arg(self.now_arg())
+        inv.key(marker_key(key, shape, marker.unwrap_or(0)))
+            .arg(self.now_arg())
             .arg(shape.precision_ms())
             .arg(shape.slots())
             .arg(amount.requests)
             .arg(amount.input_tokens)
             .arg(amount.output_tokens)
-            .arg(shape.ttl_ms());
+            .arg(shape.ttl_ms())
+            .arg(u8::from(marker.is_some()));
         let reply = Reply::new(self.call(&inv).await?)?;
         let now = reply.int(0)?;
         let totals = [reply.int(1)?, reply.int(2)?, reply.int(3)?];
@@ -336,16 +416,24 @@ impl RedisStore {
 }
 
 /// The ring of one key and window shape. The hash tag keeps a key's data in one slot.
+/// `v2` is the ring layout with an epoch in the header (`lua/window.lua`): rings of the
+/// older layout live under other names, so nodes of both versions never misread a ring.
 pub fn ring_key(key: &KeyName, shape: WindowShape) -> String {
     format!(
-        "llmrl:{{{key}}}:w{}:p{}",
+        "llmrl:{{{key}}}:v2:w{}:p{}",
         shape.window_ms(),
         shape.precision_ms()
     )
 }
 
-fn marker_key(key: &KeyName, id: u64) -> String {
-    format!("llmrl:{{{key}}}:r:{id:016x}")
+/// A charge's marker: per ring, so one id (say, a hash of `x-request-id`) may mark the
+/// charges of one request in several rings.
+pub fn marker_key(key: &KeyName, shape: WindowShape, id: u64) -> String {
+    format!(
+        "llmrl:{{{key}}}:r:{}.{}.{id:016x}",
+        shape.window_ms(),
+        shape.precision_ms()
+    )
 }
 
 /// A script's array reply.
@@ -372,40 +460,6 @@ impl Reply {
 
     fn int(&self, i: usize) -> Result<u64, StoreError> {
         self.signed(i).map(|n| n.max(0) as u64)
-    }
-
-    fn bytes(&self, i: usize) -> Result<Vec<u8>, StoreError> {
-        match self.0.get(i) {
-            Some(Value::BulkString(b)) => Ok(b.clone()),
-            Some(Value::Nil) => Ok(Vec::new()),
-            other => Err(StoreError::Protocol(format!(
-                "expected bytes at {i}, got {other:?}"
-            ))),
-        }
-    }
-}
-
-/// The raw ring as `lua/window.lua` lays it out (BITFIELD is big-endian).
-struct RingBytes(Vec<u8>);
-
-impl RingBytes {
-    const HEADER: usize = 40;
-    const SLOT: usize = 10;
-
-    fn be(&self, at: usize, len: usize) -> u64 {
-        let Some(b) = self.0.get(at..at + len) else {
-            return 0; // past the end: never written, so zero
-        };
-        b.iter().fold(0u64, |acc, x| (acc << 8) | u64::from(*x))
-    }
-
-    fn head(&self) -> i64 {
-        self.be(0, 8) as i64
-    }
-
-    fn slot(&self, shape: WindowShape, bucket: i64) -> [u64; 3] {
-        let at = Self::HEADER + Self::SLOT * bucket.rem_euclid(shape.slots()) as usize;
-        [self.be(at, 2), self.be(at + 2, 4), self.be(at + 6, 4)]
     }
 }
 
@@ -434,10 +488,44 @@ mod tests {
     }
 
     #[test]
+    fn every_policy_but_noeviction_can_evict_the_limiters_keys() {
+        let answer = |p: &str| Ok(vec!["maxmemory-policy".to_string(), p.to_string()]);
+        assert_eq!(
+            EvictionPolicy::judge(answer("noeviction")),
+            EvictionPolicy::Safe
+        );
+        for p in [
+            "allkeys-lru",
+            "allkeys-lfu",
+            "allkeys-random",
+            "volatile-lru",
+            "volatile-lfu",
+            "volatile-random",
+            "volatile-ttl",
+        ] {
+            assert_eq!(
+                EvictionPolicy::judge(answer(p)),
+                EvictionPolicy::Evicts(p.to_string())
+            );
+        }
+        assert!(matches!(
+            EvictionPolicy::judge(Err("ERR unknown command 'CONFIG'".into())),
+            EvictionPolicy::Unknown(_)
+        ));
+        assert!(matches!(
+            EvictionPolicy::judge(Ok(vec![])),
+            EvictionPolicy::Unknown(_)
+        ));
+    }
+
+    #[test]
     fn ring_keys_carry_the_hash_tag_and_shape() {
         let shape = WindowShape::new(Duration::from_secs(60), Duration::from_millis(100)).unwrap();
         let key = KeyName::new("team-a").unwrap();
-        assert_eq!(ring_key(&key, shape), "llmrl:{team-a}:w60000:p100");
-        assert_eq!(marker_key(&key, 255), "llmrl:{team-a}:r:00000000000000ff");
+        assert_eq!(ring_key(&key, shape), "llmrl:{team-a}:v2:w60000:p100");
+        assert_eq!(
+            marker_key(&key, shape, 255),
+            "llmrl:{team-a}:r:60000.100.00000000000000ff"
+        );
     }
 }

@@ -3,14 +3,19 @@
 //!
 //! A descriptor is ours when it has an `api_key` entry (the bearer secret, with or without
 //! `Bearer `). Its optional `limit` entry names the limit it is held to (`requests`,
-//! `input_tokens`, `output_tokens`; default `requests`), and it asks for `hits_addend`
-//! (the descriptor's, else the request's, else 1). A `phase: response` entry marks a charge
+//! `input_tokens`, `output_tokens`; default `requests`; any other value refuses the whole
+//! call — a typo must not mean "unlimited"), and it asks for `hits_addend` (the
+//! descriptor's, else the request's, else 1). A `phase: response` entry marks a charge
 //! made after the response (`apply_on_stream_done`): recorded, never denied.
-//! `is_negative_hits` gives the amount back. Descriptors of one key in one call are
-//! charged together in one atomic store call, all or nothing; other descriptors are OK,
-//! as in envoyproxy/ratelimit. An OK answer sets dynamic metadata `admitted`; an
-//! after-response descriptor counts only with an `admitted: true` entry taken from it (see
-//! envoy/ratelimit-filter.yaml), so a request Envoy answered 429 is never charged.
+//! `is_negative_hits` gives the amount back: to the bucket the request's admission charged
+//! when the descriptor carries its `request_id` (Envoy's `x-request-id`), else from the
+//! newest buckets. Descriptors of one key in one call are charged together in one atomic
+//! store call; across keys the call is all or nothing too: every charge leaves a marker,
+//! and a denial or a store failure on a later key gives the earlier charges back to their
+//! own buckets. Other descriptors are OK, as in envoyproxy/ratelimit. An OK answer sets
+//! dynamic metadata `admitted`; an after-response descriptor counts only with an
+//! `admitted: true` entry taken from it (see envoy/ratelimit-filter.yaml), so a request
+//! Envoy answered 429 is never charged.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,6 +31,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::R
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use envoy_types::pb::google::protobuf::value::Kind;
 use envoy_types::pb::google::protobuf::{Duration as ProtoDuration, Struct, Value};
+use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
 use crate::admission::{Charged, Limiter};
@@ -52,6 +58,17 @@ struct Ask {
     hits: u64,
     after_response: bool,
     refund: bool,
+    /// The request's `x-request-id` (descriptor entry `request_id`), when Envoy sends it:
+    /// it names the charge a later refund gives back to.
+    request_id: Option<String>,
+}
+
+/// The store marker of a charge made for `request_id` in one phase. A refund names the
+/// admission-phase charge of its request; hashing keeps the client-visible id (and its
+/// length) out of Redis keys.
+fn marker_of(request_id: &str, phase: &str) -> u64 {
+    let digest = Sha256::digest(format!("{phase}\0{request_id}").as_bytes());
+    u64::from_be_bytes(digest[..8].try_into().unwrap_or_default())
 }
 
 /// A descriptor that names a limit we do not have. Holding the key to no limit would
@@ -65,9 +82,11 @@ fn read(d: &RateLimitDescriptor, request_hits: u32) -> Result<Option<Ask>, Unkno
     let mut kind = LimitKind::Requests;
     let mut after_response = false;
     let mut admitted = false;
+    let mut request_id = None;
     for e in &d.entries {
         match e.key.as_str() {
             "api_key" => secret = Some(e.value.clone()),
+            "request_id" if !e.value.is_empty() => request_id = Some(e.value.clone()),
             "limit" => {
                 kind = LimitKind::parse(&e.value)
                     .ok_or_else(|| UnknownLimit(e.value.chars().take(64).collect()))?;
@@ -93,6 +112,7 @@ fn read(d: &RateLimitDescriptor, request_hits: u32) -> Result<Option<Ask>, Unkno
         hits,
         after_response,
         refund: d.is_negative_hits,
+        request_id,
     }))
 }
 
@@ -118,6 +138,7 @@ struct Group {
     secret: String,
     after_response: bool,
     refund: bool,
+    request_id: Option<String>,
     want: Usage,
     members: Vec<usize>,
     outcome: Option<(Limits, Snapshot)>,
@@ -206,6 +227,7 @@ impl RateLimitService for RateLimiter {
                         secret: ask.secret.clone(),
                         after_response: ask.after_response,
                         refund: ask.refund,
+                        request_id: None,
                         want: Usage::default(),
                         members: Vec::new(),
                         outcome: None,
@@ -216,40 +238,59 @@ impl RateLimitService for RateLimiter {
             };
             add(&mut groups[g].want, ask.kind, ask.hits);
             groups[g].members.push(i);
+            if groups[g].request_id.is_none() {
+                groups[g].request_id = ask.request_id.clone();
+            }
         }
 
-        // Refunds first, then checked charges; a denial gives back what this call charged
-        // for other keys before it, so the call as a whole records nothing.
+        // Charges first, each leaving a marker, so that a denial or a store failure on
+        // any key gives back exactly what this call charged before it (to the very
+        // buckets): the call as a whole records all or nothing. Refunds come last, once
+        // every charge fits.
         let mut denial = None;
-        let mut charged: Vec<usize> = Vec::new();
+        let mut failed = false;
+        let mut charged: Vec<(usize, u64)> = Vec::new();
         let order: Vec<usize> = (0..groups.len())
-            .filter(|g| groups[*g].refund)
-            .chain((0..groups.len()).filter(|g| !groups[*g].refund))
+            .filter(|g| !groups[*g].refund)
+            .chain((0..groups.len()).filter(|g| groups[*g].refund))
             .collect();
         for g in order {
             let group = &groups[g];
+            let phase = if group.after_response {
+                "response"
+            } else {
+                "request"
+            };
             let result = if group.refund {
-                self.limiter.refund(&group.secret, &group.want).await
+                // Back to the bucket the request's admission charged, when we know it.
+                let marker = group.request_id.as_deref().map(|r| marker_of(r, "request"));
+                self.limiter
+                    .refund(&group.secret, &group.want, marker)
+                    .await
             } else {
                 let charge = if group.after_response {
                     Charge::Force
                 } else {
                     Charge::Check
                 };
-                self.limiter
-                    .charge(&group.secret, &group.want, charge)
-                    .await
+                let marker = match group.request_id.as_deref() {
+                    Some(r) => marker_of(r, phase),
+                    None => rand::random(),
+                };
+                let result = self
+                    .limiter
+                    .charge(&group.secret, &group.want, charge, Some(marker))
+                    .await;
+                if matches!(result, Charged::Admitted { .. }) {
+                    charged.push((g, marker));
+                }
+                result
             };
             match result {
                 Charged::UnknownKey => {}
                 Charged::Admitted {
                     limits, snapshot, ..
-                } => {
-                    groups[g].outcome = Some((limits, snapshot));
-                    if !groups[g].refund {
-                        charged.push(g);
-                    }
-                }
+                } => groups[g].outcome = Some((limits, snapshot)),
                 Charged::Denied { key, answer } => {
                     groups[g].denied = true;
                     if let Some(spec) = self.limiter.config().key_by_name(key.as_str()) {
@@ -262,17 +303,27 @@ impl RateLimitService for RateLimiter {
                     break;
                 }
                 Charged::Failed(_) => {
-                    return Err(Status::unavailable("the rate-limit store is unavailable"));
+                    failed = true;
+                    break;
                 }
             }
         }
-        if denial.is_some() {
-            for g in charged {
-                let _ = self
+        if denial.is_some() || failed {
+            for (g, marker) in charged {
+                let group = &groups[g];
+                if let Charged::Failed(_) = self
                     .limiter
-                    .refund(&groups[g].secret, &groups[g].want)
-                    .await;
+                    .refund(&group.secret, &group.want, Some(marker))
+                    .await
+                {
+                    // The store is down for this key too: its charge stays, on the safe
+                    // side (it expires with its bucket).
+                    tracing::warn!("could not undo a ShouldRateLimit charge; it stays counted");
+                }
             }
+        }
+        if failed {
+            return Err(Status::unavailable("the rate-limit store is unavailable"));
         }
 
         let mut statuses = vec![

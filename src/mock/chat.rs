@@ -17,7 +17,7 @@ struct Completion<'a> {
     object: &'static str,
     created: u64,
     model: &'a str,
-    choices: [Choice; 1],
+    choices: Vec<Choice>,
     usage: Usage,
     system_fingerprint: &'static str,
 }
@@ -44,18 +44,23 @@ pub(crate) fn body(turn: &Turn) -> Vec<u8> {
         object: "chat.completion",
         created: turn.created,
         model: turn.model,
-        choices: [Choice {
-            index: 0,
-            message: Message {
-                role: "assistant",
-                content: turn.reply.text(),
-                refusal: None,
-                annotations: [],
-            },
-            logprobs: None,
-            finish_reason: turn.reply.finish_reason(),
-        }],
-        usage: Usage::from(&turn.reply),
+        choices: turn
+            .choices
+            .iter()
+            .zip(0..)
+            .map(|(reply, index)| Choice {
+                index,
+                message: Message {
+                    role: "assistant",
+                    content: reply.text(),
+                    refusal: None,
+                    annotations: [],
+                },
+                logprobs: None,
+                finish_reason: reply.finish_reason(),
+            })
+            .collect(),
+        usage: turn.usage,
         system_fingerprint: FINGERPRINT,
     })
 }
@@ -91,31 +96,48 @@ struct Delta {
 
 /// The stream OpenAI sends: a chunk with the role, one chunk per token of content, a chunk
 /// with the finish reason, the usage chunk (`choices: []`) only when
-/// `stream_options.include_usage` is true, then `data: [DONE]`.
+/// `stream_options.include_usage` is true, then `data: [DONE]`. With several choices (`n`)
+/// each chunk carries one choice, named by its `index`, and the choices' chunks interleave
+/// (role chunks, then token chunks round by round, then finish chunks); the usage chunk
+/// sums them all.
 pub(crate) fn stream(turn: &Turn, interval: Duration) -> Response {
-    let choice = |delta, finish_reason| ChunkChoice {
-        index: 0,
+    let choice = |index, delta, finish_reason| ChunkChoice {
+        index,
         delta,
         logprobs: None,
         finish_reason,
     };
     let mut events = Events::default();
-    let first = Delta {
-        role: Some("assistant"),
-        content: Some(""),
-    };
-    events.data(&chunk(turn, &[choice(first, None)], None));
-    for piece in turn.reply.pieces() {
-        let delta = Delta {
-            role: None,
-            content: Some(piece),
+    for index in (0..).take(turn.choices.len()) {
+        let first = Delta {
+            role: Some("assistant"),
+            content: Some(""),
         };
-        events.data(&chunk(turn, &[choice(delta, None)], None));
+        events.data(&chunk(turn, &[choice(index, first, None)], None));
     }
-    let last = choice(Delta::default(), Some(turn.reply.finish_reason()));
-    events.data(&chunk(turn, &[last], None));
+    let mut pieces: Vec<_> = turn.choices.iter().map(|reply| reply.pieces()).collect();
+    loop {
+        let mut any = false;
+        for (rest, index) in pieces.iter_mut().zip(0..) {
+            if let Some(piece) = rest.next() {
+                any = true;
+                let delta = Delta {
+                    role: None,
+                    content: Some(piece),
+                };
+                events.data(&chunk(turn, &[choice(index, delta, None)], None));
+            }
+        }
+        if !any {
+            break;
+        }
+    }
+    for (reply, index) in turn.choices.iter().zip(0..) {
+        let last = choice(index, Delta::default(), Some(reply.finish_reason()));
+        events.data(&chunk(turn, &[last], None));
+    }
     if turn.include_usage {
-        events.data(&chunk(turn, &[], Some(Usage::from(&turn.reply))));
+        events.data(&chunk(turn, &[], Some(turn.usage)));
     }
     events.done();
     events.into_response(interval)

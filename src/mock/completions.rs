@@ -44,42 +44,59 @@ fn completion<'a>(
     }
 }
 
+/// `n` choices per prompt, prompt by prompt (choice `p·n + k` is prompt `p`'s `k`-th);
+/// usage sums every generation, `best_of`'s hidden candidates included.
 pub(crate) fn body(turn: &Turn) -> Vec<u8> {
-    let choice = Choice {
-        text: turn.reply.text(),
-        index: 0,
-        logprobs: None,
-        finish_reason: Some(turn.reply.finish_reason()),
-    };
-    to_json(&completion(
-        turn,
-        &[choice],
-        Some(Some(Usage::from(&turn.reply))),
-    ))
+    let choices: Vec<Choice> = turn
+        .choices
+        .iter()
+        .zip(0..)
+        .map(|(reply, index)| Choice {
+            text: reply.text(),
+            index,
+            logprobs: None,
+            finish_reason: Some(reply.finish_reason()),
+        })
+        .collect();
+    to_json(&completion(turn, &choices, Some(Some(turn.usage))))
 }
 
 /// One chunk per token of text, a chunk with the finish reason and empty text, the usage
 /// chunk (`choices: []`) only with `stream_options.include_usage`, then `data: [DONE]`.
+/// With several choices each chunk carries one, named by its `index`, interleaved round
+/// by round; the usage chunk sums them all.
 pub(crate) fn stream(turn: &Turn, interval: Duration) -> Response {
     let usage = |figure: Option<Usage>| turn.include_usage.then_some(figure);
-    let choice = |text, finish_reason| Choice {
+    let choice = |text, index, finish_reason| Choice {
         text,
-        index: 0,
+        index,
         logprobs: None,
         finish_reason,
     };
     let mut events = Events::default();
-    for piece in turn.reply.pieces() {
-        events.data(&completion(turn, &[choice(piece, None)], usage(None)));
+    let mut pieces: Vec<_> = turn.choices.iter().map(|reply| reply.pieces()).collect();
+    loop {
+        let mut any = false;
+        for (rest, index) in pieces.iter_mut().zip(0..) {
+            if let Some(piece) = rest.next() {
+                any = true;
+                events.data(&completion(
+                    turn,
+                    &[choice(piece, index, None)],
+                    usage(None),
+                ));
+            }
+        }
+        if !any {
+            break;
+        }
     }
-    let last = choice("", Some(turn.reply.finish_reason()));
-    events.data(&completion(turn, &[last], usage(None)));
+    for (reply, index) in turn.choices.iter().zip(0..) {
+        let last = choice("", index, Some(reply.finish_reason()));
+        events.data(&completion(turn, &[last], usage(None)));
+    }
     if turn.include_usage {
-        events.data(&completion(
-            turn,
-            &[],
-            usage(Some(Usage::from(&turn.reply))),
-        ));
+        events.data(&completion(turn, &[], usage(Some(turn.usage))));
     }
     events.done();
     events.into_response(interval)

@@ -47,7 +47,15 @@ impl Reply {
     /// `completion_tokens = min(max, 16 + prompt_tokens % 48)`: deterministic, never above
     /// the budget, 0 when the budget is 0.
     pub fn for_request(prompt_tokens: u64, max: Option<u64>) -> Reply {
-        let natural = 16 + prompt_tokens % 48;
+        Reply::for_choice(prompt_tokens, max, 0)
+    }
+
+    /// Generation `g` (0-based) of a request that asks for several (chat's `n`,
+    /// completions' `best_of` and prompt lists): the same rule with the prompt shifted by
+    /// `g`, `min(max, 16 + (prompt_tokens + g) % 48)`, so the choices of one request differ
+    /// in length. Generation 0 is [`Reply::for_request`].
+    pub fn for_choice(prompt_tokens: u64, max: Option<u64>, g: u64) -> Reply {
+        let natural = 16 + prompt_tokens.wrapping_add(g) % 48;
         let max = max.unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS);
         Reply {
             prompt_tokens,
@@ -156,5 +164,21 @@ mod tests {
         assert_eq!(Reply::for_request(5, Some(3)).text(), "This is a");
         assert_eq!(Reply::for_request(5, Some(3)).finish_reason(), "length");
         assert_eq!(Reply::for_request(5, None).finish_reason(), "stop");
+    }
+
+    #[test]
+    fn generation_g_shifts_the_prompt_by_g() {
+        for prompt in [0, 5, 47, 1000, u64::MAX] {
+            assert_eq!(
+                Reply::for_choice(prompt, Some(40), 0),
+                Reply::for_request(prompt, Some(40))
+            );
+            for g in 1..100 {
+                let reply = Reply::for_choice(prompt, Some(40), g);
+                let natural = 16 + prompt.wrapping_add(g) % 48;
+                assert_eq!(reply.completion_tokens, natural.min(40), "{prompt} {g}");
+                assert!(reply.completion_tokens <= MAX_WORDS);
+            }
+        }
     }
 }

@@ -23,6 +23,7 @@ mod request;
 mod responses;
 mod tokens;
 
+pub(crate) use endpoint::normalise as normalise_path;
 pub use endpoint::{Endpoint, Route, RouteError};
 pub use error::RequestError;
 pub use output::{OutputCount, OutputMeter, OutputSource};
@@ -47,7 +48,7 @@ mod tests {
     ];
 
     /// Field names the parsers look at, so random documents reach deep code paths.
-    const KEYS: [&str; 34] = [
+    const KEYS: [&str; 36] = [
         "model",
         "messages",
         "role",
@@ -68,6 +69,8 @@ mod tests {
         "max_tokens",
         "max_completion_tokens",
         "max_output_tokens",
+        "n",
+        "best_of",
         "stream",
         "choices",
         "delta",
@@ -178,14 +181,18 @@ mod tests {
             let body = serde_json::to_vec(&value).unwrap();
             for endpoint in ENDPOINTS {
                 let _ = tokenizer().understand(endpoint, &body);
+                let _ = tokenizer().understand_with(endpoint, &body, Some("gpt-4"));
             }
         }
 
         #[test]
         fn understand_answers_request_shaped_json(body in request_body()) {
             for endpoint in ENDPOINTS {
-                if let Err(e) = tokenizer().understand(endpoint, &body) {
-                    prop_assert!(!e.message.is_empty());
+                match tokenizer().understand(endpoint, &body) {
+                    Err(e) => prop_assert!(!e.message.is_empty()),
+                    // Every accepted request asks for at least one completion, so the
+                    // output reservation is never multiplied down to nothing.
+                    Ok(r) => prop_assert!(r.completions >= 1),
                 }
             }
         }
