@@ -8,10 +8,10 @@
 #                             [--limiter PATH] [--loadtest PATH]
 #
 # Defaults: 20 s runs, small requests at 500/s (100 prompt tokens), big ones at 4/s
-# (150,000 prompt tokens, ~0.9 MiB), release binaries from target/release.
+# (235,000 prompt tokens: a 1.04 MB body), release binaries from target/release.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SECS=20 RATE=500 BIG_RATE=4 BIG_TOKENS=150000 BASE=17000
+SECS=20 RATE=500 BIG_RATE=4 BIG_TOKENS=235000 BASE=17000
 LIMITER=target/release/llm-ratelimit LOADTEST=target/release/llm-loadtest
 while (($#)); do
   case $1 in

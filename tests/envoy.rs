@@ -1266,17 +1266,15 @@ fn twenty_seconds_of_maximum_load_through_one_node_slows_or_sheds_explicitly() {
     );
     let breakdown = format!(
         "2xx {ok}, 4xx {rq_4xx}, 5xx {rq_5xx}; ext_authz errors {authz_errors}: limiter shed \
-         {shed} waiting + {timed_out} running, store failed {store_failed}, the rest \
-         ext_authz's own deadline"
+         {shed} waiting + {timed_out} running; store failures (checks and settlements) \
+         {store_failed}"
     );
     eprintln!("{breakdown}");
     assert_eq!(rq_4xx, 0, "{breakdown}\n{stats}");
     // Every 5xx is ext_authz's status_on_error, and each explicit shed reached the client.
     assert_eq!(rq_5xx, authz_errors, "{breakdown}\n{stats}");
-    assert!(
-        shed + timed_out + store_failed <= authz_errors,
-        "{breakdown}"
-    );
+    // (Store failures are left out: settlements count theirs in the same series.)
+    assert!(shed + timed_out <= authz_errors, "{breakdown}");
     // It did serve. No throughput floor: a debug build beside two busy loops and a
     // compiler admitted as few as 17 of 2,182 (the rest shed or past ext_authz's deadline),
     // and how fast a node is belongs to scripts/bench.sh, not to a test that must not flake.
