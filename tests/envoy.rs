@@ -16,6 +16,18 @@ use serde_json::{json, Value};
 const LIMITER: &str = env!("CARGO_BIN_EXE_llm-ratelimit");
 const MOCK: &str = env!("CARGO_BIN_EXE_mock-upstream");
 
+/// The maximum-load test takes both cores; a test with exact counts beside it can see its
+/// checks outlive their deadlines. It runs alone (write), the others together (read).
+static CPU: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn shares_the_cpu() -> std::sync::RwLockReadGuard<'static, ()> {
+    CPU.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn takes_the_cpu() -> std::sync::RwLockWriteGuard<'static, ()> {
+    CPU.write().unwrap_or_else(|e| e.into_inner())
+}
+
 fn envoy_bin() -> PathBuf {
     std::env::var_os("ENVOY_BIN")
         .map(PathBuf::from)
@@ -283,7 +295,10 @@ fn both_envoy_configs_validate() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// The guard only orders tests (see `CPU`); no task contends for it.
+#[allow(clippy::await_holding_lock)]
 async fn the_ratelimit_filter_variant_holds_requests_and_tokens() {
+    let _cpu = shares_the_cpu();
     let c = tokio::task::spawn_blocking(|| cluster("ratelimit-filter.yaml", KEYS, 2, &[]))
         .await
         .unwrap();
@@ -336,7 +351,10 @@ async fn the_ratelimit_filter_variant_holds_requests_and_tokens() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// The guard only orders tests (see `CPU`); no task contends for it.
+#[allow(clippy::await_holding_lock)]
 async fn two_nodes_behind_envoy_admit_settle_and_deny_exactly() {
+    let _cpu = shares_the_cpu();
     // Paced SSE, so "progressively" is visible: 25 ms between chunks.
     let c = tokio::task::spawn_blocking(|| {
         cluster("envoy.yaml", KEYS, 2, &["--stream-interval-ms", "25"])
@@ -820,11 +838,13 @@ fn envoy_hands_limiter_and_upstream_the_same_path(envoy_file: &str) {
 
 #[test]
 fn envoy_yaml_hands_limiter_and_upstream_the_same_normalised_path() {
+    let _cpu = shares_the_cpu();
     envoy_hands_limiter_and_upstream_the_same_path("envoy.yaml");
 }
 
 #[test]
 fn ratelimit_filter_yaml_hands_limiter_and_upstream_the_same_normalised_path() {
+    let _cpu = shares_the_cpu();
     envoy_hands_limiter_and_upstream_the_same_path("ratelimit-filter.yaml");
 }
 
@@ -1118,11 +1138,13 @@ fn no_request_reaches_the_upstream_uncounted(envoy_file: &'static str) {
 
 #[test]
 fn envoy_yaml_lets_no_request_reach_the_upstream_uncounted() {
+    let _cpu = shares_the_cpu();
     no_request_reaches_the_upstream_uncounted("envoy.yaml");
 }
 
 #[test]
 fn ratelimit_filter_yaml_lets_no_request_reach_the_upstream_uncounted() {
+    let _cpu = shares_the_cpu();
     no_request_reaches_the_upstream_uncounted("ratelimit-filter.yaml");
 }
 
@@ -1187,6 +1209,7 @@ fn wait_ready_slowly(url: &str) {
 /// ext_authz's deadline rather than letting the deadline pass.
 #[test]
 fn twenty_seconds_of_maximum_load_through_one_node_slows_or_sheds_explicitly() {
+    let _cpu = takes_the_cpu();
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys.yaml");
     std::fs::write(&keys, LOAD_KEYS).unwrap();
