@@ -78,7 +78,12 @@ pub enum Charged {
         snapshot: crate::engine::Snapshot,
     },
     /// Not recorded: the 429 to give.
-    Denied { key: KeyName, answer: Answer },
+    /// Not recorded: the 429 to give, and the window that denied it (for the statuses).
+    Denied {
+        limits: crate::engine::Limits,
+        snapshot: crate::engine::Snapshot,
+        answer: Answer,
+    },
     /// The store failed.
     Failed(Answer),
 }
@@ -526,7 +531,8 @@ impl Limiter {
                     })
                     .inc();
                 Charged::Denied {
-                    key: spec.name.clone(),
+                    limits: spec.limits,
+                    snapshot,
                     answer: Answer::rate_limited(
                         &spec.name,
                         &spec.limits,
@@ -568,15 +574,6 @@ impl Limiter {
                 Charged::Failed(Answer::store_unavailable())
             }
         }
-    }
-
-    /// A key's current window (for the statuses of a denial).
-    pub async fn snapshot(&self, key: &KeyName) -> Result<crate::engine::Snapshot, Answer> {
-        let config = self.config.load();
-        self.store
-            .usage(key, config.shape())
-            .await
-            .map_err(|_| Answer::store_unavailable())
     }
 
     /// A key's current window, by name.

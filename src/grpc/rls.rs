@@ -291,14 +291,14 @@ impl RateLimitService for RateLimiter {
                 Charged::Admitted {
                     limits, snapshot, ..
                 } => groups[g].outcome = Some((limits, snapshot)),
-                Charged::Denied { key, answer } => {
+                Charged::Denied {
+                    limits,
+                    snapshot,
+                    answer,
+                } => {
+                    // The denial's own window: no second store call to describe it.
                     groups[g].denied = true;
-                    if let Some(spec) = self.limiter.config().key_by_name(key.as_str()) {
-                        let limits = spec.limits;
-                        if let Ok(snapshot) = self.limiter.snapshot(&key).await {
-                            groups[g].outcome = Some((limits, snapshot));
-                        }
-                    }
+                    groups[g].outcome = Some((limits, snapshot));
                     denial = Some(answer);
                     break;
                 }
