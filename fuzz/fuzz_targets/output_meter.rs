@@ -32,10 +32,10 @@ fn meter(endpoint: Endpoint, model: &str, body: &[u8], cuts: &[usize]) -> Option
     let mut m = OutputMeter::new(endpoint, model);
     let mut from = 0;
     for &cut in cuts {
-        m.feed(&body[from..cut]);
+        m.feed(&body[from..cut], tokenizer());
         from = cut;
     }
-    m.feed(&body[from..]);
+    m.feed(&body[from..], tokenizer());
     m.finish(tokenizer())
 }
 
