@@ -3,7 +3,8 @@
 //! request to a path the limiter cannot meter gets, how many output tokens a request
 //! reserves, and that a large body is counted exactly like a small one.
 
-use std::net::SocketAddr;
+mod common;
+
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -29,19 +30,7 @@ fn config(extra: &str) -> Config {
 
 /// A node on the in-process store: the HTTP router on an ephemeral loopback port.
 async fn node(config: Config) -> String {
-    let limiter = Arc::new(Limiter::new(
-        Arc::new(ArcSwap::from_pointee(config)),
-        Store::Memory(MemoryStore::new()),
-        Arc::new(Metrics::default()),
-    ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr: SocketAddr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(listener, llm_ratelimit::http::router(limiter))
-            .await
-            .unwrap();
-    });
-    format!("http://{addr}")
+    common::http_node(config, Store::Memory(MemoryStore::new())).await
 }
 
 /// `/v1/check` for a client request: method, path, headers, body.

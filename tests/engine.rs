@@ -359,6 +359,15 @@ fn big_limits() -> Limits {
 }
 
 /// Both stores, on one manual clock.
+/// A Redis store at `url` whose scripts take the test's manual clock, started at `start`.
+async fn redis_on_manual_clock(url: &str, start: u64) -> (Arc<AtomicU64>, Store) {
+    let (now, clock) = manual_clock(start);
+    let store = RedisStore::connect_with_clock(url, Duration::from_secs(2), clock)
+        .await
+        .unwrap();
+    (now, Store::Redis(store))
+}
+
 async fn both_stores(redis: &RedisServer, start: u64) -> (Arc<AtomicU64>, Vec<Store>) {
     let (now, clock) = manual_clock(start);
     let r = RedisStore::connect_with_clock(&redis.url(), Duration::from_secs(2), clock.clone())
@@ -544,12 +553,7 @@ async fn a_denial_says_when_the_request_fits_from_the_buckets() {
 #[tokio::test]
 async fn a_busy_ring_stays_bounded() {
     let redis = RedisServer::start();
-    let (now, clock) = manual_clock(T0);
-    let store = Store::Redis(
-        RedisStore::connect_with_clock(&redis.url(), Duration::from_secs(2), clock)
-            .await
-            .unwrap(),
-    );
+    let (now, store) = redis_on_manual_clock(&redis.url(), T0).await;
     let shape = shape(60_000, 100);
     let key = unique_key("mem");
     for i in 0..3_000u64 {
@@ -784,12 +788,7 @@ async fn rediss_urls_speak_tls() {
     // reads SSL_CERT_FILE); no other test in this binary uses TLS.
     std::env::set_var("SSL_CERT_FILE", redis.ca_file());
     let url = format!("rediss://127.0.0.1:{}", redis.port);
-    let (_, clock) = manual_clock(T0);
-    let store = Store::Redis(
-        RedisStore::connect_with_clock(&url, Duration::from_secs(2), clock)
-            .await
-            .unwrap(),
-    );
+    let (_, store) = redis_on_manual_clock(&url, T0).await;
     let key = unique_key("tls");
     let shape = shape(60_000, 100);
     let d = store
@@ -905,12 +904,7 @@ async fn charge_with_marker(
 #[tokio::test]
 async fn a_marker_that_outlived_its_ring_changes_nothing_in_the_new_one() {
     let redis = RedisServer::start();
-    let (_, clock) = manual_clock(T0);
-    let store = Store::Redis(
-        RedisStore::connect_with_clock(&redis.url(), Duration::from_secs(2), clock)
-            .await
-            .unwrap(),
-    );
+    let (_, store) = redis_on_manual_clock(&redis.url(), T0).await;
     let shape = shape(60_000, 100);
     let key = unique_key("evicted");
     let settled = charge_with_marker(&store, &key, shape, [1, 10, 500], rand_id()).await;
@@ -1033,12 +1027,7 @@ async fn a_refund_by_marker_frees_the_charged_bucket_only() {
 #[tokio::test]
 async fn a_denial_reply_is_small_however_full_the_ring() {
     let redis = RedisServer::start();
-    let (now, clock) = manual_clock(T0);
-    let store = Store::Redis(
-        RedisStore::connect_with_clock(&redis.url(), Duration::from_secs(2), clock)
-            .await
-            .unwrap(),
-    );
+    let (now, store) = redis_on_manual_clock(&redis.url(), T0).await;
     let shape = shape(60_000, 100);
     let key = unique_key("full");
     for j in 0..600u64 {

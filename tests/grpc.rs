@@ -33,22 +33,7 @@ use serde_json::Value;
 const KEYS: &str = "keys:\n  - name: team-a\n    key: sk-grpc-a\n    rpm: 5\n    input_tpm: 1000\n    output_tpm: 1000\n";
 
 async fn server() -> (String, Arc<Limiter>) {
-    let limiter = Arc::new(Limiter::new(
-        Arc::new(ArcSwap::from_pointee(
-            Config::parse(KEYS, "k.yaml").unwrap(),
-        )),
-        Store::Memory(MemoryStore::new()),
-        Arc::new(Metrics::default()),
-    ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = format!("http://{}", listener.local_addr().unwrap());
-    let l = limiter.clone();
-    tokio::spawn(async move {
-        llm_ratelimit::grpc::serve(listener, l, std::future::pending())
-            .await
-            .unwrap();
-    });
-    (addr, limiter)
+    server_on(Store::Memory(MemoryStore::new()), KEYS).await
 }
 
 fn descriptor(entries: &[(&str, &str)], hits: Option<u64>, negative: bool) -> RateLimitDescriptor {
@@ -67,10 +52,8 @@ fn descriptor(entries: &[(&str, &str)], hits: Option<u64>, negative: bool) -> Ra
 }
 
 async fn used(limiter: &Limiter) -> [u64; 3] {
-    let u = limiter.usage("team-a").await.unwrap();
-    ["requests", "input_tokens", "output_tokens"].map(|k| u[k]["used"].as_u64().unwrap())
+    used_by(limiter, "team-a").await
 }
-
 #[tokio::test]
 async fn should_rate_limit_charges_descriptors_together_all_or_nothing() {
     let (addr, limiter) = server().await;

@@ -3,18 +3,13 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use common::RedisServer;
-use llm_ratelimit::admission::Limiter;
 use llm_ratelimit::config::Config;
 use llm_ratelimit::engine::memory::MemoryStore;
 use llm_ratelimit::engine::redis::RedisStore;
 use llm_ratelimit::engine::Store;
-use llm_ratelimit::metrics::Metrics;
 use serde_json::{json, Value};
 
 const SECRET: &str = "sk-test-very-secret-a";
@@ -31,19 +26,7 @@ fn config(rpm: u64, input_tpm: u64, output_tpm: u64) -> Config {
 
 /// A node: the HTTP router on an ephemeral loopback port.
 async fn node(config: Config, store: Store) -> String {
-    let limiter = Arc::new(Limiter::new(
-        Arc::new(ArcSwap::from_pointee(config)),
-        store,
-        Arc::new(Metrics::default()),
-    ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr: SocketAddr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(listener, llm_ratelimit::http::router(limiter))
-            .await
-            .unwrap();
-    });
-    format!("http://{addr}")
+    common::http_node(config, store).await
 }
 
 async fn redis_store(redis: &RedisServer) -> Store {

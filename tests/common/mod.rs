@@ -270,3 +270,24 @@ impl RedisCluster {
         format!("redis+cluster://{}", hosts.join(","))
     }
 }
+
+/// A limiter node's HTTP surface (`/v1/check`, `/v1/usage`, ...) on an ephemeral loopback
+/// port, over `store` with `config` in force; its base URL.
+pub async fn http_node(
+    config: llm_ratelimit::config::Config,
+    store: llm_ratelimit::engine::Store,
+) -> String {
+    let limiter = std::sync::Arc::new(llm_ratelimit::admission::Limiter::new(
+        std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(config)),
+        store,
+        std::sync::Arc::new(llm_ratelimit::metrics::Metrics::default()),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, llm_ratelimit::http::router(limiter))
+            .await
+            .unwrap();
+    });
+    format!("http://{addr}")
+}
