@@ -288,12 +288,13 @@ impl Limiter {
         body: &[u8],
         model_hint: Option<String>,
     ) -> Result<LlmRequest, RequestError> {
-        if body.len() <= OFFLOAD_BYTES {
-            return self
-                .tokenizer
-                .understand_with(endpoint, body, model_hint.as_deref());
-        }
-        let Ok(_permit) = self.offload.acquire().await else {
+        // The semaphore is never closed; were it, the body is tokenized in place.
+        let permit = if body.len() > OFFLOAD_BYTES {
+            self.offload.acquire().await.ok()
+        } else {
+            None
+        };
+        let Some(_permit) = permit else {
             return self
                 .tokenizer
                 .understand_with(endpoint, body, model_hint.as_deref());
