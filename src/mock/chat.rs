@@ -6,6 +6,7 @@ use std::time::Duration;
 use axum::response::Response;
 use serde::Serialize;
 
+use super::reply::interleaved;
 use super::sse::Events;
 use super::{to_json, Id, Turn, Usage};
 
@@ -115,22 +116,12 @@ pub(crate) fn stream(turn: &Turn, interval: Duration) -> Response {
         };
         events.data(&chunk(turn, &[choice(index, first, None)], None));
     }
-    let mut pieces: Vec<_> = turn.choices.iter().map(|reply| reply.pieces()).collect();
-    loop {
-        let mut any = false;
-        for (rest, index) in pieces.iter_mut().zip(0..) {
-            if let Some(piece) = rest.next() {
-                any = true;
-                let delta = Delta {
-                    role: None,
-                    content: Some(piece),
-                };
-                events.data(&chunk(turn, &[choice(index, delta, None)], None));
-            }
-        }
-        if !any {
-            break;
-        }
+    for (index, piece) in interleaved(&turn.choices) {
+        let delta = Delta {
+            role: None,
+            content: Some(piece),
+        };
+        events.data(&chunk(turn, &[choice(index, delta, None)], None));
     }
     for (reply, index) in turn.choices.iter().zip(0..) {
         let last = choice(index, Delta::default(), Some(reply.finish_reason()));

@@ -5,6 +5,7 @@ use std::time::Duration;
 use axum::response::Response;
 use serde::Serialize;
 
+use super::reply::interleaved;
 use super::sse::Events;
 use super::{to_json, Id, Turn, Usage};
 
@@ -74,22 +75,12 @@ pub(crate) fn stream(turn: &Turn, interval: Duration) -> Response {
         finish_reason,
     };
     let mut events = Events::default();
-    let mut pieces: Vec<_> = turn.choices.iter().map(|reply| reply.pieces()).collect();
-    loop {
-        let mut any = false;
-        for (rest, index) in pieces.iter_mut().zip(0..) {
-            if let Some(piece) = rest.next() {
-                any = true;
-                events.data(&completion(
-                    turn,
-                    &[choice(piece, index, None)],
-                    usage(None),
-                ));
-            }
-        }
-        if !any {
-            break;
-        }
+    for (index, piece) in interleaved(&turn.choices) {
+        events.data(&completion(
+            turn,
+            &[choice(piece, index, None)],
+            usage(None),
+        ));
     }
     for (reply, index) in turn.choices.iter().zip(0..) {
         let last = choice("", index, Some(reply.finish_reason()));

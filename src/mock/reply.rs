@@ -107,6 +107,24 @@ impl Reply {
     }
 }
 
+/// The streamed pieces of several choices, interleaved as an upstream streams `n` choices:
+/// round by round, each choice's next piece with its index, until every choice is done.
+pub(crate) fn interleaved(choices: &[Reply]) -> impl Iterator<Item = (u32, &'static str)> {
+    let mut pieces: Vec<_> = choices.iter().map(Reply::pieces).collect();
+    let mut round: Vec<(u32, &'static str)> = Vec::new();
+    std::iter::from_fn(move || {
+        if round.is_empty() {
+            round = pieces
+                .iter_mut()
+                .zip(0..)
+                .filter_map(|(rest, index)| rest.next().map(|piece| (index, piece)))
+                .collect();
+            round.reverse();
+        }
+        round.pop()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
