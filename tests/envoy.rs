@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, RedisServer};
+use common::{counter, free_port, RedisServer};
 use serde_json::{json, Value};
 
 const LIMITER: &str = env!("CARGO_BIN_EXE_llm-ratelimit");
@@ -1183,13 +1183,6 @@ fn wrk(url: &str, key: &str, secs: u32, dir: &std::path::Path) -> String {
 const LOAD_KEYS: &str = "keys:\n  - name: load\n    key: sk-e2e-load\n    rpm: 100000000\n    input_tpm: 100000000000\n    output_tpm: 100000000000\n";
 
 /// One counter of a stats or metrics text: the value after `prefix`.
-fn counter(text: &str, prefix: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// `wait_ready` with room for a starved box: a debug limiter builds its tokenizers and
 /// Envoy starts in seconds, but beside two busy loops and a compiler it can take longer.
 fn wait_ready_slowly(url: &str) {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use common::RedisServer;
+use common::{counter, RedisServer};
 use envoy_types::pb::envoy::config::core::v3::Metadata;
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
     HttpRequest, Request as AttrRequest,
@@ -118,13 +118,6 @@ fn pause_writes(redis: &RedisServer, ms: u64) {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
 }
 
-fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_over_the_limit_and_queue_is_shed_at_once_not_queued() {
     let redis = RedisServer::start();
@@ -171,13 +164,13 @@ async fn a_burst_over_the_limit_and_queue_is_shed_at_once_not_queued() {
             .text()
             .await
             .unwrap();
-        let shed = metric(
+        let shed = counter(
             &text,
             "llm_ratelimit_shed_total{surface=\"ext_authz\",reason=\"queue_full\"} ",
         );
         if shed == 8 {
-            assert_eq!(metric(&text, "llm_ratelimit_in_flight "), 2, "{text}");
-            assert_eq!(metric(&text, "llm_ratelimit_queued "), 2, "{text}");
+            assert_eq!(counter(&text, "llm_ratelimit_in_flight "), 2, "{text}");
+            assert_eq!(counter(&text, "llm_ratelimit_queued "), 2, "{text}");
             break;
         }
         assert!(Instant::now() < deadline, "not shed at once: {text}");

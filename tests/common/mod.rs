@@ -291,3 +291,12 @@ pub async fn http_node(
     });
     format!("http://{addr}")
 }
+
+/// The value of the first line of `text` (Prometheus text, Envoy's admin `/stats`) that
+/// starts with `prefix` (the series with its labels and the separator); 0 when absent.
+pub fn counter(text: &str, prefix: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
