@@ -48,10 +48,10 @@ h[3] = h[3] + add[1]; h[4] = h[4] + add[2]; h[5] = h[5] + add[3]
 -- The tail scan stops at the head at the latest, so it may run before the slot is written.
 settle_tail(ring, h, slots)
 local bit = slot_bit(b, slots)
-redis.call('BITFIELD', ring,
+redis.call('BITFIELD', ring, unpack(add_block_ops({
   'INCRBY', 'u16', bit, add[1], 'INCRBY', 'u32', bit + 16, add[2], 'INCRBY', 'u32', bit + 48, add[3],
   'SET', 'i64', 0, h[1], 'SET', 'i64', 64, h[2], 'SET', 'i64', 128, h[3], 'SET', 'i64', 192, h[4],
-  'SET', 'i64', 256, h[5])
+  'SET', 'i64', 256, h[5]}, b, slots, add)))
 redis.call('PEXPIRE', ring, ttl)
 if marker then
   -- What was actually added (a forced charge may saturate), so a refund or settlement

@@ -416,11 +416,12 @@ impl RedisStore {
 }
 
 /// The ring of one key and window shape. The hash tag keeps a key's data in one slot.
-/// `v2` is the ring layout with an epoch in the header (`lua/window.lua`): rings of the
-/// older layout live under other names, so nodes of both versions never misread a ring.
+/// `v3` is the ring layout with an epoch in the header and block sums after the slots
+/// (`lua/window.lua`): rings of older layouts live under other names, so nodes of both
+/// versions never misread a ring.
 pub fn ring_key(key: &KeyName, shape: WindowShape) -> String {
     format!(
-        "llmrl:{{{key}}}:v2:w{}:p{}",
+        "llmrl:{{{key}}}:v3:w{}:p{}",
         shape.window_ms(),
         shape.precision_ms()
     )
@@ -522,7 +523,7 @@ mod tests {
     fn ring_keys_carry_the_hash_tag_and_shape() {
         let shape = WindowShape::new(Duration::from_secs(60), Duration::from_millis(100)).unwrap();
         let key = KeyName::new("team-a").unwrap();
-        assert_eq!(ring_key(&key, shape), "llmrl:{team-a}:v2:w60000:p100");
+        assert_eq!(ring_key(&key, shape), "llmrl:{team-a}:v3:w60000:p100");
         assert_eq!(
             marker_key(&key, shape, 255),
             "llmrl:{team-a}:r:60000.100.00000000000000ff"
