@@ -95,22 +95,26 @@ local function answer(status, headers, body)
     return ngx.exit(ngx.HTTP_OK)
 end
 
+local ENCODED_SEPARATOR = [[{"error":{"code":null,"message":"Invalid URL: the path contains ]]
+    .. [[an encoded '/' or '\\' (%2F or %5C), which is not allowed.","param":null,]]
+    .. [["type":"invalid_request_error"}}]]
+
 local UNAVAILABLE = '{"error":{"message":"The rate limiter is unavailable. Please try again.",'
     .. '"type":"server_error","param":null,"code":null}}'
 
 -- access_by_lua: admission.
 function _M.access()
-    local target = ngx.var.request_uri
-    local normal = _M.normalise(target)
-    -- The limiter reads the path it meters from x-original-uri; the upstream gets the same
-    -- path (proxy_pass ...$llm_ratelimit_uri). An encoded separator goes as sent: the
-    -- limiter answers its 400.
-    local metered = target
-    if normal then
-        local args = ngx.var.args
-        metered = args and (normal .. "?" .. args) or normal
-        ngx.var.llm_ratelimit_uri = metered
+    local normal = _M.normalise(ngx.var.request_uri)
+    if not normal then
+        -- An encoded `/` or `\` would change which endpoint the path names: refused with
+        -- the limiter's own 400, before anyone sees it (as Envoy does).
+        return answer(400, { ["content-type"] = "application/json" }, ENCODED_SEPARATOR)
     end
+    -- The limiter meters x-original-uri; the upstream gets the same path and query
+    -- (proxy_pass ...$llm_ratelimit_uri).
+    local args = ngx.var.args
+    local metered = args and (normal .. "?" .. args) or normal
+    ngx.var.llm_ratelimit_uri = metered
     ngx.req.read_body()
     -- The subrequest carries the client's body as read (memory or temp file, not copied);
     -- its location passes only these headers on (nginx/nginx.conf).
