@@ -241,11 +241,9 @@ local function read_response(sock)
 end
 
 -- The timer: POST /v1/report over a pooled connection.
-local function report(premature, host, port, reservation, upstream_status, body)
-    if premature then
-        -- Nginx is stopping: the reservation stands.
-        return
-    end
+-- A timer run early because the worker is shutting down gracefully (`premature`: a quit or
+-- a reload) still reports: cosockets work there, and the worker waits for it.
+local function report(_premature, host, port, reservation, upstream_status, body)
     local sock = ngx.socket.tcp()
     sock:settimeouts(REPORT_TIMEOUT_MS, REPORT_TIMEOUT_MS, REPORT_TIMEOUT_MS)
     local ok, err = sock:connect(host, port)
