@@ -824,7 +824,10 @@ fn nginx_hands_limiter_and_upstream_the_same_path_and_reports_each_response_once
     ];
     let mut admitted = 0;
     for (target, normalised) in PATH_VARIANTS {
-        let (checks, upstreams) = (seen().checks.len(), seen().upstream.len());
+        let (checks, upstreams) = {
+            let seen = seen();
+            (seen.checks.len(), seen.upstream.len())
+        };
         let (status, answer) = send_raw(&nginx.addr, target, &headers, &body);
         let Some(normalised) = normalised else {
             assert_eq!(status, 400, "{target}: {answer}");
@@ -840,10 +843,13 @@ fn nginx_hands_limiter_and_upstream_the_same_path_and_reports_each_response_once
         };
         assert_eq!(status, 200, "{target}: {answer}");
         admitted += 1;
-        let (check, up) = (
-            seen().checks[checks..].to_vec(),
-            seen().upstream[upstreams..].to_vec(),
-        );
+        let (check, up) = {
+            let seen = seen();
+            (
+                seen.checks[checks..].to_vec(),
+                seen.upstream[upstreams..].to_vec(),
+            )
+        };
         assert_eq!(check.len(), 1, "{target}: {check:?}");
         assert_eq!(up.len(), 1, "{target}: {up:?}");
         assert_eq!(check[0].0, *normalised, "{target}: the limiter's path");
