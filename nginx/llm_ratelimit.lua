@@ -291,11 +291,7 @@ function _M.log()
         return
     end
     -- The last upstream's status ("502, 200" after a retry); none when none answered.
-    local upstream_status = (ngx.var.upstream_status or ""):match("(%d%d%d)%s*$")
-        or (ngx.var.upstream_status or ""):match("(%d%d%d)")
-    if upstream_status == nil then
-        upstream_status = "502"
-    end
+    local upstream_status = (ngx.var.upstream_status or ""):match("(%d%d%d)%s*$") or "502"
     local addr = ngx.var.llm_ratelimit_report_addr or "127.0.0.1:10200"
     local host, port = addr:match("^(.+):(%d+)$")
     local ok, err = ngx.timer.at(0, report, host, tonumber(port), reservation, upstream_status,
