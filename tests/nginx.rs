@@ -662,8 +662,8 @@ fn two_nginx_nodes_race_settle_stream_and_deny_exactly() {
 
 #[derive(Default)]
 struct Seen {
-    /// Each /v1/check: x-original-uri, x-original-method, the header names.
-    checks: Vec<(String, String, Vec<String>)>,
+    /// Each /v1/check: x-original-uri, x-original-method, the header names, the body's length.
+    checks: Vec<(String, String, Vec<String>, usize)>,
     /// Each /v1/report: reservation, x-upstream-status, body.
     reports: Vec<(String, String, String)>,
     /// Each upstream request: method, path, x-llm-ratelimit-key.
@@ -684,7 +684,7 @@ fn stand_ins(runtime: &tokio::runtime::Runtime, limiter: u16, upstream: u16) -> 
     let limiter_app = axum::Router::new()
         .route(
             "/v1/check",
-            axum::routing::post(move |h: HeaderMap| {
+            axum::routing::post(move |h: HeaderMap, request_body: axum::body::Bytes| {
                 let seen = check_seen.clone();
                 async move {
                     let mut names: Vec<String> = h.keys().map(|k| k.to_string()).collect();
@@ -694,6 +694,7 @@ fn stand_ins(runtime: &tokio::runtime::Runtime, limiter: u16, upstream: u16) -> 
                         header(&h, "x-original-uri"),
                         header(&h, "x-original-method"),
                         names,
+                        request_body.len(),
                     ));
                     let n = seen.checks.len();
                     (
@@ -869,6 +870,7 @@ fn nginx_hands_limiter_and_upstream_the_same_path_and_reports_each_response_once
         assert_eq!(up.len(), 1, "{target}: {up:?}");
         assert_eq!(check[0].0, *normalised, "{target}: the limiter's path");
         assert_eq!(check[0].1, "POST");
+        assert_eq!(check[0].3, body.len(), "{target}: the body the limiter got");
         assert_eq!(up[0].1, *normalised, "{target}: the upstream's path");
         assert_eq!(up[0].0, "POST");
         assert_eq!(up[0].2, "stand-in", "{target}: the key the upstream sees");
@@ -879,6 +881,25 @@ fn nginx_hands_limiter_and_upstream_the_same_path_and_reports_each_response_once
             "{:?}",
             check[0].2
         );
+    }
+    // Azure OpenAI's `api-key` header reaches the limiter too, and a chunked body is
+    // forwarded whole.
+    let checks = seen().checks.len();
+    let response = reqwest::blocking::Client::new()
+        .post(format!("{}/v1/chat/completions", nginx.url))
+        .header("api-key", "sk-secret")
+        .body(reqwest::blocking::Body::new(std::io::Cursor::new(
+            body.clone(),
+        )))
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    admitted += 1;
+    {
+        let seen = seen();
+        assert_eq!(seen.checks.len(), checks + 1);
+        assert!(seen.checks[checks].2.contains(&"api-key".to_string()));
+        assert_eq!(seen.checks[checks].3, body.len());
     }
     // A GET is asked about too, as a GET.
     let response = reqwest::blocking::Client::new()
