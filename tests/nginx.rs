@@ -943,3 +943,124 @@ fn nginx_hands_limiter_and_upstream_the_same_path_and_reports_each_response_once
     assert!(!log.contains("sk-secret"), "{log}");
     assert!(log.contains("key=stand-in"), "{log}");
 }
+
+/// A few hundred request targets built at random (fixed seed) from pieces that exercise
+/// the path rules: through Nginx with stand-ins, every target the limiter would refuse is
+/// refused before anyone sees it, and every admitted one reaches the limiter and the
+/// upstream as one clean path that the limiter meters as the same route as the raw target
+/// (`Route::from_path`). Nginx's own parser refuses more (invalid escapes, `..` above the
+/// root), never less.
+#[test]
+fn random_targets_are_metered_as_the_route_they_name() {
+    use llm_ratelimit::openai::Route;
+    const PIECES: &[&str] = &[
+        "/",
+        "//",
+        "/.",
+        "/..",
+        "/%2e",
+        "/%2E%2e",
+        "%2F",
+        "%2f",
+        "%5C",
+        "%5c",
+        "%41",
+        "%7b",
+        "%7E",
+        "%",
+        "%2",
+        "%zz",
+        "%252F",
+        "v1",
+        "V1",
+        "chat",
+        "completions",
+        "Completions",
+        "embeddings",
+        "openai",
+        "deployments",
+        "prod-1",
+        "\\",
+        ";x",
+        "?q=1",
+        "?a=/../",
+        "#f",
+        "a",
+        "~",
+        "-",
+    ];
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (limiter, upstream) = (free_port(), free_port());
+    let seen = stand_ins(&runtime, limiter, upstream);
+    let nginx = Nginx::start(free_port(), limiter, upstream, free_port());
+    wait_ready(&format!("http://127.0.0.1:{upstream}/"));
+    let headers = [("authorization", "Bearer sk-secret")];
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = |n: usize| {
+        // xorshift64*: deterministic, no dependency.
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
+    };
+    let (mut admitted, mut refused_by_nginx) = (0, 0);
+    for _ in 0..300 {
+        let mut target = String::from("/");
+        for _ in 0..1 + next(8) {
+            target.push_str(PIECES[next(PIECES.len())]);
+        }
+        let (checks, upstreams) = {
+            let seen = seen.lock().unwrap();
+            (seen.checks.len(), seen.upstream.len())
+        };
+        let (status, answer) = send_raw(&nginx.addr, &target, &headers, "{}");
+        let seen = seen.lock().unwrap();
+        let raw_route = Route::from_path(&target);
+        if status == 400 {
+            assert_eq!(seen.checks.len(), checks, "{target} reached the limiter");
+            assert_eq!(
+                seen.upstream.len(),
+                upstreams,
+                "{target} reached the upstream"
+            );
+            if raw_route.is_ok() {
+                // Nginx's own parser is stricter (`..` above the root): refused, not let by.
+                // Only for what its parser refuses: an invalid escape (`%zz`, a stray
+                // `%`), or a `..` (perhaps encoded) that may climb above the root.
+                let lower = target.to_ascii_lowercase();
+                let invalid_escape = target.match_indices('%').any(|(i, _)| {
+                    !target
+                        .get(i + 1..i + 3)
+                        .is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+                });
+                assert!(
+                    invalid_escape || lower.contains("..") || lower.contains("%2e"),
+                    "{target}: refused by Nginx alone"
+                );
+                refused_by_nginx += 1;
+            }
+            continue;
+        }
+        assert_eq!(status, 200, "{target}: {answer}");
+        assert!(
+            raw_route.is_ok(),
+            "{target}: the limiter refuses it, Nginx let it by"
+        );
+        admitted += 1;
+        let (path, _, _, _) = &seen.checks[checks];
+        assert_eq!(*path, seen.upstream[upstreams].1, "{target}");
+        let bare = path.split('?').next().unwrap();
+        assert!(bare.starts_with('/'), "{target} → {path}");
+        // No empty, `.` or `..` segment, no backslash (the root is `/` alone).
+        let padded = format!("{}/", bare.trim_end_matches('/'));
+        for bad in ["//", "/./", "/../", "\\"] {
+            assert!(bare == "/" || !padded.contains(bad), "{target} → {path}");
+        }
+        assert_eq!(Route::from_path(path), raw_route, "{target} → {path}");
+    }
+    assert!(admitted > 100, "{admitted} of 300 admitted");
+    assert!(
+        refused_by_nginx < 100,
+        "{refused_by_nginx} refused by Nginx alone ({admitted} admitted)"
+    );
+}
