@@ -106,13 +106,23 @@ impl Nginx {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn nginx (apt-get install nginx libnginx-mod-http-lua)");
-        let nginx = Nginx {
+        let mut nginx = Nginx {
             child,
             dir,
             url: format!("http://127.0.0.1:{listener}"),
             addr: format!("127.0.0.1:{listener}"),
         };
-        wait_ready(&format!("http://127.0.0.1:{status}/ready"));
+        let ready = format!("http://127.0.0.1:{status}/ready");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !reqwest::blocking::get(&ready).is_ok_and(|r| r.status().is_success()) {
+            let exited = nginx.child.try_wait().ok().flatten();
+            assert!(
+                exited.is_none() && Instant::now() < deadline,
+                "nginx not ready ({exited:?}); its error log:\n{}",
+                nginx.log("error.log")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         nginx
     }
 
