@@ -50,8 +50,12 @@ impl RedisServer {
     }
 
     pub fn start_with(extra: &[&str]) -> RedisServer {
+        Self::start_on(free_port(), extra)
+    }
+
+    /// A server on `port` (say, the port of one a test killed: Redis coming back).
+    pub fn start_on(port: u16, extra: &[&str]) -> RedisServer {
         let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_port();
         let mut child = Command::new(redis_server())
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
@@ -190,6 +194,11 @@ impl RedisServer {
 
     pub fn cli(&self, args: &[&str]) -> String {
         redis_cli(self.port, args)
+    }
+
+    /// The server's process id (to freeze it with SIGSTOP).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 
