@@ -115,18 +115,16 @@ fn three_nodes(redis_url: &str, policy: &str) -> Nodes {
             );
             let limiter_http = format!("http://127.0.0.1:{http}");
             wait_ready(&format!("{limiter_http}/readyz"));
-            let text = std::fs::read_to_string(format!(
-                "{}/envoy/envoy.yaml",
-                env!("CARGO_MANIFEST_DIR")
-            ))
-            .unwrap()
-            .replace("port_value: 10000", &format!("port_value: {listener}"))
-            .replace("port_value: 10100", &format!("port_value: {grpc}"))
-            .replace("port_value: 10300", &format!("port_value: {mock_port}"))
-            .replace("port_value: 10500", &format!("port_value: {admin}"))
-            // Envoy must not give up before the limiter answers: what is measured here is
-            // the limiter's own deadline and breaker.
-            .replace(" timeout: 0.25s", " timeout: 5s");
+            let text =
+                std::fs::read_to_string(format!("{}/envoy/envoy.yaml", env!("CARGO_MANIFEST_DIR")))
+                    .unwrap()
+                    .replace("port_value: 10000", &format!("port_value: {listener}"))
+                    .replace("port_value: 10100", &format!("port_value: {grpc}"))
+                    .replace("port_value: 10300", &format!("port_value: {mock_port}"))
+                    .replace("port_value: 10500", &format!("port_value: {admin}"))
+                    // Envoy must not give up before the limiter answers: what is measured here is
+                    // the limiter's own deadline and breaker.
+                    .replace(" timeout: 0.25s", " timeout: 5s");
             let config = dir.path().join(format!("envoy-{i}.yaml"));
             std::fs::write(&config, text).unwrap();
             let envoy = spawn(Command::new(envoy_bin()).arg("-c").arg(&config).args([
@@ -282,7 +280,10 @@ fn outage(policy: &str, out_mode: &str) -> Run {
     for n in &nodes.nodes {
         let start = Instant::now();
         while counter(&metrics(&n.limiter_http), "llm_ratelimit_store_nodes ") != 3 {
-            assert!(start.elapsed() < Duration::from_secs(15), "nodes never saw 3");
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "nodes never saw 3"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }

@@ -95,7 +95,10 @@ fn hosts_of(hosts: &str) -> Vec<&str> {
 }
 
 fn target(url: &str) -> Result<Target, String> {
-    for (prefix, scheme) in [("redis+cluster://", "redis"), ("rediss+cluster://", "rediss")] {
+    for (prefix, scheme) in [
+        ("redis+cluster://", "redis"),
+        ("rediss+cluster://", "rediss"),
+    ] {
         if let Some(rest) = url.strip_prefix(prefix) {
             let (auth, hosts) = split_auth(rest);
             let nodes: Vec<String> = hosts_of(hosts.trim_end_matches('/'))
@@ -340,8 +343,7 @@ impl RedisStore {
         let target = target(url)?;
         let sentinels = match &target {
             Target::Single(url) => {
-                redis::Client::open(url.as_str())
-                    .map_err(|e| format!("invalid Redis URL: {e}"))?;
+                redis::Client::open(url.as_str()).map_err(|e| format!("invalid Redis URL: {e}"))?;
                 None
             }
             Target::Cluster(_) => None,
@@ -587,8 +589,7 @@ impl RedisStore {
             let manager = client
                 .get_connection_manager_with_config(manager_config(self.timeout))
                 .await?;
-            self.conn
-                .store(Some(Arc::new(Connection::Single(manager))));
+            self.conn.store(Some(Arc::new(Connection::Single(manager))));
             sentinels.connected_to(&client);
             tracing::info!(
                 master = %client.get_connection_info().addr(),
@@ -678,7 +679,8 @@ mod tests {
             target("redis://127.0.0.1:6379").unwrap(),
             Target::Single("redis://127.0.0.1:6379".into())
         );
-        let cluster = |nodes: &[&str]| Target::Cluster(nodes.iter().map(|n| n.to_string()).collect());
+        let cluster =
+            |nodes: &[&str]| Target::Cluster(nodes.iter().map(|n| n.to_string()).collect());
         assert_eq!(
             target("redis+cluster://127.0.0.1:7000,127.0.0.1:7001").unwrap(),
             cluster(&["redis://127.0.0.1:7000", "redis://127.0.0.1:7001"])
