@@ -241,7 +241,8 @@ impl FailoverStore {
     ) -> Result<Settlement, StoreError> {
         let s = &self.shared;
         let id = (reservation.key.clone(), reservation.shape, reservation.id);
-        if s.local_markers.remove(&id).is_some() {
+        // Kept until it expires: a second report of it is answered locally too (Unknown).
+        if s.local_markers.contains_key(&id) {
             return Ok(s.local.settle(reservation, output_tokens));
         }
         // A Redis reservation that cannot be settled stays counted as reserved and

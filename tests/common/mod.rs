@@ -231,13 +231,21 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start(masters: usize) -> RedisCluster {
-        let nodes: Vec<RedisServer> = (0..masters)
+        Self::start_with_replicas(masters, 0)
+    }
+
+    /// `masters` masters, each with `replicas` replicas (which take over a dead master).
+    pub fn start_with_replicas(masters: usize, replicas: usize) -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..masters * (1 + replicas))
             .map(|_| {
                 RedisServer::start_with(&[
                     "--cluster-enabled",
                     "yes",
                     "--cluster-node-timeout",
                     "2000",
+                    // A replica syncs at once (the default waits 5 s for more replicas).
+                    "--repl-diskless-sync-delay",
+                    "0",
                 ])
             })
             .collect();
@@ -248,7 +256,7 @@ impl RedisCluster {
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("run redis-cli --cluster create");
         assert!(
@@ -267,7 +275,39 @@ impl RedisCluster {
             assert!(Instant::now() < deadline, "cluster did not become ok");
             std::thread::sleep(Duration::from_millis(50));
         }
+        // A replica that never synced cannot take over: wait until every one has.
+        loop {
+            let synced = nodes.iter().all(|n| {
+                let info = n.cli(&["INFO", "replication"]);
+                info.contains("role:master") || info.contains("master_link_status:up")
+            });
+            if synced {
+                break;
+            }
+            assert!(Instant::now() < deadline, "replicas did not sync");
+            std::thread::sleep(Duration::from_millis(50));
+        }
         RedisCluster { nodes }
+    }
+
+    /// The ports of the masters serving slots now, as a live node sees them.
+    pub fn masters(&self) -> Vec<u16> {
+        let nodes = self.nodes[self.nodes.len() - 1].cli(&["CLUSTER", "NODES"]);
+        let mut ports: Vec<u16> = nodes
+            .lines()
+            .filter(|l| {
+                let flags = l.split(' ').nth(2).unwrap_or("");
+                flags.contains("master") && !flags.contains("fail")
+            })
+            .filter_map(|l| l.split(' ').nth(1)?.split(['@', ':']).nth(1)?.parse().ok())
+            .collect();
+        ports.sort();
+        ports
+    }
+
+    /// Kills (SIGKILL, by pid) the node on `port`.
+    pub fn kill(&mut self, port: u16) {
+        self.nodes.retain(|n| n.port != port);
     }
 
     pub fn url(&self) -> String {
