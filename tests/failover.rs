@@ -12,8 +12,29 @@ use std::time::{Duration, Instant};
 
 use common::{counter, free_port, RedisServer};
 
-const LIMITER: &str = env!("CARGO_BIN_EXE_llm-ratelimit");
-const MOCK: &str = env!("CARGO_BIN_EXE_mock-upstream");
+/// The binaries: these tests' debug build, or `FAILOVER_BIN_DIR`'s (a release build, for
+/// the figures in docs/performance.md).
+fn bin(name: &str, built: &str) -> PathBuf {
+    std::env::var_os("FAILOVER_BIN_DIR")
+        .map(|d| PathBuf::from(d).join(name))
+        .unwrap_or_else(|| PathBuf::from(built))
+}
+
+fn limiter_bin() -> PathBuf {
+    bin("llm-ratelimit", env!("CARGO_BIN_EXE_llm-ratelimit"))
+}
+
+fn mock_bin() -> PathBuf {
+    bin("mock-upstream", env!("CARGO_BIN_EXE_mock-upstream"))
+}
+
+/// A number from the environment (for measurement runs), else `default`.
+fn tuned(var: &str, default: u64) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 
 /// One outage test at a time: each takes most of the two cores.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -22,11 +43,17 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 const WINDOW: Duration = Duration::from_secs(2);
 const PRECISION_MS: u64 = 100;
 const LIMIT: usize = 45;
-/// Offered load, requests per second over the three nodes.
-const RATE: u64 = 90;
-/// The store call deadline the nodes run with. The shipped default is 50 ms; a debug build
-/// on a loaded 2-core box needs more room for calls that do reach Redis.
-const DEADLINE: Duration = Duration::from_millis(250);
+/// Offered load, requests per second over the three nodes (`FAILOVER_RATE`).
+fn rate() -> u64 {
+    tuned("FAILOVER_RATE", 90)
+}
+
+/// The store call deadline the nodes run with (`FAILOVER_DEADLINE_MS`). The shipped
+/// default is 50 ms; a debug build on a loaded 2-core box needs more room for calls that
+/// do reach Redis.
+fn deadline() -> Duration {
+    Duration::from_millis(tuned("FAILOVER_DEADLINE_MS", 250))
+}
 
 fn envoy_bin() -> PathBuf {
     std::env::var_os("ENVOY_BIN")
@@ -97,17 +124,17 @@ fn three_nodes(redis_url: &str, policy: &str) -> Nodes {
     let keys_file = dir.path().join("keys.yaml");
     std::fs::write(&keys_file, keys(policy)).unwrap();
     let mock_port = free_port();
-    let mock = spawn(Command::new(MOCK).args(["--addr", &format!("127.0.0.1:{mock_port}")]));
+    let mock = spawn(Command::new(mock_bin()).args(["--addr", &format!("127.0.0.1:{mock_port}")]));
     wait_ready(&format!("http://127.0.0.1:{mock_port}/healthz"));
     let nodes = (0..3)
         .map(|i| {
             let (listener, grpc, http, admin) =
                 (free_port(), free_port(), free_port(), free_port());
             let limiter = spawn(
-                Command::new(LIMITER)
+                Command::new(limiter_bin())
                     .args(["serve", "--redis-url", redis_url])
                     .args(["--node-id", &format!("node-{i}")])
-                    .args(["--redis-timeout-ms", &DEADLINE.as_millis().to_string()])
+                    .args(["--redis-timeout-ms", &deadline().as_millis().to_string()])
                     .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
                     .args(["--http-addr", &format!("127.0.0.1:{http}")])
                     .arg("--config")
@@ -179,7 +206,7 @@ async fn load(urls: Vec<String>, start: Instant, stop: Arc<Mutex<bool>>) -> Vec<
         "max_tokens": 5,
     })
     .to_string();
-    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate()));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut tasks = Vec::new();
     for i in 0usize.. {
@@ -243,7 +270,7 @@ fn most_admitted_per_window(outcomes: &[Outcome], from: Duration, to: Duration) 
 /// The window's error bound (one bucket of the offered load) plus the few requests whose
 /// decision time is only known to within their round trip.
 fn slack() -> usize {
-    (RATE * PRECISION_MS).div_ceil(1000) as usize + 3
+    (rate() * PRECISION_MS).div_ceil(1000) as usize + 3
 }
 
 fn wait_for_mode(limiter_http: &str, mode: &str, within: Duration) -> Option<Duration> {
@@ -361,7 +388,27 @@ impl Run {
             .filter(move |o| o.sent >= from && o.sent <= to)
     }
 
+    /// p50, p99 and max latency of the requests sent in `[from, to]`.
+    fn latencies(&self, from: Duration, to: Duration) -> [Duration; 3] {
+        let mut lat: Vec<Duration> = self.during(from, to).map(|o| o.latency).collect();
+        lat.sort();
+        if lat.is_empty() {
+            return [Duration::ZERO; 3];
+        }
+        let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize];
+        [pct(0.5), pct(0.99), lat[lat.len() - 1]]
+    }
+
     fn print(&self, policy: &str) {
+        let open = self.stopped + Duration::from_secs(1);
+        eprintln!(
+            "{policy}: latency p50/p99/max before {:?}, first second of the outage {:?}, \
+             rest of the outage {:?}, after recovery {:?}",
+            self.latencies(Duration::ZERO, self.stopped),
+            self.latencies(self.stopped, open),
+            self.latencies(open, self.back),
+            self.latencies(self.exact, self.end),
+        );
         let count = |f: &dyn Fn(&Outcome) -> bool| self.outcomes.iter().filter(|o| f(o)).count();
         let mut lat: Vec<Duration> = self.outcomes.iter().map(|o| o.latency).collect();
         lat.sort();
@@ -391,7 +438,7 @@ impl Run {
     fn check_common(&self, policy: &str) {
         // Every request answered, by the limiter's decision, and none after the deadline
         // (plus room for a loaded box).
-        let late = DEADLINE + Duration::from_secs(1);
+        let late = deadline() + Duration::from_secs(1);
         for o in &self.outcomes {
             assert!(
                 o.status == 200 || o.status == 429 || (o.status == 503 && o.ours),
@@ -449,8 +496,9 @@ fn deny_answers_503_fast_once_the_breaker_opens() {
     lat.sort();
     let median = lat[lat.len() / 2];
     assert!(
-        median < DEADLINE / 2,
-        "deny: the median 503 took {median:?}, the deadline is {DEADLINE:?}"
+        median < deadline() / 2,
+        "deny: the median 503 took {median:?}, the deadline is {:?}",
+        deadline()
     );
 }
 
