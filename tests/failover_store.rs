@@ -18,6 +18,9 @@ use llm_ratelimit::engine::{
     Charge, Decision, KeyName, Limits, Settlement, Store, StoreError, Usage, WindowShape,
 };
 
+/// The TLS tests set `SSL_CERT_FILE` (read when a TLS connection is made) to their own CA.
+static ONE_CA: Mutex<()> = Mutex::new(());
+
 const POLICIES: [OnStoreError; 3] = [OnStoreError::Deny, OnStoreError::Allow, OnStoreError::Local];
 
 /// A policy the test switches, and the mode changes the store reported.
@@ -238,14 +241,24 @@ struct Sentinel {
 }
 
 impl Sentinel {
-    fn start(master: u16) -> Sentinel {
+    /// With `tls`, the directory of `common::make_certs`' files: the Sentinel then speaks
+    /// only TLS, to clients and to Redis.
+    fn start(master: u16, tls: Option<&std::path::Path>) -> Sentinel {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let conf = dir.path().join("sentinel.conf");
+        let listen = match tls {
+            None => format!("port {port}\n"),
+            Some(certs) => format!(
+                "port 0\ntls-port {port}\ntls-replication yes\ntls-auth-clients no\n\
+                 tls-cert-file {0}/cert.pem\ntls-key-file {0}/key.pem\ntls-ca-cert-file {0}/ca.pem\n",
+                certs.display()
+            ),
+        };
         std::fs::write(
             &conf,
             format!(
-                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                "{listen}bind 127.0.0.1\ndir {}\n\
                  sentinel monitor mymaster 127.0.0.1 {master} 1\n\
                  sentinel down-after-milliseconds mymaster 1000\n\
                  sentinel failover-timeout mymaster 10000\n",
@@ -285,7 +298,7 @@ impl Drop for Sentinel {
 async fn decisions_continue_after_a_sentinel_failover() {
     let master = RedisServer::start_with(&["--repl-diskless-sync-delay", "0"]);
     let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &master.port.to_string()]);
-    let sentinel = Sentinel::start(master.port);
+    let sentinel = Sentinel::start(master.port, None);
     // The Sentinel must know the replica before the master dies, or it has none to promote.
     let deadline = Instant::now() + Duration::from_secs(20);
     while !redis_cli(sentinel.port, &["SENTINEL", "replicas", "mymaster"])
@@ -463,4 +476,57 @@ async fn a_cluster_losing_a_master_under_load_answers_per_policy_and_stays_exact
     }
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(admitted, 25);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_cluster_urls_keep_tls() {
+    let cluster = common::tls::TlsCluster::start(3);
+    let _ca = ONE_CA.lock().unwrap_or_else(|e| e.into_inner());
+    // The nodes' certificates are verified against the test's own CA (rustls-native-certs
+    // reads SSL_CERT_FILE).
+    std::env::set_var("SSL_CERT_FILE", cluster.ca_file());
+    let h = Harness::new(OnStoreError::Deny);
+    let store = h.store(&cluster.url(), Duration::from_millis(500));
+    until("connected to the TLS Cluster", 20, async || {
+        store.ping().await.is_ok()
+    })
+    .await;
+    // Keys in every slot range: each master answers over TLS.
+    for i in 0..16 {
+        let d = reserve(&store, &key(&format!("tls-{i}")), 10, None).await;
+        assert!(matches!(d, Ok(Decision::Admitted { .. })), "{d:?}");
+    }
+    // The plain-text URL to the same nodes finds no one to talk to.
+    let plain = cluster
+        .url()
+        .replace("rediss+cluster://", "redis+cluster://");
+    let h = Harness::new(OnStoreError::Deny);
+    let store = h.store(&plain, Duration::from_millis(500));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(reserve(&store, &key("tls-plain"), 10, None).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_sentinel_urls_speak_tls_to_the_sentinels_and_the_master() {
+    let master = RedisServer::start_tls();
+    let certs = master.ca_file().parent().unwrap().to_path_buf();
+    let sentinel = Sentinel::start(master.port, Some(&certs));
+    // No other test in this binary uses TLS but the Cluster one, whose CA is another:
+    // the two never run at once (ONE_CA).
+    let _ca = ONE_CA.lock().unwrap_or_else(|e| e.into_inner());
+    std::env::set_var("SSL_CERT_FILE", master.ca_file());
+    let h = Harness::new(OnStoreError::Deny);
+    let url = format!("rediss+sentinel://127.0.0.1:{}/mymaster", sentinel.port);
+    let store = h.store(&url, Duration::from_millis(500));
+    until("connected through a TLS Sentinel", 20, async || {
+        store.ping().await.is_ok()
+    })
+    .await;
+    let k = key("sentinel-tls");
+    for n in 1..=3 {
+        let Ok(Decision::Admitted { snapshot, .. }) = reserve(&store, &k, 10, None).await else {
+            panic!("not admitted over TLS");
+        };
+        assert_eq!(snapshot.usage.requests, n);
+    }
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod reference;
+pub mod tls;
 
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -78,71 +79,19 @@ impl RedisServer {
     /// made by `openssl` in the server's temp dir; `ca_file()` is that CA.
     pub fn start_tls() -> RedisServer {
         let dir = tempfile::tempdir().expect("temp dir");
-        let p = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
-        let (ca, ca_key, cert, key, csr, ext) = (
-            p("ca.pem"),
-            p("ca.key"),
-            p("cert.pem"),
-            p("key.pem"),
-            p("req.csr"),
-            p("ext.cnf"),
-        );
-        std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\n").unwrap();
-        let steps: [Vec<&str>; 3] = [
-            vec![
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=llm-ratelimit test CA",
-                "-keyout",
-                &ca_key,
-                "-out",
-                &ca,
-            ],
-            vec![
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-subj",
-                "/CN=127.0.0.1",
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-            ],
-            vec![
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                &ca,
-                "-CAkey",
-                &ca_key,
-                "-CAcreateserial",
-                "-days",
-                "1",
-                "-extfile",
-                &ext,
-                "-out",
-                &cert,
-            ],
-        ];
-        for args in steps {
-            let ok = Command::new("openssl")
-                .args(&args)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .expect("run openssl");
-            assert!(ok.success(), "openssl {args:?} failed");
-        }
+        make_certs(dir.path());
+        let certs = dir.path().to_path_buf();
+        Self::start_tls_in(dir, &certs, &[])
+    }
+
+    /// A TLS-only server in `dir`, with the certificates `make_certs` wrote in `certs`.
+    pub fn start_tls_in(
+        dir: tempfile::TempDir,
+        certs: &std::path::Path,
+        extra: &[&str],
+    ) -> RedisServer {
+        let p = |name: &str| certs.join(name).to_string_lossy().into_owned();
+        let (ca, cert, key) = (p("ca.pem"), p("cert.pem"), p("key.pem"));
         let port = free_port();
         let mut child = Command::new(redis_server())
             .args([
@@ -171,6 +120,7 @@ impl RedisServer {
             ])
             .arg("--dir")
             .arg(dir.path())
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -206,6 +156,76 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A CA and a certificate for 127.0.0.1 signed by it, made by `openssl` in `dir`:
+/// `ca.pem`, `cert.pem`, `key.pem`.
+pub fn make_certs(dir: &std::path::Path) {
+    let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let (ca, ca_key, cert, key, csr, ext) = (
+        p("ca.pem"),
+        p("ca.key"),
+        p("cert.pem"),
+        p("key.pem"),
+        p("req.csr"),
+        p("ext.cnf"),
+    );
+    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\n").unwrap();
+    let steps: [Vec<&str>; 3] = [
+        vec![
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=llm-ratelimit test CA",
+            "-keyout",
+            &ca_key,
+            "-out",
+            &ca,
+        ],
+        vec![
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+        ],
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &ext,
+            "-out",
+            &cert,
+        ],
+    ];
+    for args in steps {
+        let ok = Command::new("openssl")
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run openssl");
+        assert!(ok.success(), "openssl {args:?} failed");
     }
 }
 
