@@ -295,6 +295,8 @@ struct Run {
     end: Duration,
     /// Per node: from Redis answering to exact mode.
     recovery: Vec<Duration>,
+    /// Per node: `/readyz` with the breaker open.
+    readyz: Vec<u16>,
 }
 
 /// Load for 3 s, Redis frozen 2 s, killed 1.5 s, started again; load until two windows
@@ -340,6 +342,16 @@ fn outage(policy: &str, out_mode: &str) -> Run {
             "{policy}: a node never went {out_mode}"
         );
     }
+    // Ready or not as the policy lets the node decide without Redis (gRPC health alike).
+    let readyz: Vec<u16> = nodes
+        .nodes
+        .iter()
+        .map(|n| {
+            reqwest::blocking::get(format!("{}/readyz", n.limiter_http))
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        })
+        .collect();
     std::thread::sleep(Duration::from_secs(2).saturating_sub(start.elapsed() - stopped));
     drop(redis); // SIGKILL, by pid
     std::thread::sleep(Duration::from_millis(1500));
@@ -375,6 +387,7 @@ fn outage(policy: &str, out_mode: &str) -> Run {
         exact,
         end,
         recovery,
+        readyz,
     };
     run.print(policy);
     run.check_common(policy);
@@ -483,6 +496,7 @@ impl Run {
 fn deny_answers_503_fast_once_the_breaker_opens() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let run = outage("deny", "circuit_open");
+    assert_eq!(run.readyz, [503; 3], "deny: ready without Redis");
     // Once the breakers are open (well within a second), every answer is the limiter's 503.
     let open = run.stopped + Duration::from_secs(1);
     let outage: Vec<&Outcome> = run.during(open, run.back).collect();
@@ -506,6 +520,7 @@ fn deny_answers_503_fast_once_the_breaker_opens() {
 fn allow_admits_everything_while_redis_is_out() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let run = outage("allow", "circuit_open");
+    assert_eq!(run.readyz, [200; 3], "allow: not ready without Redis");
     let open = run.stopped + Duration::from_secs(1);
     let outage: Vec<&Outcome> = run.during(open, run.back).collect();
     assert!(!outage.is_empty());
@@ -519,6 +534,7 @@ fn allow_admits_everything_while_redis_is_out() {
 fn local_holds_the_limit_across_three_nodes_while_redis_is_out() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let run = outage("local", "local");
+    assert_eq!(run.readyz, [200; 3], "local: not ready without Redis");
     // From the first failed call, each node decides on its own store with a third of the
     // limit: the three together stay within it, and they still admit.
     let most = most_admitted_per_window(&run.outcomes, run.stopped, run.back);

@@ -19,7 +19,7 @@ use llm_ratelimit::engine::{
 };
 
 /// The TLS tests set `SSL_CERT_FILE` (read when a TLS connection is made) to their own CA.
-static ONE_CA: Mutex<()> = Mutex::new(());
+static ONE_CA: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const POLICIES: [OnStoreError; 3] = [OnStoreError::Deny, OnStoreError::Allow, OnStoreError::Local];
 
@@ -206,8 +206,8 @@ async fn the_breaker_opens_on_a_frozen_redis_fails_fast_and_closes_when_it_answe
     })
     .await;
 
-    signal("-CONT", redis.pid());
     let back = Instant::now();
+    signal("-CONT", redis.pid());
     until("exact again", 5, async || mode(&store) == Mode::Exact).await;
     eprintln!("exact again {:?} after SIGCONT", back.elapsed());
     // Exact: the Redis window, which never saw this key's two local admissions (what is
@@ -481,7 +481,7 @@ async fn a_cluster_losing_a_master_under_load_answers_per_policy_and_stays_exact
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rediss_cluster_urls_keep_tls() {
     let cluster = common::tls::TlsCluster::start(3);
-    let _ca = ONE_CA.lock().unwrap_or_else(|e| e.into_inner());
+    let _ca = ONE_CA.lock().await;
     // The nodes' certificates are verified against the test's own CA (rustls-native-certs
     // reads SSL_CERT_FILE).
     std::env::set_var("SSL_CERT_FILE", cluster.ca_file());
@@ -513,7 +513,7 @@ async fn rediss_sentinel_urls_speak_tls_to_the_sentinels_and_the_master() {
     let sentinel = Sentinel::start(master.port, Some(&certs));
     // No other test in this binary uses TLS but the Cluster one, whose CA is another:
     // the two never run at once (ONE_CA).
-    let _ca = ONE_CA.lock().unwrap_or_else(|e| e.into_inner());
+    let _ca = ONE_CA.lock().await;
     std::env::set_var("SSL_CERT_FILE", master.ca_file());
     let h = Harness::new(OnStoreError::Deny);
     let url = format!("rediss+sentinel://127.0.0.1:{}/mymaster", sentinel.port);
