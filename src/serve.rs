@@ -43,7 +43,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             &options.node_id,
             failover_hooks(&config, &metrics),
         )),
-        None => Store::Memory(MemoryStore::new()),
+        None => {
+            // One node on its own store: always exact.
+            let modes = Mode::ALL.map(Mode::as_str);
+            metrics.store_mode(&modes, "exact", "exact");
+            Store::Memory(MemoryStore::new())
+        }
     };
     // One gate for both listeners: gRPC and HTTP admission share the node's CPU.
     let gate = Arc::new(Gate::new(&options.pressure, &metrics));
