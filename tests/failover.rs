@@ -185,6 +185,7 @@ struct Outcome {
     status: u16,
     /// The limiter's own 503 (`rate_limiter_unavailable`), not a proxy's.
     ours: bool,
+    retry_after: Option<String>,
 }
 
 impl Outcome {
@@ -226,18 +227,24 @@ async fn load(urls: Vec<String>, start: Instant, stop: Arc<Mutex<bool>>) -> Vec<
                 .body(body)
                 .send()
                 .await;
-            let (status, text) = match r {
+            let (status, retry_after, text) = match r {
                 Ok(r) => {
                     let status = r.status().as_u16();
-                    (status, r.text().await.unwrap_or_default())
+                    let retry_after = r
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    (status, retry_after, r.text().await.unwrap_or_default())
                 }
-                Err(e) => (0, e.to_string()),
+                Err(e) => (0, None, e.to_string()),
             };
             Outcome {
                 sent,
                 latency: at.elapsed(),
                 status,
                 ours: text.contains("rate_limiter_unavailable"),
+                retry_after,
             }
         }));
     }
@@ -502,8 +509,10 @@ fn deny_answers_503_fast_once_the_breaker_opens() {
     let outage: Vec<&Outcome> = run.during(open, run.back).collect();
     assert!(!outage.is_empty());
     assert!(
-        outage.iter().all(|o| o.status == 503 && o.ours),
-        "deny: not every request of the outage got the limiter's 503"
+        outage
+            .iter()
+            .all(|o| o.status == 503 && o.ours && o.retry_after.as_deref() == Some("1")),
+        "deny: not every request of the outage got the limiter's 503 with retry-after"
     );
     // ... and fast: without the breaker each would wait the whole deadline.
     let mut lat: Vec<Duration> = outage.iter().map(|o| o.latency).collect();
