@@ -530,3 +530,70 @@ async fn rediss_sentinel_urls_speak_tls_to_the_sentinels_and_the_master() {
         assert_eq!(snapshot.usage.requests, n);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn should_rate_limit_charges_follow_the_policy_and_refund_where_they_were_made() {
+    use llm_ratelimit::admission::{Charged, Limiter};
+    let redis = RedisServer::start();
+    let h = Harness::new(OnStoreError::Deny);
+    let store = h.store(&redis.url(), Duration::from_millis(100));
+    until("connected", 10, async || store.ping().await.is_ok()).await;
+    let config = llm_ratelimit::config::Config::parse(
+        "keys:\n  - name: rls\n    key: sk-rls\n    rpm: 4\n    input_tpm: 1000\n    output_tpm: 1000\n",
+        "keys.yaml",
+    )
+    .unwrap();
+    let limiter = Limiter::new(
+        Arc::new(arc_swap::ArcSwap::from_pointee(config)),
+        store,
+        Arc::new(llm_ratelimit::metrics::Metrics::default()),
+    );
+    let one = Usage {
+        requests: 1,
+        input_tokens: 0,
+        output_tokens: 0,
+    };
+    assert!(matches!(
+        limiter.charge("sk-rls", &one, Charge::Check, Some(1)).await,
+        Charged::Admitted { .. }
+    ));
+    signal("-STOP", redis.pid());
+    // deny: the store's failure, fast once the breaker is open.
+    for _ in 0..5 {
+        let c = limiter.charge("sk-rls", &one, Charge::Check, Some(2)).await;
+        assert!(
+            matches!(c, Charged::Failed(ref a) if a.status == 503),
+            "{c:?}"
+        );
+    }
+    // local: charged on this node's store (the whole limit: one live node), and a refund
+    // naming the charge gives it back there, so the room is there again.
+    h.set(OnStoreError::Local);
+    for id in 10..14 {
+        let c = limiter
+            .charge("sk-rls", &one, Charge::Check, Some(id))
+            .await;
+        assert!(matches!(c, Charged::Admitted { .. }), "{c:?}");
+    }
+    let c = limiter
+        .charge("sk-rls", &one, Charge::Check, Some(14))
+        .await;
+    assert!(matches!(c, Charged::Denied { .. }), "{c:?}");
+    let c = limiter.refund("sk-rls", &one, Some(13)).await;
+    let Charged::Admitted { snapshot, .. } = c else {
+        panic!("local refund failed: {c:?}");
+    };
+    assert_eq!(snapshot.usage.requests, 3);
+    // A refund of the charge Redis holds cannot be made now: it stays (the safe side).
+    let c = limiter.refund("sk-rls", &one, Some(1)).await;
+    assert!(matches!(c, Charged::Failed(_)), "{c:?}");
+    // allow: admitted, nothing counted.
+    h.set(OnStoreError::Allow);
+    for id in 20..30 {
+        let c = limiter
+            .charge("sk-rls", &one, Charge::Check, Some(id))
+            .await;
+        assert!(matches!(c, Charged::Admitted { .. }), "{c:?}");
+    }
+    signal("-CONT", redis.pid());
+}
