@@ -4,7 +4,9 @@
 //! - **Breaker.** After [`OPEN_AFTER`] failed calls in a row (errors or timeouts) the
 //!   breaker opens: store calls then fail at once, without touching Redis, so an outage
 //!   does not cost each request the full deadline. A probe pings Redis every
-//!   [`PROBE_EVERY`]; the first answer closes the breaker (back to exact decisions).
+//!   [`PROBE_EVERY`] (on a Cluster, redis-rs sends `PING` to every master); the first
+//!   answer closes the breaker (back to exact decisions). One breaker per node, not per
+//!   Cluster master.
 //! - **Policy.** A call that fails, or meets the open breaker, is answered by the policy in
 //!   force: `deny` passes the error on (503), `allow` admits and counts nothing, `local`
 //!   decides on this node's in-process store with each limit divided by the number of
