@@ -39,7 +39,9 @@ enum Command {
         /// HTTP listener (/v1/check, /v1/report, /v1/usage, /metrics, /healthz, /readyz).
         #[arg(long, default_value = "127.0.0.1:8080")]
         http_addr: SocketAddr,
-        /// redis://, rediss:// or redis+cluster://host:port[,host:port...]; absent = in-process store.
+        /// redis://, rediss://, redis+cluster://host:port[,host:port...], rediss+cluster://...,
+        /// redis+sentinel://host:port[,host:port...]/<master>, rediss+sentinel://...;
+        /// absent = in-process store.
         #[arg(long, env = "REDIS_URL")]
         redis_url: Option<String>,
         /// Deadline of one store call, in milliseconds.

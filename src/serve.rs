@@ -12,6 +12,7 @@ use axum::serve::ListenerExt;
 
 use crate::admission::Limiter;
 use crate::config::{spawn_watcher, Config, ReloadOutcome};
+use crate::engine::failover::{FailoverStore, Hooks, Mode};
 use crate::engine::memory::MemoryStore;
 use crate::engine::redis::RedisStore;
 use crate::engine::Store;
@@ -37,10 +38,17 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let config = Arc::new(ArcSwap::from_pointee(config));
 
     let store = match &options.redis_url {
-        Some(url) => Store::Redis(
+        Some(url) => Store::Failover(FailoverStore::new(
             RedisStore::connect(url, options.redis_timeout).map_err(anyhow::Error::msg)?,
-        ),
-        None => Store::Memory(MemoryStore::new()),
+            &options.node_id,
+            failover_hooks(&config, &metrics),
+        )),
+        None => {
+            // One node on its own store: always exact.
+            let modes = Mode::ALL.map(Mode::as_str);
+            metrics.store_mode(&modes, "exact", "exact");
+            Store::Memory(MemoryStore::new())
+        }
     };
     // One gate for both listeners: gRPC and HTTP admission share the node's CPU.
     let gate = Arc::new(Gate::new(&options.pressure, &metrics));
@@ -112,6 +120,21 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     watcher.abort();
     http?;
     grpc
+}
+
+/// The failover layer follows the config's `on_store_error` and reports to the metrics.
+fn failover_hooks(config: &Arc<ArcSwap<Config>>, metrics: &Arc<Metrics>) -> Hooks {
+    let (config, mode_metrics, node_metrics) = (config.clone(), metrics.clone(), metrics.clone());
+    let modes = Mode::ALL.map(Mode::as_str);
+    Hooks {
+        policy: Arc::new(move || config.load().on_store_error()),
+        on_mode: Arc::new(move |from: Mode, to: Mode| {
+            mode_metrics.store_mode(&modes, from.as_str(), to.as_str())
+        }),
+        on_nodes: Arc::new(move |n| {
+            node_metrics.store_nodes.set(n as i64);
+        }),
+    }
 }
 
 async fn shutdown() {
