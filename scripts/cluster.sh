@@ -300,7 +300,7 @@ EOF
   for ((i = 0; i < nodes; i++)); do
     ((bare)) || launch "limiter-$i" "$RUN/limiter-$i.log" "$LIMITER" serve --config "$config" \
       --grpc-addr "127.0.0.1:$((base + 100 + i))" --http-addr "127.0.0.1:$((base + 200 + i))" \
-      --redis-url "$redis_url" --node-id "node-$i"
+      --redis-url "$redis_url" --node-id "node-$i" --shutdown-delay 0s
     envoy_config $((base + i)) $((base + 100 + i)) $((base + 300)) $((base + 500 + i)) \
       "$( ((bare)) && echo ext_authz)" >"$RUN/envoy-$i.yaml"
     launch_supervised "envoy-$i" "$RUN/envoy-$i.log" "$ENVOY" -c "$RUN/envoy-$i.yaml" \
