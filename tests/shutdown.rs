@@ -50,6 +50,9 @@ fn node(keys: &std::path::Path, redis: &RedisServer, shutdown_delay: &str) -> No
         .args(["--http-addr", &format!("127.0.0.1:{http}")])
         .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
         .args(["--shutdown-delay", shutdown_delay])
+        // The settlement below streams its body for longer than the default 2 s a
+        // request may run (back-pressure), on purpose: it must outlast the delay.
+        .args(["--request-timeout-ms", "30000"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
