@@ -9,7 +9,7 @@
 # the workspace on top of it; the runtime stage is Debian slim with only the binaries and
 # CA certificates (rediss:// and TLS upstreams), running as an unprivileged user.
 
-ARG RUST_VERSION=1.85
+ARG RUST_VERSION=1
 FROM rust:${RUST_VERSION}-slim-bookworm AS build
 WORKDIR /src
 # The dependency layer: the workspace's manifests with empty targets.

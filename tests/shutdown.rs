@@ -14,6 +14,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const LIMITER: &str = env!("CARGO_BIN_EXE_llm-ratelimit");
+/// `--shutdown-delay`'s default.
+const DEFAULT_DELAY: Duration = Duration::from_secs(5);
 
 const KEYS: &str = "\
 keys:
@@ -40,7 +42,8 @@ struct Node {
     grpc: String,
 }
 
-fn node(keys: &std::path::Path, redis: &RedisServer, shutdown_delay: &str) -> Node {
+/// A node; `shutdown_delay` of `None` leaves the flag at its default (5 s).
+fn node(keys: &std::path::Path, redis: &RedisServer, shutdown_delay: Option<&str>) -> Node {
     let (http, grpc) = (free_port(), free_port());
     let child = Command::new(LIMITER)
         .arg("serve")
@@ -49,10 +52,18 @@ fn node(keys: &std::path::Path, redis: &RedisServer, shutdown_delay: &str) -> No
         .args(["--redis-url", &redis.url()])
         .args(["--http-addr", &format!("127.0.0.1:{http}")])
         .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
-        .args(["--shutdown-delay", shutdown_delay])
+        .args(
+            shutdown_delay
+                .map(|d| ["--shutdown-delay", d])
+                .into_iter()
+                .flatten(),
+        )
         // The settlement below streams its body for longer than the default 2 s a
         // request may run (back-pressure), on purpose: it must outlast the delay.
         .args(["--request-timeout-ms", "30000"])
+        // A loaded CI box can hold a loopback Redis call past the default 50 ms; this
+        // test is about shutdown, not store latency.
+        .args(["--redis-timeout-ms", "2000"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -116,7 +127,7 @@ async fn sigterm_flips_readiness_serves_on_and_settles_what_is_in_flight() {
     let keys = dir.path().join("keys.yaml");
     std::fs::write(&keys, KEYS).unwrap();
     let redis = RedisServer::start();
-    let mut first = node(&keys, &redis, "3s");
+    let mut first = node(&keys, &redis, None);
     poll("ready", || async {
         status(&format!("{}/readyz", first.http)).await == Some(200)
     })
@@ -184,7 +195,7 @@ async fn sigterm_flips_readiness_serves_on_and_settles_what_is_in_flight() {
     assert_eq!(usage.status(), 200, "still serving during the delay");
     let early = signalled.elapsed();
     assert!(
-        early < Duration::from_secs(3),
+        early < DEFAULT_DELAY,
         "checks took {early:?}: cannot tell the delay apart"
     );
 
@@ -193,7 +204,7 @@ async fn sigterm_flips_readiness_serves_on_and_settles_what_is_in_flight() {
         status(&format!("{}/healthz", first.http)).await.is_none()
     })
     .await;
-    assert!(signalled.elapsed() >= Duration::from_secs(3));
+    assert!(signalled.elapsed() >= DEFAULT_DELAY);
     assert!(
         first.proc.0.try_wait().unwrap().is_none(),
         "exited with a settlement in flight"
@@ -219,7 +230,7 @@ async fn sigterm_flips_readiness_serves_on_and_settles_what_is_in_flight() {
     assert!(exit.success(), "{exit}");
 
     // Another node on the same Redis sees the real output tokens, not the 500 reserved.
-    let second = node(&keys, &redis, "0s");
+    let second = node(&keys, &redis, Some("0s"));
     poll("second node ready", || async {
         status(&format!("{}/readyz", second.http)).await == Some(200)
     })
