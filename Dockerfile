@@ -27,7 +27,8 @@ RUN mkdir -p src/bin loadtest/src benches examples \
        target/release/deps/llm_ratelimit-* target/release/deps/libllm_ratelimit-* \
        target/release/deps/mock_upstream-* target/release/deps/llm_loadtest-* \
        target/release/.fingerprint/llm-ratelimit-* target/release/.fingerprint/llm-loadtest-*
-# The workspace itself.
+# The workspace itself. The release profile keeps line tables for profiling; the image
+# needs only the symbols (backtraces), so the debug sections are stripped.
 COPY src src
 COPY lua lua
 COPY proto proto
@@ -36,7 +37,8 @@ COPY benches benches
 COPY examples examples
 RUN cargo build --release --locked --workspace --bins \
     && mkdir /out \
-    && cp target/release/llm-ratelimit target/release/mock-upstream target/release/llm-loadtest /out/
+    && cp target/release/llm-ratelimit target/release/mock-upstream target/release/llm-loadtest /out/ \
+    && strip --strip-debug /out/*
 
 FROM debian:bookworm-slim AS runtime
 RUN apt-get update \
