@@ -309,7 +309,7 @@ EOF
   for ((i = 0; i < nodes; i++)); do
     ((bare)) || launch "limiter-$i" "$RUN/limiter-$i.log" "$LIMITER" serve --config "$config" \
       --grpc-addr "127.0.0.1:$((base + 100 + i))" --http-addr "127.0.0.1:$((base + 200 + i))" \
-      --redis-url "$redis_url" --node-id "node-$i"
+      --redis-url "$redis_url" --node-id "node-$i" --shutdown-delay 0s
     if [ "$proxy" = nginx ]; then
       # Nginx in the foreground (daemon off) of its own session: its pid is the master's,
       # and SIGTERM to the master stops its workers too.

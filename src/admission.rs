@@ -14,6 +14,7 @@ use crate::config::{Config, KeySpec, UnknownEndpoints};
 use crate::engine::{Charge, Decision, KeyName, Reservation, Settlement, Store, Usage};
 use crate::metrics::{DecisionLabels, Metrics, OutcomeLabels, TokenLabels};
 use crate::openai::{Encoding, Endpoint, LlmRequest, OutputMeter, RequestError, Route, Tokenizer};
+use crate::shutdown::Drain;
 
 /// A client request as it reached the gateway.
 pub struct ClientRequest<'a> {
@@ -105,6 +106,8 @@ pub struct Limiter {
     /// never take every CPU from small requests.
     offload: Semaphore,
     metrics: Arc<Metrics>,
+    /// Shutdown: readiness off once draining begins; settlements in flight counted.
+    drain: Arc<Drain>,
 }
 
 /// The client's secret: `Authorization: Bearer <key>`, else Azure's `api-key: <key>`.
@@ -188,7 +191,13 @@ impl Limiter {
                 std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
             ),
             metrics,
+            drain: Arc::new(Drain::default()),
         }
+    }
+
+    /// The node's shutdown state (see [`crate::shutdown`]).
+    pub fn drain(&self) -> &Arc<Drain> {
+        &self.drain
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -611,7 +620,7 @@ impl Limiter {
     }
 
     pub async fn ready(&self) -> bool {
-        self.store.ping().await.is_ok()
+        !self.drain.is_draining() && self.store.ping().await.is_ok()
     }
 }
 

@@ -1,5 +1,6 @@
 //! `llm-ratelimit serve`: loads the config, opens the store, watches the config file,
-//! and runs the listeners until SIGTERM or Ctrl-C.
+//! and runs the listeners until SIGTERM or Ctrl-C, then shuts down as [`crate::shutdown`]
+//! describes: readiness off, `shutdown_delay` of serving on, stop accepting, drain.
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
@@ -29,6 +30,8 @@ pub struct Options {
     pub node_id: String,
     /// Back-pressure: the gate's sizes and the ext_proc stream cap.
     pub pressure: Pressure,
+    /// After SIGTERM: how long to keep serving, not ready, before no longer accepting.
+    pub shutdown_delay: Duration,
 }
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
@@ -105,6 +108,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     )
     .with_graceful_shutdown(wait(stopped.clone()))
     .into_future();
+    let drain = limiter.drain().clone();
     let grpc = crate::grpc::serve_with(
         grpc,
         limiter,
@@ -112,12 +116,36 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         options.pressure.max_settlement_streams,
         wait(stopped),
     );
-    let signal = async move {
-        shutdown().await;
-        let _ = stop.send(true);
+    let signal = {
+        let drain = drain.clone();
+        let delay = options.shutdown_delay;
+        async move {
+            shutdown().await;
+            // Not ready at once (/readyz 503, gRPC NOT_SERVING), but still serving, so
+            // proxies and Kubernetes stop sending before the listeners close. A second
+            // signal cuts the delay short.
+            drain.begin();
+            tracing::info!(delay = ?delay, "shutting down: not ready, serving on for the shutdown delay");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown() => {}
+            }
+            tracing::info!("shutting down: no longer accepting; finishing what is in flight");
+            let _ = stop.send(true);
+        }
     };
     let (http, grpc, ()) = tokio::join!(http, grpc, signal);
+    // The listeners have finished their calls; settlements run in tasks of their own
+    // (an ext_proc stream can end before its settlement is written), so wait for those.
+    if drain.in_flight() > 0 {
+        tracing::info!(
+            settlements = drain.in_flight(),
+            "waiting for settlements in flight"
+        );
+    }
+    drain.settled().await;
     watcher.abort();
+    tracing::info!("stopped");
     http?;
     grpc
 }
@@ -153,5 +181,4 @@ async fn shutdown() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    tracing::info!("shutting down");
 }

@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 use crate::engine::failover::OnStoreError;
 use crate::engine::{KeyName, Limits, WindowShape};
 
+pub use duration::parse_duration;
 pub use error::ConfigError;
 pub use watch::{spawn_watcher, ReloadOutcome};
 
