@@ -181,11 +181,53 @@ impl Default for Metrics {
             "Fraction of each key's limit its sliding window holds now (used / limit; can pass 1 after forced charges)",
             m.window_utilization.clone(),
         );
+        m.start_at_zero();
         Metrics { registry, ..m }
     }
 }
 
 impl Metrics {
+    /// Every series whose labels are known ahead starts at 0, so the family is on the
+    /// first scrape and `rate()` / `increase()` see the first event.
+    fn start_at_zero(&self) {
+        for reason in [
+            "unauthorized",
+            "invalid_request",
+            "body_too_large",
+            "unknown_endpoint",
+            "unknown_limit",
+            "store_unavailable",
+        ] {
+            let _ = self.rejections.get_or_create(&RejectLabels { reason });
+        }
+        for kind in ["timeout", "redis", "protocol"] {
+            let _ = self.store_errors.get_or_create(&StoreErrorLabels { kind });
+        }
+        for outcome in ["applied", "expired", "unknown", "no_usage"] {
+            let _ = self.settlements.get_or_create(&OutcomeLabels { outcome });
+        }
+        for outcome in ["applied", "rejected"] {
+            let _ = self
+                .config_reloads
+                .get_or_create(&OutcomeLabels { outcome });
+        }
+        for surface in [
+            "ext_authz",
+            "ratelimit",
+            "http_check",
+            "http_report",
+            "http_usage",
+        ] {
+            for reason in ["queue_full", "waited", "timeout"] {
+                let _ = self.shed.get_or_create(&ShedLabels { surface, reason });
+            }
+        }
+        let _ = self.shed.get_or_create(&ShedLabels {
+            surface: "ext_proc",
+            reason: "streams",
+        });
+    }
+
     /// The Prometheus text exposition (`text/plain; version=0.0.4`).
     pub fn render(&self) -> String {
         let mut out = String::new();

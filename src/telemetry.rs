@@ -127,6 +127,8 @@ pub fn init() -> anyhow::Result<Telemetry> {
             .with_tracer(p.tracer("llm-ratelimit"))
             .with_location(false)
             .with_threads(false)
+            .with_target(false)
+            .with_tracked_inactivity(false)
             .with_filter(Targets::new().with_target("llm_ratelimit", tracing::Level::INFO))
     });
     tracing_subscriber::registry()
