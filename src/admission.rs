@@ -482,7 +482,8 @@ impl Limiter {
 
     /// Sets the window gauges (`llm_ratelimit_window_*`) of every configured key from
     /// the store, a few keys at a time; a key whose window cannot be read is left out.
-    /// Keys no longer configured disappear with the next scrape.
+    /// Keys no longer configured disappear with the next scrape. Cancelled before every
+    /// read has answered, it changes nothing.
     pub async fn observe_windows(&self) {
         use futures_util::StreamExt;
         let config = self.config.load_full();
