@@ -68,7 +68,6 @@ struct Got {
     service: String,
     name: String,
     trace_id: String,
-    #[allow(dead_code)] // shown in the captured trace
     span_id: String,
     parent: String,
     attributes: BTreeMap<String, String>,
@@ -752,4 +751,158 @@ async fn metrics_pass_promtool_and_the_dashboard_and_alerts_name_exported_series
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+fn envoy_bin() -> std::path::PathBuf {
+    std::env::var_os("ENVOY_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/envoy")
+        })
+}
+
+/// A child process killed by pid when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn wait_ok(url: &str) {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = client.get(url).send().await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{url} never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The shipped envoy/envoy.yaml, its tracer pointed at the test's collector: one trace
+/// holds Envoy's spans and the limiter's admission and settlement under them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_shows_envoy_the_limiter_and_the_upstream_call() {
+    let (collector, received) = grpc_collector().await;
+    let node = limiter(&[
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://127.0.0.1:{collector}"),
+        ),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".into()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
+    ])
+    .await;
+    let mock_port = free_port();
+    let _mock = Proc(
+        Command::new(env!("CARGO_BIN_EXE_mock-upstream"))
+            .args(["--addr", &format!("127.0.0.1:{mock_port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_ok(&format!("http://127.0.0.1:{mock_port}/healthz")).await;
+    let (listener, admin) = (free_port(), free_port());
+    let grpc_port = node.grpc.rsplit(':').next().unwrap();
+    let config =
+        std::fs::read_to_string(format!("{}/envoy/envoy.yaml", env!("CARGO_MANIFEST_DIR")))
+            .unwrap()
+            .replace("port_value: 10000", &format!("port_value: {listener}"))
+            .replace("port_value: 10100", &format!("port_value: {grpc_port}"))
+            .replace("port_value: 10300", &format!("port_value: {mock_port}"))
+            .replace("port_value: 10500", &format!("port_value: {admin}"))
+            .replace("port_value: 4317", &format!("port_value: {collector}"))
+            // A debug build on a loaded box can outlast the shipped 0.25 s deadline.
+            .replace(" timeout: 0.25s", " timeout: 5s");
+    assert!(config.contains(&format!("port_value: {collector}")));
+    let path = node._dir.path().join("envoy.yaml");
+    std::fs::write(&path, config).unwrap();
+    let _envoy = Proc(
+        Command::new(envoy_bin())
+            .arg("-c")
+            .arg(&path)
+            .args([
+                "--concurrency",
+                "1",
+                "--base-id",
+                &listener.to_string(),
+                "-l",
+                "error",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("envoy (scripts/test.sh installs it into .venv)"),
+    );
+    wait_ok(&format!("http://127.0.0.1:{admin}/ready")).await;
+
+    let trace = "7bf92f3577b34da6a3ce929d0e0e4736";
+    let reply = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{listener}/v1/chat/completions"))
+        .header("authorization", "Bearer sk-obs-secret-a")
+        .header("content-type", "application/json")
+        .header("traceparent", traceparent(trace, "70f067aa0ba902b7"))
+        .body(body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 200);
+    let _ = reply.text().await.unwrap();
+
+    // Envoy's spans come in its own batches: wait for both of the limiter's spans and for
+    // the Envoy spans they hang from.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let spans = loop {
+        let spans = spans_of(&received, trace, 2).await;
+        let ids: HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+        let ours: Vec<&Got> = spans
+            .iter()
+            .filter(|s| s.service == "llm-ratelimit")
+            .collect();
+        let complete = ours.len() == 2
+            && ours.iter().all(|s| ids.contains(s.parent.as_str()))
+            && spans
+                .iter()
+                .any(|s| s.service == "envoy" && s.parent == "70f067aa0ba902b7")
+            && spans.iter().filter(|s| s.service == "envoy").count() >= 4;
+        if complete {
+            break spans;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the trace never completed: {spans:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let by_id: HashMap<&str, &Got> = spans.iter().map(|s| (s.span_id.as_str(), s)).collect();
+    for name in ["llm_ratelimit.admission", "llm_ratelimit.settlement"] {
+        let ours = spans
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no {name}: {spans:#?}"));
+        let parent = by_id[ours.parent.as_str()];
+        assert_eq!(parent.service, "envoy", "{name} hangs from {parent:?}");
+    }
+    let admission = spans
+        .iter()
+        .find(|s| s.name == "llm_ratelimit.admission")
+        .unwrap();
+    assert_eq!(attr(admission, "llm_ratelimit.surface"), "ext_authz");
+    assert_eq!(attr(admission, "llm_ratelimit.decision"), "admitted");
+    // The upstream call has its own span, Envoy's, in the same trace.
+    assert!(
+        spans.iter().any(|s| s.service == "envoy"
+            && s.name != "ingress"
+            && s.attributes.get("upstream_cluster").map(String::as_str) == Some("upstream")),
+        "no upstream span: {spans:#?}"
+    );
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("envoy-trace.txt");
+    let _ = std::fs::write(&out, format!("{spans:#?}\n"));
 }
