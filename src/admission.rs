@@ -580,7 +580,12 @@ impl Limiter {
                 settlement: None,
             });
         };
-        let settlement = self.store.settle(reservation, tokens).await.map_err(|e| {
+        let started = Instant::now();
+        let settlement = self.store.settle(reservation, tokens).await;
+        self.metrics
+            .store_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let settlement = settlement.map_err(|e| {
             tracing::warn!(key = %reservation.key, error = %e, "store failed while settling");
             self.store_failed(&e);
             self.metrics.reject("store_unavailable");
@@ -634,7 +639,8 @@ impl Limiter {
                 telemetry::record("gen_ai.usage.output_tokens", want.output_tokens);
             }
         }
-        match self
+        let started = Instant::now();
+        let decision = self
             .store
             .reserve(
                 &spec.name,
@@ -644,8 +650,11 @@ impl Limiter {
                 charge,
                 marker,
             )
-            .await
-        {
+            .await;
+        self.metrics
+            .store_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match decision {
             Ok(Decision::Admitted { snapshot, .. }) => {
                 telemetry::record("llm_ratelimit.decision", "admitted");
                 self.record_admission(&spec.name.to_string(), want);

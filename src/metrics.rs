@@ -133,7 +133,7 @@ impl Default for Metrics {
         );
         registry.register(
             "store_call_seconds",
-            "Latency of one store call",
+            "Latency of one store call (admission, ShouldRateLimit charge, settlement)",
             m.store_seconds.clone(),
         );
         registry.register(
