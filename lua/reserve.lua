@@ -19,7 +19,7 @@ local ttl = tonumber(ARGV[10])
 local marker = tonumber(ARGV[11]) == 1
 local force = tonumber(ARGV[12]) == 1
 
-local h, b, cur = advance(ring, math.floor(now / precision), slots)
+local h, b, cur, moved = advance(ring, math.floor(now / precision), slots)
 -- A slot that would overflow its width denies too (retry in the next bucket); a forced
 -- charge saturates instead.
 local fits = true
@@ -35,9 +35,12 @@ if not fits then
   for k = 3, 1, -1 do
     if h[k + 2] + want[k] > limit[k] then denied = k end
   end
+  local tail = h[2]
   local reset, retry = scan_window(ring, h, slots, precision, now, want, limit)
-  write_header(ring, h)
-  redis.call('PEXPIRE', ring, ttl)
+  -- A denial writes only what moved. The TTL stands: the last write set it to outlast
+  -- everything the ring holds; only an empty ring (made just now) needs one.
+  if moved or h[2] ~= tail then write_header(ring, h) end
+  if h[3] == 0 and h[4] == 0 and h[5] == 0 then redis.call('PEXPIRE', ring, ttl) end
   return {0, now, h[3], h[4], h[5], denied, retry, reset[1], reset[2], reset[3]}
 end
 
@@ -48,10 +51,10 @@ h[3] = h[3] + add[1]; h[4] = h[4] + add[2]; h[5] = h[5] + add[3]
 -- The tail scan stops at the head at the latest, so it may run before the slot is written.
 settle_tail(ring, h, slots)
 local bit = slot_bit(b, slots)
-redis.call('BITFIELD', ring,
+redis.call('BITFIELD', ring, unpack(add_block_ops({
   'INCRBY', 'u16', bit, add[1], 'INCRBY', 'u32', bit + 16, add[2], 'INCRBY', 'u32', bit + 48, add[3],
   'SET', 'i64', 0, h[1], 'SET', 'i64', 64, h[2], 'SET', 'i64', 128, h[3], 'SET', 'i64', 192, h[4],
-  'SET', 'i64', 256, h[5])
+  'SET', 'i64', 256, h[5]}, b, slots, add)))
 redis.call('PEXPIRE', ring, ttl)
 if marker then
   -- What was actually added (a forced charge may saturate), so a refund or settlement

@@ -16,4 +16,5 @@ pub mod mock;
 pub mod openai;
 pub mod pressure;
 pub mod serve;
+pub mod shutdown;
 pub mod telemetry;

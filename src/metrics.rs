@@ -41,7 +41,7 @@ pub struct ShedLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StoreErrorLabels {
-    /// `timeout`, `redis`, `protocol` (see `engine::StoreError::kind`).
+    /// `timeout`, `redis`, `protocol`, `circuit_open` (see `engine::StoreError::kind`).
     pub kind: &'static str,
 }
 
@@ -57,6 +57,18 @@ pub struct WindowLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabels {
+    /// `exact`, `circuit_open`, `local` (see `engine::failover::Mode`).
+    pub mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BreakerLabels {
+    /// `open` or `closed`.
+    pub to: &'static str,
 }
 
 pub struct Metrics {
@@ -77,6 +89,9 @@ pub struct Metrics {
     pub window_used: Family<WindowLabels, Gauge>,
     pub window_limit: Family<WindowLabels, Gauge>,
     pub window_utilization: Family<WindowLabels, Gauge<f64, AtomicU64>>,
+    pub store_mode: Family<ModeLabels, Gauge>,
+    pub store_breaker: Family<BreakerLabels, Counter>,
+    pub store_nodes: Gauge,
 }
 
 impl Default for Metrics {
@@ -99,6 +114,9 @@ impl Default for Metrics {
             window_used: Family::default(),
             window_limit: Family::default(),
             window_utilization: Family::default(),
+            store_mode: Family::default(),
+            store_breaker: Family::default(),
+            store_nodes: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -158,7 +176,7 @@ impl Default for Metrics {
         );
         registry.register(
             "store_errors",
-            "Store calls that failed, by kind (timeout, redis, protocol)",
+            "Store calls that failed, by kind (timeout, redis, protocol, circuit_open)",
             m.store_errors.clone(),
         );
         registry.register(
@@ -181,6 +199,21 @@ impl Default for Metrics {
             "Fraction of each key's limit its sliding window holds now (used / limit; can pass 1 after forced charges)",
             m.window_utilization.clone(),
         );
+        registry.register(
+            "store_mode",
+            "How the node decides: 1 for the mode in force (exact, circuit_open, local), else 0",
+            m.store_mode.clone(),
+        );
+        registry.register(
+            "store_breaker_transitions",
+            "Circuit breaker transitions in front of the store, by the state entered",
+            m.store_breaker.clone(),
+        );
+        registry.register(
+            "store_nodes",
+            "Live nodes as last seen in Redis (divides each limit under on_store_error: local)",
+            m.store_nodes.clone(),
+        );
         m.start_at_zero();
         Metrics { registry, ..m }
     }
@@ -200,7 +233,7 @@ impl Metrics {
         ] {
             let _ = self.rejections.get_or_create(&RejectLabels { reason });
         }
-        for kind in ["timeout", "redis", "protocol"] {
+        for kind in ["timeout", "redis", "protocol", "circuit_open"] {
             let _ = self.store_errors.get_or_create(&StoreErrorLabels { kind });
         }
         for outcome in ["applied", "expired", "unknown", "no_usage"] {
@@ -239,6 +272,23 @@ impl Metrics {
     pub fn shed(&self, surface: &'static str, reason: &'static str) {
         self.shed
             .get_or_create(&ShedLabels { surface, reason })
+            .inc();
+    }
+
+    /// The store's mode changed from `from` to `to` (both among `modes`).
+    pub fn store_mode(&self, modes: &[&'static str], from: &'static str, to: &'static str) {
+        for mode in modes {
+            self.store_mode
+                .get_or_create(&ModeLabels { mode })
+                .set(i64::from(*mode == to));
+        }
+        let breaker = match (from == "exact", to == "exact") {
+            (true, false) => "open",
+            (false, true) => "closed",
+            _ => return,
+        };
+        self.store_breaker
+            .get_or_create(&BreakerLabels { to: breaker })
             .inc();
     }
 

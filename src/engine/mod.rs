@@ -2,8 +2,11 @@
 //! step, settled once after the response. It knows nothing of HTTP, gRPC or OpenAI.
 //!
 //! Two stores hold the same rules: [`redis::RedisStore`] (Lua scripts in `lua/`, shared by
-//! every node) and [`memory::MemoryStore`] (one process). [`Store`] picks one at start-up.
+//! every node) and [`memory::MemoryStore`] (one process). [`Store`] picks one at start-up;
+//! a node on Redis runs it behind [`failover::FailoverStore`] (circuit breaker and
+//! `on_store_error`).
 
+pub mod failover;
 pub mod memory;
 pub mod redis;
 mod window;
@@ -247,6 +250,8 @@ pub enum StoreError {
     Redis(#[from] ::redis::RedisError),
     #[error("the rate-limit store gave an unexpected answer: {0}")]
     Protocol(String),
+    #[error("the rate-limit store is failing: circuit breaker open")]
+    CircuitOpen,
 }
 
 impl StoreError {
@@ -256,6 +261,7 @@ impl StoreError {
             StoreError::Timeout(_) => "timeout",
             StoreError::Redis(_) => "redis",
             StoreError::Protocol(_) => "protocol",
+            StoreError::CircuitOpen => "circuit_open",
         }
     }
 }
@@ -277,6 +283,8 @@ pub fn system_clock() -> Clock {
 pub enum Store {
     Memory(memory::MemoryStore),
     Redis(redis::RedisStore),
+    /// Redis behind a circuit breaker, with `on_store_error` for when it fails.
+    Failover(failover::FailoverStore),
 }
 
 impl Store {
@@ -313,6 +321,7 @@ impl Store {
         match self {
             Store::Memory(s) => Ok(s.reserve(key, shape, limits, want, charge, marker)),
             Store::Redis(s) => s.reserve(key, shape, limits, want, charge, marker).await,
+            Store::Failover(s) => s.reserve(key, shape, limits, want, charge, marker).await,
         }
     }
 
@@ -326,6 +335,7 @@ impl Store {
         match self {
             Store::Memory(s) => Ok(s.settle(reservation, output_tokens)),
             Store::Redis(s) => s.settle(reservation, output_tokens).await,
+            Store::Failover(s) => s.settle(reservation, output_tokens).await,
         }
     }
 
@@ -334,6 +344,7 @@ impl Store {
         match self {
             Store::Memory(s) => Ok(s.usage(key, shape)),
             Store::Redis(s) => s.usage(key, shape).await,
+            Store::Failover(s) => s.usage(key, shape).await,
         }
     }
 
@@ -355,6 +366,7 @@ impl Store {
         match self {
             Store::Memory(s) => Ok(s.refund(key, shape, amount, marker)),
             Store::Redis(s) => s.refund(key, shape, amount, marker).await,
+            Store::Failover(s) => s.refund(key, shape, amount, marker).await,
         }
     }
 
@@ -365,6 +377,7 @@ impl Store {
         match self {
             Store::Memory(s) => s.retain(keep),
             Store::Redis(_) => {}
+            Store::Failover(s) => s.retain(keep),
         }
     }
 
@@ -373,6 +386,7 @@ impl Store {
         match self {
             Store::Memory(_) => Ok(()),
             Store::Redis(s) => s.ping().await,
+            Store::Failover(s) => s.ping().await,
         }
     }
 }
