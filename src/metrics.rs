@@ -239,6 +239,9 @@ impl Metrics {
         for outcome in ["applied", "expired", "unknown", "no_usage"] {
             let _ = self.settlements.get_or_create(&OutcomeLabels { outcome });
         }
+        for to in ["open", "closed"] {
+            let _ = self.store_breaker.get_or_create(&BreakerLabels { to });
+        }
         for outcome in ["applied", "rejected"] {
             let _ = self
                 .config_reloads
