@@ -407,7 +407,19 @@ async fn a_cluster_losing_a_master_under_load_answers_per_policy_and_stays_exact
     // The redis-cli calls below block their thread: `block_in_place` hands this worker's
     // other tasks (the load among them) to another thread meanwhile, so the load keeps
     // running through the outage instead of waiting behind them.
-    let victim = tokio::task::block_in_place(|| cluster.masters()[0]);
+    // The victim is the master that every node says serves the slot of a key the load
+    // uses, so the outage is on the load's path.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let victim = loop {
+        if let Some(port) = tokio::task::block_in_place(|| cluster.owner("load-0-0")) {
+            break port;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the nodes never agreed who serves load-0-0"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let killed = Instant::now();
     tokio::task::block_in_place(|| cluster.kill(victim));
     // A replica takes over the dead master's slots (cluster-node-timeout 2 s).
@@ -419,7 +431,9 @@ async fn a_cluster_losing_a_master_under_load_answers_per_policy_and_stays_exact
                 .iter()
                 .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"));
             let masters = cluster.masters();
-            ok && masters.len() == 3 && !masters.contains(&victim)
+            ok && masters.len() == 3
+                && !masters.contains(&victim)
+                && cluster.owner("load-0-0").is_some_and(|p| p != victim)
         });
         if promoted {
             break;

@@ -244,6 +244,47 @@ pub fn redis_cli(port: u16, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// The flags field of a `CLUSTER NODES` line (`myself,master`, `slave`, `master,fail?`...).
+fn flags(line: &str) -> &str {
+    line.split(' ').nth(2).unwrap_or("")
+}
+
+/// The ports of the masters, not failing, that serve slots in a `CLUSTER NODES` reply
+/// (slot ranges follow the 8 fixed fields), sorted.
+fn slot_masters(cluster_nodes: &str) -> Vec<u16> {
+    let mut ports: Vec<u16> = cluster_nodes
+        .lines()
+        .filter(|l| {
+            let f = flags(l);
+            f.contains("master") && !f.contains("fail") && l.split(' ').nth(8).is_some()
+        })
+        .filter_map(|l| l.split(' ').nth(1)?.split(['@', ':']).nth(1)?.parse().ok())
+        .collect();
+    ports.sort();
+    ports
+}
+
+/// The port of the master, not failing, that serves `slot` in a `CLUSTER NODES` reply.
+fn slot_owner(cluster_nodes: &str, slot: u16) -> Option<u16> {
+    cluster_nodes
+        .lines()
+        .filter(|l| {
+            let f = flags(l);
+            f.contains("master") && !f.contains("fail")
+        })
+        .find(|l| {
+            l.split(' ').skip(8).any(|range| {
+                let mut ends = range.splitn(2, '-').map(|e| e.parse::<u16>().ok());
+                match (ends.next().flatten(), ends.next()) {
+                    (Some(lo), None) => lo == slot,
+                    (Some(lo), Some(Some(hi))) => (lo..=hi).contains(&slot),
+                    _ => false,
+                }
+            })
+        })
+        .and_then(|l| l.split(' ').nth(1)?.split(['@', ':']).nth(1)?.parse().ok())
+}
+
 /// A Redis Cluster of `masters` masters and no replicas, made by the test.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
@@ -307,22 +348,67 @@ impl RedisCluster {
             assert!(Instant::now() < deadline, "replicas did not sync");
             std::thread::sleep(Duration::from_millis(50));
         }
-        RedisCluster { nodes }
+        let cluster = RedisCluster { nodes };
+        // A node learns that another became a replica by gossip, a while after
+        // `cluster_state:ok`: until then it lists that replica as a master without slots.
+        // Wait until every node sees the same masters serving slots and every replica as
+        // one, so a test that picks a master (to kill it, say) picks one serving slots.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let views: Vec<String> = cluster
+                .nodes
+                .iter()
+                .map(|n| n.cli(&["CLUSTER", "NODES"]))
+                .collect();
+            let first = slot_masters(&views[0]);
+            let agreed = views.iter().all(|v| {
+                let seen_replicas = v
+                    .lines()
+                    .filter(|l| {
+                        let f = flags(l);
+                        f.contains("slave") && !f.contains("fail")
+                    })
+                    .count();
+                slot_masters(v) == first
+                    && first.len() == masters
+                    && seen_replicas == masters * replicas
+                    && v.lines().count() == masters * (1 + replicas)
+            });
+            if agreed {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the nodes do not agree on the topology:\n{}",
+                views.join("\n--\n")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        cluster
     }
 
-    /// The ports of the masters serving slots now, as a live node sees them.
+    /// The ports of the masters serving slots now, as a live node sees them (a node just
+    /// made a replica may still be listed as a master, without slots: it is not one here).
     pub fn masters(&self) -> Vec<u16> {
-        let nodes = self.nodes[self.nodes.len() - 1].cli(&["CLUSTER", "NODES"]);
-        let mut ports: Vec<u16> = nodes
-            .lines()
-            .filter(|l| {
-                let flags = l.split(' ').nth(2).unwrap_or("");
-                flags.contains("master") && !flags.contains("fail")
-            })
-            .filter_map(|l| l.split(' ').nth(1)?.split(['@', ':']).nth(1)?.parse().ok())
+        slot_masters(&self.nodes[self.nodes.len() - 1].cli(&["CLUSTER", "NODES"]))
+    }
+
+    /// The port of the master serving the slot of `key` (a hash tag counts), when every
+    /// live node agrees on it; `None` while their views differ or no live master serves it.
+    pub fn owner(&self, key: &str) -> Option<u16> {
+        let slot: u16 = self.nodes[0]
+            .cli(&["CLUSTER", "KEYSLOT", key])
+            .parse()
+            .ok()?;
+        let owners: Vec<Option<u16>> = self
+            .nodes
+            .iter()
+            .map(|n| slot_owner(&n.cli(&["CLUSTER", "NODES"]), slot))
             .collect();
-        ports.sort();
-        ports
+        owners
+            .iter()
+            .all(|o| *o == owners[0])
+            .then_some(owners[0])?
     }
 
     /// Kills (SIGKILL, by pid) the node on `port`.
