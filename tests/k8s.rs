@@ -631,15 +631,18 @@ fn demo_renders_and_is_wired_up() {
     for port in service["spec"]["ports"].as_array().unwrap() {
         let target = port_of(otelcol, &port["targetPort"]);
         assert!(
-            listening.iter().any(|(a, p)| a == "0.0.0.0" && *p == target),
+            listening
+                .iter()
+                .any(|(a, p)| a == "0.0.0.0" && *p == target),
             "the collector Service's {target}: {listening:?}"
         );
     }
-    let config_path = flag(&strs(&otelcol["args"]), "--config").unwrap().to_string();
-    let config: Value = serde_saphyr::from_str(
-        &mounted_file(&rendered, collector, otelcol, &config_path).unwrap(),
-    )
-    .unwrap();
+    let config_path = flag(&strs(&otelcol["args"]), "--config")
+        .unwrap()
+        .to_string();
+    let config: Value =
+        serde_saphyr::from_str(&mounted_file(&rendered, collector, otelcol, &config_path).unwrap())
+            .unwrap();
     let traces = &config["service"]["pipelines"]["traces"];
     assert_eq!(traces["receivers"], json!(["otlp"]));
     assert_eq!(traces["exporters"], json!(["debug"]));
