@@ -240,10 +240,29 @@ local function read_response(sock)
     return status, close
 end
 
+-- The client's W3C trace context, passed on to /v1/report as nginx.conf passes it to
+-- /v1/check: the settlement's span joins the client's trace. A value that is not a plain
+-- header value of sane length (the `traceparent` format is the limiter's to judge) is
+-- left out, so it can never break the report's request.
+local TRACE_HEADERS = { "traceparent", "tracestate" }
+local TRACE_MAX_BYTES = 512
+
+local function trace_context()
+    local trace = {}
+    for _, name in ipairs(TRACE_HEADERS) do
+        local value = ngx.var["http_" .. name]
+        if type(value) == "string" and value ~= "" and #value <= TRACE_MAX_BYTES
+            and not value:find("[^\32-\126]") then
+            trace[name] = value
+        end
+    end
+    return trace
+end
+
 -- The timer: POST /v1/report over a pooled connection.
 -- A timer run early because the worker is shutting down gracefully (`premature`: a quit or
 -- a reload) still reports: cosockets work there, and the worker waits for it.
-local function report(_premature, host, port, reservation, upstream_status, body)
+local function report(_premature, host, port, reservation, upstream_status, body, trace)
     local sock = ngx.socket.tcp()
     sock:settimeouts(REPORT_TIMEOUT_MS, REPORT_TIMEOUT_MS, REPORT_TIMEOUT_MS)
     local ok, err = sock:connect(host, port)
@@ -258,6 +277,11 @@ local function report(_premature, host, port, reservation, upstream_status, body
     }
     if upstream_status then
         request[#request + 1] = "\r\nx-upstream-status: " .. upstream_status
+    end
+    for _, name in ipairs(TRACE_HEADERS) do
+        if trace[name] then
+            request[#request + 1] = "\r\n" .. name .. ": " .. trace[name]
+        end
     end
     request[#request + 1] = "\r\n\r\n"
     request[#request + 1] = body
@@ -295,7 +319,7 @@ function _M.log()
     local addr = ngx.var.llm_ratelimit_report_addr or "127.0.0.1:10200"
     local host, port = addr:match("^(.+):(%d+)$")
     local ok, err = ngx.timer.at(0, report, host, tonumber(port), reservation, upstream_status,
-        table.concat(ctx.llm_body))
+        table.concat(ctx.llm_body), trace_context())
     if not ok then
         ngx.log(ngx.ERR, "llm_ratelimit: no timer for /v1/report: ", err)
     end

@@ -224,7 +224,34 @@ fn listens(rendered: &Rendered, pod: &Value, container: &Value) -> Vec<(String, 
             envoy_addresses(&serde_saphyr::from_str::<Value>(&text).unwrap()).listens
         }
         "llm-loadtest" => vec![],
+        "otelcol" => {
+            let path = flag(&args, "--config").expect("otelcol --config");
+            let text = mounted_file(rendered, pod, container, path)
+                .unwrap_or_else(|| panic!("the collector's {path} is not mounted"));
+            let config: Value = serde_saphyr::from_str(&text).unwrap();
+            let mut found = vec![];
+            for section in ["receivers", "extensions"] {
+                endpoints(&config[section], &mut found);
+            }
+            found
+        }
         other => panic!("no rule for what {other} listens on"),
+    }
+}
+
+/// Every `endpoint: host:port` under a collector config's section.
+fn endpoints(v: &Value, found: &mut Vec<(String, u16)>) {
+    match v {
+        Value::Object(map) => {
+            for (k, v) in map {
+                match (k.as_str(), v.as_str()) {
+                    ("endpoint", Some(e)) => found.push(addr(e)),
+                    _ => endpoints(v, found),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| endpoints(v, found)),
+        _ => {}
     }
 }
 
@@ -460,6 +487,33 @@ fn check_overlay(dir: &str, complete: bool) -> Rendered {
         limiter_wiring(&shipped),
         "{dir}: k8s Envoy differs from envoy/envoy.yaml"
     );
+    // The same tracing as envoy/envoy.yaml, and the limiter exports to the collector
+    // Envoy's tracer does (its address checked below with every other cluster).
+    let tracing = |c: &Value| {
+        c["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+            ["tracing"]
+            .clone()
+    };
+    assert!(tracing(&shipped).is_object());
+    assert_eq!(
+        tracing(&envoy_config),
+        tracing(&shipped),
+        "{dir}: k8s Envoy traces differently from envoy/envoy.yaml"
+    );
+    let env = |name: &str| {
+        limiter["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str())
+            .unwrap_or_else(|| panic!("{dir}: the limiter has no {name}"))
+            .to_string()
+    };
+    let collector = env("OTEL_EXPORTER_OTLP_ENDPOINT");
+    assert_eq!(env("OTEL_EXPORTER_OTLP_PROTOCOL"), "grpc");
+    assert_eq!(env("OTEL_SERVICE_NAME"), "llm-ratelimit");
+    let exported_to = addr(collector.strip_prefix("http://").unwrap());
     let in_pod: Vec<(String, u16)> = pod["spec"]["containers"]
         .as_array()
         .unwrap()
@@ -483,6 +537,17 @@ fn check_overlay(dir: &str, complete: bool) -> Rendered {
             );
         }
     }
+    let envoy_collector: Vec<_> = addresses
+        .clusters
+        .iter()
+        .filter(|(c, _, _)| c == "otel_collector")
+        .map(|(_, a, p)| (a.clone(), *p))
+        .collect();
+    assert_eq!(
+        envoy_collector,
+        vec![exported_to],
+        "{dir}: Envoy and the limiter trace to different collectors"
+    );
     // The limiter's gRPC port is the one Envoy's limiter clusters use.
     let grpc_port = addr(flag(&limiter_args, "--grpc-addr").unwrap()).1;
     assert!(addresses
@@ -558,6 +623,30 @@ fn demo_renders_and_is_wired_up() {
         .unwrap();
     assert_eq!(redis["value"], "redis://redis:6379");
     assert!(services(&rendered)["redis"].contains(&6379));
+    // The collector: its Service reaches its OTLP receivers, whose spans it logs.
+    let collector = &rendered.get("Deployment", "otel-collector")["spec"]["template"];
+    let otelcol = container(collector, "otel-collector");
+    let service = rendered.get("Service", "otel-collector");
+    let listening = listens(&rendered, collector, otelcol);
+    for port in service["spec"]["ports"].as_array().unwrap() {
+        let target = port_of(otelcol, &port["targetPort"]);
+        assert!(
+            listening
+                .iter()
+                .any(|(a, p)| a == "0.0.0.0" && *p == target),
+            "the collector Service's {target}: {listening:?}"
+        );
+    }
+    let config_path = flag(&strs(&otelcol["args"]), "--config")
+        .unwrap()
+        .to_string();
+    let config: Value =
+        serde_saphyr::from_str(&mounted_file(&rendered, collector, otelcol, &config_path).unwrap())
+            .unwrap();
+    let traces = &config["service"]["pipelines"]["traces"];
+    assert_eq!(traces["receivers"], json!(["otlp"]));
+    assert_eq!(traces["exporters"], json!(["debug"]));
+    assert_eq!(config["service"]["extensions"], json!(["health_check"]));
 }
 
 #[test]
@@ -589,8 +678,12 @@ fn production_renders_and_is_wired_up() {
         rendered
             .of_kind("Deployment")
             .all(|d| d["metadata"]["name"] == "llm-gateway"),
-        "no in-cluster Redis"
+        "no in-cluster Redis, no collector of ours"
     );
+    // Traces go to the user's collector, named by an ExternalName Service.
+    let collector = rendered.get("Service", "otel-collector");
+    assert_eq!(collector["spec"]["type"], "ExternalName");
+    assert!(collector["spec"]["externalName"].as_str().is_some());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -860,9 +953,12 @@ async fn demo_gateway_pod_runs_reloads_keys_live_and_shuts_down_in_order() {
             .spawn()
             .unwrap(),
     );
+    // No collector: a port nothing listens on, so the pod must work with tracing's
+    // exports failing (Envoy's and the limiter's alike).
     let services: HashMap<(String, u16), u16> = [
         (("llm-upstream".to_string(), 9000), mock_port),
         (("redis".to_string(), 6379), redis.port),
+        (("otel-collector".to_string(), 4317), free_port()),
     ]
     .into();
 

@@ -674,8 +674,11 @@ fn two_nginx_nodes_race_settle_stream_and_deny_exactly() {
 struct Seen {
     /// Each /v1/check: x-original-uri, x-original-method, the header names, the body's length.
     checks: Vec<(String, String, Vec<String>, usize)>,
+    /// Each /v1/check's and each /v1/report's `traceparent` and `tracestate` (empty: none).
+    check_traces: Vec<(String, String)>,
     /// Each /v1/report: reservation, x-upstream-status, body.
     reports: Vec<(String, String, String)>,
+    report_traces: Vec<(String, String)>,
     /// Each upstream request: method, path, x-llm-ratelimit-key.
     upstream: Vec<(String, String, String)>,
 }
@@ -706,6 +709,8 @@ fn stand_ins(runtime: &tokio::runtime::Runtime, limiter: u16, upstream: u16) -> 
                         names,
                         request_body.len(),
                     ));
+                    let trace = (header(&h, "traceparent"), header(&h, "tracestate"));
+                    seen.check_traces.push(trace);
                     let n = seen.checks.len();
                     (
                         [
@@ -723,11 +728,14 @@ fn stand_ins(runtime: &tokio::runtime::Runtime, limiter: u16, upstream: u16) -> 
             axum::routing::post(move |h: HeaderMap, body: String| {
                 let seen = report_seen.clone();
                 async move {
-                    seen.lock().unwrap().reports.push((
+                    let mut seen = seen.lock().unwrap();
+                    seen.reports.push((
                         header(&h, "x-llm-ratelimit-reservation"),
                         header(&h, "x-upstream-status"),
                         body,
                     ));
+                    let trace = (header(&h, "traceparent"), header(&h, "tracestate"));
+                    seen.report_traces.push(trace);
                     axum::Json(json!({"output_tokens": 1}))
                 }
             }),
@@ -849,11 +857,17 @@ fn nginx_hands_limiter_and_upstream_the_same_path_and_reports_each_response_once
         ("x-original-uri", "/v1/embeddings"),
     ];
     let mut admitted = 0;
-    for (target, normalised) in PATH_VARIANTS {
+    for (i, (target, normalised)) in PATH_VARIANTS.iter().enumerate() {
         let (checks, upstreams) = {
             let seen = seen();
             (seen.checks.len(), seen.upstream.len())
         };
+        // The client's trace context, one trace per request.
+        let traceparent = format!("00-{:032x}-{:016x}-01", i + 1, i + 1);
+        let tracestate = format!("vendor=v{i}");
+        let mut headers = headers.to_vec();
+        headers.push(("traceparent", traceparent.as_str()));
+        headers.push(("tracestate", tracestate.as_str()));
         let (status, answer) = send_raw(&nginx.addr, target, &headers, &body);
         let Some(normalised) = normalised else {
             assert_eq!(status, 400, "{target}: {answer}");
@@ -911,18 +925,24 @@ fn nginx_hands_limiter_and_upstream_the_same_path_and_reports_each_response_once
         assert!(seen.checks[checks].2.contains(&"api-key".to_string()));
         assert_eq!(seen.checks[checks].3, body.len());
     }
-    // A GET is asked about too, as a GET.
+    // A GET is asked about too, as a GET. Its tracestate is over the 512 bytes the
+    // report passes on: the check gets it, the report only the traceparent.
+    let long_state = format!("vendor={}", "a".repeat(600));
     let response = reqwest::blocking::Client::new()
         .get(format!("{}/v1/models", nginx.url))
         .header("authorization", "Bearer sk-secret")
+        .header("traceparent", format!("00-{:032x}-{:016x}-01", 999, 999))
+        .header("tracestate", &long_state)
         .send()
         .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-ratelimit-limit-requests"], "7");
     admitted += 1;
     assert_eq!(seen().checks.last().unwrap().1, "GET");
-    // Each admitted response reported once, with its reservation, the upstream's status
-    // and exactly the body the client got.
+    let get_handle = seen().checks.len();
+    // Each admitted response reported once, with its reservation, the upstream's status,
+    // exactly the body the client got and the trace context its check had: the client's,
+    // or none (the api-key request sent none), or the GET's without its long tracestate.
     let reports = poll(10, || {
         let reports = seen().reports.clone();
         if reports.len() == admitted {
@@ -934,16 +954,33 @@ fn nginx_hands_limiter_and_upstream_the_same_path_and_reports_each_response_once
             ))
         }
     });
+    let (check_traces, report_traces) = {
+        let seen = seen();
+        (seen.check_traces.clone(), seen.report_traces.clone())
+    };
     let mut handles: Vec<usize> = reports
         .iter()
-        .map(|(r, status, body)| {
+        .zip(&report_traces)
+        .map(|((r, status, body), trace)| {
             assert_eq!(status, "200");
             let n: usize = r.strip_prefix("r-").unwrap().parse().unwrap();
             let answer: Value = serde_json::from_str(body).unwrap();
             assert_eq!(answer["object"], "recorded", "{body}");
+            let want = if n == get_handle {
+                assert_eq!(check_traces[n - 1].1, long_state);
+                (check_traces[n - 1].0.clone(), String::new())
+            } else {
+                check_traces[n - 1].clone()
+            };
+            assert_eq!(trace, &want, "{r}: the report's trace context");
             n
         })
         .collect();
+    let traced = check_traces.iter().filter(|(p, _)| !p.is_empty()).count();
+    assert_eq!(traced, admitted - 1, "{check_traces:?}");
+    assert!(check_traces
+        .iter()
+        .all(|(p, s)| p.is_empty() == s.is_empty()));
     handles.sort();
     assert_eq!(handles, (1..=admitted).collect::<Vec<_>>());
     // Nothing reported twice, later.
