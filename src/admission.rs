@@ -604,10 +604,8 @@ impl Limiter {
     /// Frees the store's state of keys and window shapes the config in force no longer
     /// has (a renamed key, a changed window): called after each applied reload.
     pub fn forget_unconfigured(&self) {
-        let config = self.config.load();
-        self.store.retain(|key, shape| {
-            shape == config.shape() && config.key_by_name(key.as_str()).is_some()
-        });
+        let rings = self.config.load().rings();
+        self.store.retain(|ring| rings.contains(ring));
     }
 
     pub async fn ready(&self) -> bool {

@@ -14,9 +14,9 @@ use serde_saphyr::{Location, Spanned};
 use sha2::{Digest, Sha256};
 
 use super::duration::parse_duration;
-use super::{Config, ConfigError, KeySpec, UnknownEndpoints};
+use super::{Config, ConfigError, KeySpec, ModelLimits, PoolSpec, UnknownEndpoints};
 use crate::engine::WindowShape;
-use crate::engine::{KeyName, Limits};
+use crate::engine::{KeyName, Limits, ModelMatch};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -28,6 +28,7 @@ struct RawFile {
     unknown_endpoints: Option<Spanned<String>>,
     azure_deployments: Option<HashMap<Spanned<String>, Spanned<String>>>,
     keys: Vec<Spanned<RawKey>>,
+    pools: Option<Vec<Spanned<RawPool>>>,
 }
 
 // No Debug, here or on `SecretText`: this struct holds a secret. Every field is
@@ -42,6 +43,40 @@ struct RawKey {
     rpm: Option<Spanned<Count>>,
     input_tpm: Option<Spanned<Count>>,
     output_tpm: Option<Spanned<Count>>,
+    per_day: Option<Spanned<RawDay>>,
+    models: Option<Spanned<Vec<Spanned<RawModel>>>>,
+    pool: Option<Spanned<String>>,
+}
+
+/// `per_day`, of a key or a pool: limits over 24 hours.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDay {
+    requests: Option<Spanned<Count>>,
+    input_tokens: Option<Spanned<Count>>,
+    output_tokens: Option<Spanned<Count>>,
+}
+
+/// One `models` entry of a key.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    #[serde(rename = "match")]
+    matches: Option<Spanned<String>>,
+    rpm: Option<Spanned<Count>>,
+    input_tpm: Option<Spanned<Count>>,
+    output_tpm: Option<Spanned<Count>>,
+}
+
+/// One `pools` entry.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    name: Option<Spanned<String>>,
+    rpm: Option<Spanned<Count>>,
+    input_tpm: Option<Spanned<Count>>,
+    output_tpm: Option<Spanned<Count>>,
+    per_day: Option<Spanned<RawDay>>,
 }
 
 /// An integer as written, sign and all, so that `rpm: -5` is reported as "must be
@@ -127,6 +162,7 @@ fn validate(raw: RawFile, origin: &str) -> Result<Config, ConfigError> {
         },
     };
     let azure_deployments = azure_deployments(raw.azure_deployments.as_ref(), origin)?;
+    let pools = pools(raw.pools.as_deref().unwrap_or_default(), origin)?;
 
     let mut keys = Vec::with_capacity(raw.keys.len());
     let mut by_name: HashMap<String, usize> = HashMap::new();
@@ -204,11 +240,39 @@ fn validate(raw: RawFile, origin: &str) -> Result<Config, ConfigError> {
             output_tokens: limit(&entry.output_tpm, "output_tpm")?,
         };
 
+        let owner = format!("key `{name}`");
+        let per_day = match &entry.per_day {
+            Some(day) => Some(day_limits(day, &owner, origin)?),
+            None => None,
+        };
+        let models = match &entry.models {
+            Some(list) => models(list, &owner, origin)?,
+            None => Vec::new(),
+        };
+        let pool = match &entry.pool {
+            None => None,
+            Some(p) => match pools.iter().find(|pool| pool.name.as_str() == p.value) {
+                Some(pool) => Some(pool.name.clone()),
+                None => {
+                    return Err(err(
+                        p.referenced,
+                        format!("key `{name}` names pool `{}`, which `pools` does not define", p.value),
+                    ))
+                }
+            },
+        };
+
         let index = keys.len();
         by_name.insert(name.as_str().to_owned(), index);
         by_digest.insert(digest, index);
         name_lines.push(raw_name.referenced.line());
-        keys.push(KeySpec { name, limits });
+        keys.push(KeySpec {
+            name,
+            limits,
+            per_day,
+            models,
+            pool,
+        });
     }
 
     let shape =
@@ -222,9 +286,157 @@ fn validate(raw: RawFile, origin: &str) -> Result<Config, ConfigError> {
         unknown_endpoints,
         azure_deployments,
         keys,
+        pools,
         by_digest,
         by_name,
     })
+}
+
+/// Limits of which some may be left out (`None`: the field is absent): each one set is
+/// checked; one left out is unlimited. At least one must be set.
+fn some_limits(
+    fields: [(&Option<Spanned<Count>>, &str); 3],
+    owner: &str,
+    origin: &str,
+) -> Result<Option<Limits>, ConfigError> {
+    let mut values = [Config::UNLIMITED; 3];
+    let mut set = false;
+    for (value, (field, name)) in values.iter_mut().zip(fields) {
+        if let Some(v) = field {
+            *value = positive(v, name, Config::MAX_LIMIT as i128)
+                .map_err(|m| ConfigError::at(origin, v.referenced, format!("{owner}: {m}")))?
+                as u64;
+            set = true;
+        }
+    }
+    Ok(set.then_some(Limits {
+        requests: values[0],
+        input_tokens: values[1],
+        output_tokens: values[2],
+    }))
+}
+
+/// A `per_day` block: at least one of its three limits.
+fn day_limits(day: &Spanned<RawDay>, owner: &str, origin: &str) -> Result<Limits, ConfigError> {
+    let v = &day.value;
+    let fields = [
+        (&v.requests, "requests"),
+        (&v.input_tokens, "input_tokens"),
+        (&v.output_tokens, "output_tokens"),
+    ];
+    some_limits(fields, &format!("{owner} per_day"), origin)?.ok_or_else(|| {
+        ConfigError::at(
+            origin,
+            day.referenced,
+            format!("{owner}: per_day sets no limit; set requests, input_tokens or output_tokens"),
+        )
+    })
+}
+
+/// A key's `models` entries: each a valid match with at least one limit, and no two
+/// matching one model (which one applied would depend on their order).
+fn models(
+    list: &Spanned<Vec<Spanned<RawModel>>>,
+    owner: &str,
+    origin: &str,
+) -> Result<Vec<ModelLimits>, ConfigError> {
+    let err = |at: Location, message: String| ConfigError::at(origin, at, message);
+    if list.value.len() > Config::MAX_MODELS {
+        return Err(err(
+            list.referenced,
+            format!(
+                "{owner} has {} models entries; at most {} are allowed",
+                list.value.len(),
+                Config::MAX_MODELS
+            ),
+        ));
+    }
+    let mut out: Vec<ModelLimits> = Vec::with_capacity(list.value.len());
+    for (position, entry) in list.value.iter().enumerate() {
+        let Some(text) = &entry.value.matches else {
+            return Err(err(
+                entry.referenced,
+                format!("{owner}: models entry {} is missing `match`", position + 1),
+            ));
+        };
+        let matches = ModelMatch::new(&text.value)
+            .map_err(|m| err(text.referenced, format!("{owner}: {m}")))?;
+        if let Some(other) = out.iter().find(|o| o.matches.overlaps(&matches)) {
+            return Err(err(
+                text.referenced,
+                format!(
+                    "{owner}: models match `{matches}` overlaps `{}`: a model may match only one entry",
+                    other.matches
+                ),
+            ));
+        }
+        let v = &entry.value;
+        let this = format!("{owner} models `{matches}`");
+        let fields = [
+            (&v.rpm, "rpm"),
+            (&v.input_tpm, "input_tpm"),
+            (&v.output_tpm, "output_tpm"),
+        ];
+        let limits = some_limits(fields, &this, origin)?.ok_or_else(|| {
+            err(
+                entry.referenced,
+                format!("{this} sets no limit; set rpm, input_tpm or output_tpm"),
+            )
+        })?;
+        out.push(ModelLimits { matches, limits });
+    }
+    Ok(out)
+}
+
+/// `pools`: unique names, each with at least one limit.
+fn pools(raw: &[Spanned<RawPool>], origin: &str) -> Result<Vec<PoolSpec>, ConfigError> {
+    let err = |at: Location, message: String| ConfigError::at(origin, at, message);
+    let mut out: Vec<PoolSpec> = Vec::with_capacity(raw.len());
+    let mut lines: Vec<u64> = Vec::with_capacity(raw.len());
+    for (position, entry) in raw.iter().enumerate() {
+        let Some(raw_name) = &entry.value.name else {
+            return Err(err(
+                entry.referenced,
+                format!("entry {} of `pools` is missing `name`", position + 1),
+            ));
+        };
+        let name = KeyName::new(&raw_name.value)
+            .map_err(|m| err(raw_name.referenced, m.replace("key name", "pool name")))?;
+        if let Some(first) = out.iter().position(|p| p.name == name) {
+            return Err(err(
+                raw_name.referenced,
+                format!(
+                    "duplicate pool name `{name}` (first defined at line {})",
+                    lines[first]
+                ),
+            ));
+        }
+        let v = &entry.value;
+        let owner = format!("pool `{name}`");
+        let fields = [
+            (&v.rpm, "rpm"),
+            (&v.input_tpm, "input_tpm"),
+            (&v.output_tpm, "output_tpm"),
+        ];
+        let limits = some_limits(fields, &owner, origin)?;
+        let per_day = match &v.per_day {
+            Some(day) => Some(day_limits(day, &owner, origin)?),
+            None => None,
+        };
+        if limits.is_none() && per_day.is_none() {
+            return Err(err(
+                entry.referenced,
+                format!("{owner} sets no limit; set rpm, input_tpm, output_tpm or per_day"),
+            ));
+        }
+        lines.push(raw_name.referenced.line());
+        out.push(PoolSpec {
+            name,
+            limits,
+            per_day,
+        });
+    }
+    Ok(out)
 }
 
 /// The window and bucket width, checked against each other. A problem with their
