@@ -78,7 +78,14 @@ impl Config {
         }
     }
 
-    fn applied(&self, tag: &KeyName, scope: LimitScope, ring: Scope, day: bool, limits: Limits) -> Applied {
+    fn applied(
+        &self,
+        tag: &KeyName,
+        scope: LimitScope,
+        ring: Scope,
+        day: bool,
+        limits: Limits,
+    ) -> Applied {
         let shape = if day { self.day_shape() } else { self.shape() };
         Applied {
             scope,
@@ -103,7 +110,11 @@ impl Config {
                 entry.limits,
             ));
         }
-        if let Some(pool) = key.pool.as_ref().and_then(|p| self.pool_by_name(p.as_str())) {
+        if let Some(pool) = key
+            .pool
+            .as_ref()
+            .and_then(|p| self.pool_by_name(p.as_str()))
+        {
             out.extend(self.pool_limits(pool));
         }
         out
@@ -143,7 +154,11 @@ impl Config {
                 entry.limits,
             ));
         }
-        if let Some(pool) = key.pool.as_ref().and_then(|p| self.pool_by_name(p.as_str())) {
+        if let Some(pool) = key
+            .pool
+            .as_ref()
+            .and_then(|p| self.pool_by_name(p.as_str()))
+        {
             out.extend(self.pool_limits(pool));
         }
         out

@@ -256,7 +256,10 @@ fn validate(raw: RawFile, origin: &str) -> Result<Config, ConfigError> {
                 None => {
                     return Err(err(
                         p.referenced,
-                        format!("key `{name}` names pool `{}`, which `pools` does not define", p.value),
+                        format!(
+                            "key `{name}` names pool `{}`, which `pools` does not define",
+                            p.value
+                        ),
                     ))
                 }
             },

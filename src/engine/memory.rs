@@ -291,8 +291,7 @@ impl MemoryStore {
                 let (cur, limits) = (ring.slot(head), b.limits.to_array());
                 charge == Charge::Force
                     || (0..3).all(|k| {
-                        cur[k] + want_a[k] <= SLOT_MAX[k]
-                            && ring.totals[k] + want_a[k] <= limits[k]
+                        cur[k] + want_a[k] <= SLOT_MAX[k] && ring.totals[k] + want_a[k] <= limits[k]
                     })
             })
             .collect();
@@ -432,13 +431,7 @@ impl MemoryStore {
             .collect()
     }
 
-    fn refund_ring(
-        &self,
-        id: &RingRef,
-        amount: &Usage,
-        marker: Option<u64>,
-        now: u64,
-    ) -> Snapshot {
+    fn refund_ring(&self, id: &RingRef, amount: &Usage, marker: Option<u64>, now: u64) -> Snapshot {
         let shape = id.shape;
         let Some(ring) = self.existing_ring(id) else {
             return Snapshot::empty(now);
@@ -493,7 +486,10 @@ impl MemoryStore {
     /// Each ring's current window.
     pub(super) fn usage_all(&self, rings: &[RingRef]) -> Vec<Snapshot> {
         let now = (self.clock)();
-        rings.iter().map(|ring| self.usage_ring(ring, now)).collect()
+        rings
+            .iter()
+            .map(|ring| self.usage_ring(ring, now))
+            .collect()
     }
 
     fn usage_ring(&self, id: &RingRef, now: u64) -> Snapshot {
@@ -537,6 +533,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::engine::{Decision, KeyName, Limits, Reservation};
 
     const LIMITS: Limits = Limits {
         requests: 1_000_000,
@@ -569,6 +566,53 @@ mod tests {
         KeyName::new(name).expect("a valid key name")
     }
 
+    impl MemoryStore {
+        /// The one-ring calls, as `Store` makes them.
+        fn reserve(
+            &self,
+            key: &KeyName,
+            shape: WindowShape,
+            limits: &Limits,
+            want: &Usage,
+            charge: Charge,
+            marker: Option<u64>,
+        ) -> Decision {
+            let set = [Bound {
+                ring: RingRef::own(key, shape),
+                limits: *limits,
+            }];
+            match self.reserve_all(&set, want, charge, marker) {
+                Verdict::Admitted { snapshots, claim } => Decision::Admitted {
+                    snapshot: snapshots[0],
+                    reservation: claim.map(|c| Reservation {
+                        key: key.clone(),
+                        shape,
+                        id: c.id,
+                    }),
+                },
+                Verdict::Denied {
+                    snapshots,
+                    limit,
+                    retry_after_ms,
+                    ..
+                } => Decision::Denied {
+                    snapshot: snapshots[0],
+                    limit,
+                    retry_after_ms,
+                },
+            }
+        }
+
+        fn settle(&self, r: &Reservation, output_tokens: u64) -> Settlement {
+            let (now, ring) = ((self.clock)(), RingRef::own(&r.key, r.shape));
+            self.settle_ring(&ring, r.id, output_tokens, now)
+        }
+
+        fn usage(&self, key: &KeyName, shape: WindowShape) -> Snapshot {
+            self.usage_ring(&RingRef::own(key, shape), (self.clock)())
+        }
+    }
+
     /// Reserves `WANT` with a reservation to settle later, and returns it.
     fn reserve(store: &MemoryStore, key: &KeyName, shape: WindowShape, id: u64) -> Reservation {
         match store.reserve(key, shape, &LIMITS, &WANT, Charge::Check, Some(id)) {
@@ -590,7 +634,7 @@ mod tests {
         let r_reshaped = reserve(&store, &kept, new, 3);
         assert_eq!((store.rings_held(), store.markers_held()), (3, 3));
 
-        store.retain(|k, s| *k == kept && s == old);
+        store.retain(|r| r.tag == kept && r.shape == old);
 
         assert_eq!((store.rings_held(), store.markers_held()), (1, 1));
         // What stays is untouched: its usage and its reservation.
@@ -682,7 +726,7 @@ mod tests {
                 .map(|i| key(&format!("k{}", batch * 1_000 + i)))
                 .collect();
             let config: std::collections::HashSet<&KeyName> = keys.iter().collect();
-            store.retain(|k, _| config.contains(k));
+            store.retain(|r| config.contains(&r.tag));
             for (i, k) in keys.iter().enumerate() {
                 reserve(&store, k, s, batch * 10_000 + i as u64);
                 most_rings = most_rings.max(store.rings_held());
@@ -699,7 +743,7 @@ mod tests {
         let (store, now) = store_at(1_000_000);
         let s = shape(1_000, 100);
         let k = key("held");
-        let held = store.ring(&k, s);
+        let held = store.ring(&RingRef::own(&k, s));
         now.fetch_add(10_000, Ordering::SeqCst);
         let sweep = || {
             for _ in 0..SWEEP_EVERY_AT_LEAST {

@@ -284,7 +284,11 @@ fn first<T>(answers: Vec<T>) -> Result<T, StoreError> {
 
 impl Decision {
     /// A one-ring verdict as the one-ring API answers it.
-    fn from_verdict(verdict: Verdict, key: &KeyName, shape: WindowShape) -> Result<Decision, StoreError> {
+    fn from_verdict(
+        verdict: Verdict,
+        key: &KeyName,
+        shape: WindowShape,
+    ) -> Result<Decision, StoreError> {
         Ok(match verdict {
             Verdict::Admitted { snapshots, claim } => Decision::Admitted {
                 snapshot: first(snapshots)?,

@@ -352,7 +352,12 @@ mod tests {
             .handle(),
         );
         assert_eq!(back.unwrap().rings, vec![own]);
-        for bad in ["v2|zz|a|60000.100|", "v2|1|a", "v2|1|a|60000.100|nope:", "v3|1|a"] {
+        for bad in [
+            "v2|zz|a|60000.100|",
+            "v2|1|a",
+            "v2|1|a|60000.100|nope:",
+            "v3|1|a",
+        ] {
             assert_eq!(Claim::from_handle(bad), None, "{bad}");
         }
     }

@@ -40,7 +40,10 @@ impl WindowShape {
             return Err("window must be a whole multiple of precision".into());
         }
         if window_ms / precision_ms > Self::MAX_BUCKETS {
-            return Err(format!("a window has at most {} buckets", Self::MAX_BUCKETS));
+            return Err(format!(
+                "a window has at most {} buckets",
+                Self::MAX_BUCKETS
+            ));
         }
         Ok(WindowShape {
             window_ms,
