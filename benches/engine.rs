@@ -770,7 +770,7 @@ fn rb_args(port: u16, sha: &str, now_ms: u64, c: usize, p: usize) -> Vec<String>
         // ring over KEYS names; the marker over KEYS^3 names, so that nearly every
         // call creates a new marker as the engine's random reservation ids do
         format!(
-            "llmrl:{{rb-__rand_int__}}:v2:w{}:p{}",
+            "llmrl:{{rb-__rand_int__}}:v3:w{}:p{}",
             shape.window_ms(),
             shape.precision_ms()
         ),

@@ -26,8 +26,9 @@ local function refund(ring, marker_key, precision, slots, ttl)
     local take = {math.min(left[1], v[1]), math.min(left[2], v[2]), math.min(left[3], v[3])}
     if take[1] > 0 or take[2] > 0 or take[3] > 0 then
       local xb = slot_bit(x, slots)
-      redis.call('BITFIELD', ring, 'SET', 'u16', xb, v[1] - take[1],
-        'SET', 'u32', xb + 16, v[2] - take[2], 'SET', 'u32', xb + 48, v[3] - take[3])
+      redis.call('BITFIELD', ring, unpack(add_block_ops({'SET', 'u16', xb, v[1] - take[1],
+        'SET', 'u32', xb + 16, v[2] - take[2], 'SET', 'u32', xb + 48, v[3] - take[3]},
+        x, slots, {-take[1], -take[2], -take[3]})))
       for k = 1, 3 do
         left[k] = left[k] - take[k]
         h[k + 2] = h[k + 2] - take[k]

@@ -77,10 +77,10 @@ for i = 1, n do
   -- The tail scan stops at the head at the latest, so it may run before the slot is written.
   settle_tail(r.key, h, r.slots)
   local bit = slot_bit(r.b, r.slots)
-  redis.call('BITFIELD', r.key,
+  redis.call('BITFIELD', r.key, unpack(add_block_ops({
     'INCRBY', 'u16', bit, add[1], 'INCRBY', 'u32', bit + 16, add[2], 'INCRBY', 'u32', bit + 48, add[3],
     'SET', 'i64', 0, h[1], 'SET', 'i64', 64, h[2], 'SET', 'i64', 128, h[3], 'SET', 'i64', 192, h[4],
-    'SET', 'i64', 256, h[5])
+    'SET', 'i64', 256, h[5]}, r.b, r.slots, add)))
   redis.call('PEXPIRE', r.key, r.ttl)
   if marker then
     -- What was actually added (a forced charge may saturate), so a refund or settlement

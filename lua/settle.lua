@@ -30,8 +30,9 @@ local function settle(ring, marker_key, precision, slots)
   if new ~= old then
     -- A bucket that held nothing may sit before the tail; the tail must stay a lower bound.
     if new > 0 and m.bucket < h[2] then h[2] = m.bucket end
-    redis.call('BITFIELD', ring, 'SET', 'u32', bit, new, 'SET', 'i64', 64, h[2],
-      'SET', 'i64', 256, h[5] + new - old)
+    redis.call('BITFIELD', ring, unpack(add_block_ops({'SET', 'u32', bit, new,
+      'SET', 'i64', 64, h[2], 'SET', 'i64', 256, h[5] + new - old}, m.bucket, slots,
+      {0, 0, new - old})))
   end
   return 1, new - old
 end

@@ -4,22 +4,56 @@
 --   header, 6 x i64 (48 bytes): head bucket, tail bucket, requests, input, output totals,
 --     epoch (Redis TIME in µs when this ring was created)
 --   then `slots` slots of 10 bytes: requests u16, input u32, output u32
+--   then one block sum per `block_len(slots)` consecutive slots (the last block may be
+--     shorter), 3 x i64 (24 bytes): the sums of requests, input and output over its slots
 -- Bucket x lives in slot x % slots. The window at bucket b is the buckets b-slots+1 .. b,
 -- with slots = window/precision + 1, so it always covers at least the exact window.
 -- The totals are the sums over the slots in the window, kept up to date as buckets leave,
 -- so a decision reads five numbers instead of summing the ring.
+-- The block sums let a denial find when it fits, and when each limit next gains room,
+-- by skipping whole blocks: O(sqrt(slots)) slots read instead of the whole window, so a
+-- request that fits only after nearly the whole window leaves costs about what an
+-- admission does. Every write to a slot writes its block sum in the same BITFIELD call.
 -- The epoch tells rings apart: a ring recreated after idling a whole window, or after Redis
 -- evicted it (or someone deleted it), has a new one, so a reservation marker written for
 -- the old ring cannot change the new one's buckets.
 
 local HDR_BYTES = 48
 local SLOT_BYTES = 10
+local BLOCK_BYTES = 24
 local U16_MAX = 65535
 local U32_MAX = 4294967295
 local BATCH = 128
 
 local function slot_bit(bucket, slots)
   return (HDR_BYTES + SLOT_BYTES * (bucket % slots)) * 8
+end
+
+-- Slots per block: the square root balances the blocks a scan skips against the slots
+-- it reads inside one block.
+local function block_len(slots)
+  return math.ceil(math.sqrt(slots))
+end
+
+local function blocks_at(slots)
+  return HDR_BYTES + SLOT_BYTES * slots
+end
+
+local function ring_bytes(slots)
+  return blocks_at(slots) + BLOCK_BYTES * math.ceil(slots / block_len(slots))
+end
+
+-- Appends to a BITFIELD argument list the ops that add d[1..3] to the block sum of the
+-- block holding bucket's slot.
+local function add_block_ops(args, bucket, slots, d)
+  local bit = (blocks_at(slots) + BLOCK_BYTES * math.floor((bucket % slots) / block_len(slots))) * 8
+  for k = 1, 3 do
+    if d[k] ~= 0 then
+      args[#args + 1] = 'INCRBY'; args[#args + 1] = 'i64'
+      args[#args + 1] = bit + 64 * (k - 1); args[#args + 1] = d[k]
+    end
+  end
+  return args
 end
 
 local function now_ms(arg)
@@ -73,7 +107,7 @@ end
 -- first read is of one slot and each next read twice as many (a scan that usually stops
 -- at once stays cheap); otherwise reads are whole batches. Each read is one GETRANGE of
 -- consecutive slots (split where the ring wraps), decoded with struct.unpack: far cheaper
--- per slot than a BITFIELD_RO of three GETs each, which matters to a scan of a whole window.
+-- per slot than a BITFIELD_RO of three GETs each. Returns true when fn stopped it.
 local function each_slot(ring, slots, first, last, fn, grow)
   local x = first
   local batch = grow and 1 or BATCH
@@ -86,7 +120,7 @@ local function each_slot(ring, slots, first, last, fn, grow)
     local bytes = redis.call('GETRANGE', ring, from, from + SLOT_BYTES * (upto - x + 1) - 1)
     for y = x, upto do
       local r, i, o = struct.unpack('>I2I4I4', bytes, (y - x) * SLOT_BYTES + 1)
-      if fn(y, r, i, o) then return end
+      if fn(y, r, i, o) then return true end
     end
     x = upto + 1
     batch = math.min(batch * 2, BATCH)
@@ -108,7 +142,7 @@ local function advance(ring, b, slots)
     if h[1] ~= 0 then redis.call('DEL', ring) end
     -- Made at full length at once: one allocation of the right size class, rather than
     -- a string grown (and over-allocated) as later buckets are written.
-    redis.call('SETRANGE', ring, HDR_BYTES + SLOT_BYTES * slots - 1, '\0')
+    redis.call('SETRANGE', ring, ring_bytes(slots) - 1, '\0')
     local epoch = new_epoch(h[6])
     redis.call('BITFIELD', ring, 'SET', 'i64', 320, epoch)
     return {b, b, 0, 0, 0, epoch}, b, {0, 0, 0}
@@ -124,16 +158,18 @@ local function advance(ring, b, slots)
     -- the slot still holds bucket x - slots, which leaves the window now
     if r ~= 0 or i ~= 0 or o ~= 0 then
       h[3] = h[3] - r; h[4] = h[4] - i; h[5] = h[5] - o
-      zero[#zero + 1] = x
+      zero[#zero + 1] = {x, r, i, o}
     end
   end, false)
   for n = 1, #zero, BATCH do
     local args = {}
     for k = n, math.min(#zero, n + BATCH - 1) do
-      local zb = slot_bit(zero[k], slots)
+      local z = zero[k]
+      local zb = slot_bit(z[1], slots)
       args[#args + 1] = 'SET'; args[#args + 1] = 'u16'; args[#args + 1] = zb; args[#args + 1] = 0
       args[#args + 1] = 'SET'; args[#args + 1] = 'u32'; args[#args + 1] = zb + 16; args[#args + 1] = 0
       args[#args + 1] = 'SET'; args[#args + 1] = 'u32'; args[#args + 1] = zb + 48; args[#args + 1] = 0
+      add_block_ops(args, z[1], slots, {-z[2], -z[3], -z[4]})
     end
     redis.call('BITFIELD', ring, unpack(args))
   end
@@ -158,10 +194,13 @@ local function settle_tail(ring, h, slots)
   h[2] = found
 end
 
--- Scans the window from its oldest non-empty bucket forward, reading one slot, then two,
--- then four..., and stops as soon as the answers are known, so the usual denial (at the
--- limit, asking for a little) reads a slot or two. Answers, as WindowShape::resets and
--- WindowShape::retry_after do in Rust:
+-- Scans the window from its oldest non-empty bucket forward and stops as soon as the
+-- answers are known, so the usual denial (at the limit, asking for a little) reads a slot
+-- or two. Whole blocks are passed on their block sums unless one holds an answer (a
+-- limit's oldest usage, or the bucket whose leaving makes the request fit), which is then
+-- read slot by slot: at most about 2 * sqrt(slots) slots and one read of the block sums,
+-- however full the window. Answers, as WindowShape::resets and WindowShape::retry_after
+-- do in Rust:
 --   resets: per limit, the wait until its oldest counted usage leaves the window (0 = none);
 --   retry (only when `want` is given): the wait until `want` fits beside the totals if
 --   nothing else arrives; a request that fits the totals (refused because its bucket's
@@ -182,38 +221,69 @@ local function scan_window(ring, h, slots, precision, now, want, limit)
     if h[k + 2] > 0 then open = open + 1 end
   end
   local freed = {0, 0, 0}
-  local function fits()
+  local function fits(extra)
     for k = 1, 3 do
-      if h[k + 2] - freed[k] + want[k] > limit[k] then return false end
+      if h[k + 2] - freed[k] - extra[k] + want[k] > limit[k] then return false end
     end
     return true
   end
+  local none = {0, 0, 0}
   local retry = nil
   if want == nil then
     retry = 0
-  elseif fits() then
+  elseif fits(none) then
     retry = wait_until((b + 1) * precision)
   end
   local first = b - slots + 1
   if h[2] < first then h[2] = first end
   local tail = nil
-  if open > 0 or retry == nil then
-    each_slot(ring, slots, h[2], b, function(x, r, i, o)
-      if r == 0 and i == 0 and o == 0 then return false end
-      if tail == nil then tail = x end
-      local v = {r, i, o}
+  -- One bucket, slot by slot; true once every answer is known.
+  local function visit(x, r, i, o)
+    if r == 0 and i == 0 and o == 0 then return false end
+    if tail == nil then tail = x end
+    local v = {r, i, o}
+    for k = 1, 3 do
+      if reset[k] == 0 and v[k] > 0 then
+        reset[k] = wait_until(leaves_at(x))
+        open = open - 1
+      end
+    end
+    if retry == nil then
+      for k = 1, 3 do freed[k] = freed[k] + v[k] end
+      if fits(none) then retry = wait_until(leaves_at(x)) end
+    end
+    return open == 0 and retry ~= nil
+  end
+  local bl = block_len(slots)
+  local sums = nil
+  local x = h[2]
+  while x <= b and (open > 0 or retry == nil) do
+    local s = x % slots
+    local block_end = math.min(s - s % bl + bl, slots) - 1
+    local len = block_end - s + 1
+    if s % bl == 0 and x + len - 1 <= b then
+      -- A whole block, holding buckets x .. x + len - 1.
+      if sums == nil then
+        local from = blocks_at(slots)
+        sums = redis.call('GETRANGE', ring, from, ring_bytes(slots) - 1)
+      end
+      local v = {struct.unpack('>i8i8i8', sums, (s / bl) * BLOCK_BYTES + 1)}
+      local look = false
       for k = 1, 3 do
-        if reset[k] == 0 and v[k] > 0 then
-          reset[k] = wait_until(leaves_at(x))
-          open = open - 1
-        end
+        if reset[k] == 0 and v[k] > 0 then look = true end
       end
-      if retry == nil then
+      if not look and retry == nil and fits({v[1], v[2], v[3]}) then look = true end
+      if look then
+        if each_slot(ring, slots, x, block_end - s + x, visit, false) then break end
+      elseif retry == nil then
         for k = 1, 3 do freed[k] = freed[k] + v[k] end
-        if fits() then retry = wait_until(leaves_at(x)) end
       end
-      return open == 0 and retry ~= nil
-    end, true)
+    else
+      -- The part of a block before the head or after the tail, slot by slot.
+      len = math.min(len, b - x + 1)
+      if each_slot(ring, slots, x, x + len - 1, visit, true) then break end
+    end
+    x = x + len
   end
   if retry == nil then retry = wait_until(leaves_at(b)) end
   -- A scan that stopped early found the oldest non-empty bucket first; one that found

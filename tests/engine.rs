@@ -307,6 +307,51 @@ async fn run_sequence(
     prop_assert_eq!(m, redis.usage(&key, shape).await.unwrap());
     model.touch(now, false);
     prop_assert_eq!(m.usage, usage(model.bucketed(now)));
+    check_block_sums(redis_url, &ring_key(&key, shape), shape.slots() as usize).await
+}
+
+/// The ring's block sums (`lua/window.lua`) equal the sums of their slots, and the header's
+/// totals the sums of all slots: the invariant that lets a scan skip whole blocks.
+async fn check_block_sums(url: &str, ring: &str, slots: usize) -> Result<(), TestCaseError> {
+    let client = redis::Client::open(url).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let bytes: Option<Vec<u8>> = redis::cmd("GET")
+        .arg(ring)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let Some(bytes) = bytes else {
+        return Ok(());
+    };
+    let block = (slots as f64).sqrt().ceil() as usize;
+    let blocks = slots.div_ceil(block);
+    prop_assert_eq!(bytes.len(), 48 + 10 * slots + 24 * blocks);
+    let be = |at: usize, n: usize| {
+        bytes[at..at + n]
+            .iter()
+            .fold(0i64, |a, b| a << 8 | *b as i64)
+    };
+    let mut totals = [0i64; 3];
+    for j in 0..blocks {
+        let mut sum = [0i64; 3];
+        for s in j * block..((j + 1) * block).min(slots) {
+            let at = 48 + 10 * s;
+            let slot = [be(at, 2), be(at + 2, 4), be(at + 6, 4)];
+            for k in 0..3 {
+                sum[k] += slot[k];
+                totals[k] += slot[k];
+            }
+        }
+        let at = 48 + 10 * slots + 24 * j;
+        let stored = [be(at, 8), be(at + 8, 8), be(at + 16, 8)];
+        prop_assert_eq!(stored, sum, "block {} of {}", j, ring);
+    }
+    prop_assert_eq!(
+        [be(16, 8), be(24, 8), be(32, 8)],
+        totals,
+        "totals of {}",
+        ring
+    );
     Ok(())
 }
 
@@ -327,7 +372,8 @@ fn stores_agree_with_each_other_and_the_reference() {
             Just((60_000u64, 100u64)),
             Just((2000, 100)),
             Just((1000, 250)),
-            Just((3000, 500))
+            Just((3000, 500)),
+            Just((3000, 100))
         ],
         (1u64..8, 1u64..200, 1u64..200),
         prop::collection::vec(op(), 1..80),
@@ -510,6 +556,92 @@ async fn a_duplicate_report_settles_once_and_a_late_one_changes_nothing() {
     }
 }
 
+/// A window full of uneven buckets, with gaps, and output tokens only in its second half:
+/// denials that fit only after a given share of it leaves get the same answer from both
+/// stores (the Redis script finds it on its block sums, the in-process store bucket by
+/// bucket), and that answer is the bucket where the freed usage first suffices.
+#[tokio::test]
+async fn a_denial_deep_in_a_full_window_says_when_it_fits() {
+    let redis = RedisServer::start();
+    let (now, stores) = both_stores(&redis, T0).await;
+    let shape = shape(60_000, 100);
+    let amounts = |i: u64| -> [u64; 3] {
+        if i % 37 == 5 {
+            return [0, 0, 0];
+        }
+        [
+            1,
+            1 + (i * 7) % 13,
+            if i < 300 { 0 } else { 1 + (i * 11) % 17 },
+        ]
+    };
+    let start = T0 - T0 % 100 + 100;
+    let mut decisions: Vec<Vec<Decision>> = Vec::new();
+    for store in &stores {
+        let key = unique_key("deep");
+        for i in 0..600u64 {
+            now.store(start + i * 100, Ordering::SeqCst);
+            let d = store
+                .reserve(
+                    &key,
+                    shape,
+                    &big_limits(),
+                    &usage(amounts(i)),
+                    Charge::Check,
+                    None,
+                )
+                .await
+                .unwrap();
+            assert!(matches!(d, Decision::Admitted { .. }), "{d:?}");
+        }
+        let at = start + 599 * 100 + 50;
+        now.store(at, Ordering::SeqCst);
+        let totals = (0..600)
+            .map(amounts)
+            .fold([0u64; 3], |t, a| [t[0] + a[0], t[1] + a[1], t[2] + a[2]]);
+        let limits = Limits {
+            requests: totals[0],
+            input_tokens: totals[1],
+            output_tokens: totals[2],
+        };
+        let mut seen = Vec::new();
+        for kind in 0..3 {
+            for share in [1u64, 5, 30, 50, 77, 99] {
+                // Ask for what the oldest `share` % of the window's usage of this limit frees.
+                let upto = 600 * share / 100;
+                let mut want = [0u64; 3];
+                want[kind] = (0..upto).map(|i| amounts(i)[kind]).sum::<u64>().max(1);
+                let d = store
+                    .reserve(&key, shape, &limits, &usage(want), Charge::Check, None)
+                    .await
+                    .unwrap();
+                let Decision::Denied {
+                    retry_after_ms,
+                    snapshot,
+                    ..
+                } = &d
+                else {
+                    panic!("denial expected, got {d:?}");
+                };
+                // The first bucket whose leaving frees `want`.
+                let mut freed = 0;
+                let fits_after = (0..600u64)
+                    .find(|&i| {
+                        freed += amounts(i)[kind];
+                        freed >= want[kind]
+                    })
+                    .unwrap();
+                let leaves = (start / 100 + fits_after + 601) * 100;
+                assert_eq!(*retry_after_ms, Some(leaves - at), "kind {kind}, {share} %");
+                assert_eq!(snapshot.usage, usage(totals));
+                seen.push(d);
+            }
+        }
+        decisions.push(seen);
+    }
+    assert_eq!(decisions[0], decisions[1], "the stores disagree");
+}
+
 #[tokio::test]
 async fn a_denial_says_when_the_request_fits_from_the_buckets() {
     let redis = RedisServer::start();
@@ -572,7 +704,8 @@ async fn a_busy_ring_stays_bounded() {
     }
     let ring = ring_key(&key, shape);
     let len: usize = redis.cli(&["STRLEN", &ring]).parse().unwrap();
-    assert_eq!(len, 48 + 10 * shape.slots() as usize, "ring is {len} bytes");
+    // header, 601 slots, and 25 block sums of 25 slots (the last one of 1)
+    assert_eq!(len, 48 + 10 * 601 + 24 * 25, "ring is {len} bytes");
 }
 
 /// Polls until `key` is gone from `redis`, or fails at the deadline.

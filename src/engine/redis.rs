@@ -463,11 +463,12 @@ impl RedisStore {
 /// A ring's Redis key: `llmrl:{<tag>}:v2:<scope>w<window_ms>:p<precision_ms>`. The hash tag
 /// keeps every ring of one decision (a key's, its model entries', its pool's) in one slot.
 /// A key's own ring under its own tag has an empty scope: the name rings had before scopes.
-/// `v2` is the ring layout with an epoch in the header (`lua/window.lua`): rings of the
-/// older layout live under other names, so nodes of both versions never misread a ring.
+/// `v3` is the ring layout with an epoch in the header and block sums after the slots
+/// (`lua/window.lua`): rings of older layouts live under other names, so nodes of both
+/// versions never misread a ring.
 pub fn ring_key_of(ring: &RingRef) -> String {
     format!(
-        "llmrl:{{{}}}:v2:{}w{}:p{}",
+        "llmrl:{{{}}}:v3:{}w{}:p{}",
         ring.tag,
         ring.scope_text(),
         ring.shape.window_ms(),
@@ -592,7 +593,7 @@ mod tests {
     fn ring_keys_carry_the_hash_tag_and_shape() {
         let shape = WindowShape::new(Duration::from_secs(60), Duration::from_millis(100)).unwrap();
         let key = KeyName::new("team-a").unwrap();
-        assert_eq!(ring_key(&key, shape), "llmrl:{team-a}:v2:w60000:p100");
+        assert_eq!(ring_key(&key, shape), "llmrl:{team-a}:v3:w60000:p100");
         assert_eq!(
             marker_key(&key, shape, 255),
             "llmrl:{team-a}:r:60000.100.00000000000000ff"
