@@ -457,7 +457,10 @@ async fn races_hold_every_limit(url: &str) -> Vec<RingRef> {
         assert!(std::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let used = store.usage_all(&[pool.ring.clone()]).await.unwrap();
+    let used = store
+        .usage_all(std::slice::from_ref(&pool.ring))
+        .await
+        .unwrap();
     assert_eq!(used[0].usage.requests, 100);
 
     // A model entry of 40 requests under a key that allows 1,000.

@@ -37,10 +37,20 @@ impl LimitScope {
     pub fn describe(&self) -> String {
         match self {
             LimitScope::Key => String::new(),
-            LimitScope::KeyDay => " per day".into(),
-            LimitScope::Model(m) => format!(" for model {m}"),
-            LimitScope::Pool(p) => format!(" in pool {p}"),
-            LimitScope::PoolDay(p) => format!(" in pool {p} per day"),
+            LimitScope::KeyDay => " (per day)".into(),
+            LimitScope::Model(m) => format!(" (model {m})"),
+            LimitScope::Pool(p) => format!(" (pool {p})"),
+            LimitScope::PoolDay(p) => format!(" (pool {p}, per day)"),
+        }
+    }
+
+    /// The name `/v1/usage` gives the limit.
+    pub fn label(&self) -> String {
+        match self {
+            LimitScope::Key => "window".into(),
+            LimitScope::KeyDay | LimitScope::PoolDay(_) => "per_day".into(),
+            LimitScope::Model(m) => m.to_string(),
+            LimitScope::Pool(p) => p.to_string(),
         }
     }
 }

@@ -170,6 +170,16 @@ pub struct Claim {
 }
 
 impl Claim {
+    /// The key the claim was made for: the one its first ring counts (a pool ring names
+    /// only its pool).
+    pub fn key(&self) -> KeyName {
+        match self.rings.first().map(|r| (&r.scope, &r.tag)) {
+            Some((Scope::Key(k) | Scope::Model(k, _), _)) => k.clone(),
+            Some((Scope::Pool, tag)) => tag.clone(),
+            None => KeyName(Arc::from("unknown")),
+        }
+    }
+
     /// `v2|<id hex>|<tag>|<window_ms>.<precision_ms>|<scope>|...` (a shape and a scope per
     /// ring); `|` is in no name.
     pub fn handle(&self) -> String {
