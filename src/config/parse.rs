@@ -1027,6 +1027,154 @@ keys:
         assert_error(&text, 2, 11, "1 to 64 characters");
     }
 
+    const LIMITED: &str = "\
+keys:
+  - name: team-a
+    key: sk-test-tier-a
+    rpm: 600
+    input_tpm: 200000
+    output_tpm: 50000
+    per_day:
+      requests: 20000
+    models:
+      - match: gpt-4o
+        rpm: 100
+      - match: \"o3*\"
+        rpm: 10
+        input_tpm: 10000
+        output_tpm: 10000
+    pool: research
+  - name: team-b
+    key: sk-test-tier-b
+    rpm: 60
+    input_tpm: 20000
+    output_tpm: 5000
+pools:
+  - name: research
+    input_tpm: 1000000
+    per_day:
+      output_tokens: 5000000
+";
+
+    #[test]
+    fn per_day_models_and_pools_parse_to_their_limits() {
+        let c = parse(LIMITED, "cfg.yaml").unwrap();
+        let a = c.key_by_name("team-a").unwrap();
+        let u = Config::UNLIMITED;
+        assert_eq!(
+            a.per_day,
+            Some(Limits {
+                requests: 20_000,
+                input_tokens: u,
+                output_tokens: u
+            })
+        );
+        assert_eq!(a.models.len(), 2);
+        assert_eq!(a.model_entry("gpt-4o").unwrap().limits.requests, 100);
+        assert!(a.model_entry("gpt-4o-mini").is_none());
+        assert_eq!(
+            a.model_entry("o3-mini").unwrap().limits.input_tokens,
+            10_000
+        );
+        assert_eq!(a.pool.as_ref().unwrap().as_str(), "research");
+        assert_eq!(a.tag().as_str(), "research");
+        let pool = c.pool_by_name("research").unwrap();
+        assert_eq!(pool.limits.unwrap().input_tokens, 1_000_000);
+        assert_eq!(pool.limits.unwrap().requests, u);
+        assert_eq!(pool.per_day.unwrap().output_tokens, 5_000_000);
+        // team-a on gpt-4o: own, per day, the model entry, the pool, the pool per day —
+        // all under the pool's hash tag.
+        let applied = c.limits_for(a, Some("gpt-4o"));
+        assert_eq!(applied.len(), 5);
+        assert!(applied
+            .iter()
+            .all(|x| x.bound.ring.tag.as_str() == "research"));
+        assert_eq!(c.limits_for(a, Some("gpt-3.5-turbo")).len(), 4);
+        let b = c.key_by_name("team-b").unwrap();
+        assert_eq!(c.limits_for(b, Some("gpt-4o")).len(), 1);
+        assert_eq!(c.limits_for(b, None)[0].bound.ring.tag.as_str(), "team-b");
+        assert_eq!(c.rings().len(), 1 + 1 + 2 + 2 + 1);
+    }
+
+    #[test]
+    fn limits_left_alone_keep_their_rings_across_reloads() {
+        let before = parse(LIMITED, "cfg.yaml").unwrap();
+        let after = parse(&LIMITED.replace("rpm: 100", "rpm: 150"), "cfg.yaml").unwrap();
+        // Same rings (their usage stays), other limits.
+        assert_eq!(before.rings(), after.rings());
+        let moved = parse(&LIMITED.replace("match: gpt-4o", "match: gpt-4o*"), "c").unwrap();
+        assert_eq!(before.rings().difference(&moved.rings()).count(), 1);
+    }
+
+    #[test]
+    fn model_and_pool_mistakes_are_located() {
+        assert_error(
+            &LIMITED.replace("pool: research", "pool: reserch"),
+            16,
+            11,
+            "key `team-a` names pool `reserch`, which `pools` does not define",
+        );
+        assert_error(
+            &LIMITED.replace("match: \"o3*\"", "match: \"gpt-4*\""),
+            12,
+            16,
+            "models match `gpt-4*` overlaps `gpt-4o`",
+        );
+        assert_error(
+            &LIMITED.replace("match: \"o3*\"", "match: gpt-4o"),
+            12,
+            16,
+            "overlaps `gpt-4o`",
+        );
+        assert_error(
+            &LIMITED.replace("match: \"o3*\"", "match: \"o*3\""),
+            12,
+            16,
+            "'*' may only end a match",
+        );
+        assert_error(
+            &LIMITED.replace("        rpm: 100\n", "        burst: 100\n"),
+            11,
+            9,
+            "unknown field `burst`",
+        );
+        assert_error(
+            &LIMITED.replace("      requests: 20000", "      requests: 0"),
+            8,
+            17,
+            "key `team-a` per_day: requests must be greater than 0",
+        );
+        assert_error(
+            &LIMITED.replace("      requests: 20000", "      minutes: 5"),
+            8,
+            7,
+            "unknown field `minutes`",
+        );
+        assert_error(
+            &format!("{LIMITED}  - name: research\n    rpm: 5\n"),
+            27,
+            11,
+            "duplicate pool name `research` (first defined at line 23)",
+        );
+        assert_error(
+            &format!("{LIMITED}  - name: empty\n"),
+            27,
+            5,
+            "pool `empty` sets no limit",
+        );
+        assert_error(
+            &LIMITED.replace("        rpm: 100\n", ""),
+            10,
+            9,
+            "models `gpt-4o` sets no limit",
+        );
+        let many: String = (0..65)
+            .map(|i| format!("      - match: m{i}\n        rpm: 1\n"))
+            .collect();
+        let text = LIMITED.replace("      - match: gpt-4o\n        rpm: 100\n", &many);
+        assert_error(&text, 10, 7, "at most 64 are allowed");
+    }
+
     #[test]
     fn parser_messages_have_secrets_redacted() {
         // A message built by the YAML parser, on the line of a secret.
