@@ -533,3 +533,177 @@ async fn a_set_of_rings_under_two_tags_is_refused() {
         .await
         .is_err());
 }
+
+// ---- The HTTP surface with per-model, per-day and pool limits ----
+
+const TEAM_A: &str = "sk-test-limits-team-a";
+const TEAM_B: &str = "sk-test-limits-team-b";
+
+/// team-a: 3 requests a window on gpt-4o, 20 a day; team-a and team-b share pool
+/// `research` of 5 requests a window.
+fn pooled_config() -> llm_ratelimit::config::Config {
+    llm_ratelimit::config::Config::parse(
+        &format!(
+            "window: 60s\nprecision: 100ms\ndefault_max_output_tokens: 50\nkeys:
+  - name: team-a
+    key: {TEAM_A}
+    rpm: 100
+    input_tpm: 100000
+    output_tpm: 100000
+    per_day:
+      requests: 20
+    models:
+      - match: gpt-4o
+        rpm: 3
+      - match: \"o3*\"
+        output_tpm: 120
+    pool: research
+  - name: team-b
+    key: {TEAM_B}
+    rpm: 100
+    input_tpm: 100000
+    output_tpm: 100000
+    pool: research
+pools:
+  - name: research
+    rpm: 5
+"
+        ),
+        "limits.yaml",
+    )
+    .unwrap()
+}
+
+async fn check_as(base: &str, secret: &str, model: &str) -> reqwest::Response {
+    let body = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "hello"}],
+    });
+    reqwest::Client::new()
+        .post(format!("{base}/v1/check"))
+        .header("x-original-uri", "/v1/chat/completions")
+        .header("authorization", format!("Bearer {secret}"))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn json_at(base: &str, path: &str) -> serde_json::Value {
+    reqwest::get(format!("{base}{path}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn per_model_and_pool_limits_hold_over_http(store: Store) {
+    let base = common::http_node(pooled_config(), store).await;
+    // gpt-4o: 3 for team-a, while the key's own 100 have room.
+    for _ in 0..3 {
+        assert_eq!(check_as(&base, TEAM_A, "gpt-4o").await.status(), 200);
+    }
+    let denied = check_as(&base, TEAM_A, "gpt-4o").await;
+    assert_eq!(denied.status(), 429);
+    let remaining = denied.headers()["x-ratelimit-remaining-requests"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body: serde_json::Value = denied.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(
+            "Rate limit reached for team-a (model gpt-4o) on requests: Limit 3, Used 3, Requested 1."
+        ),
+        "{message}"
+    );
+    assert_eq!(body["error"]["type"], "requests");
+    // The headers describe the per-window limit with least room: the model's 0.
+    assert_eq!(remaining, "0");
+    // Another model is held by the pool only: 2 more fit (5 in all), team-b's too.
+    assert_eq!(check_as(&base, TEAM_A, "gpt-4o-mini").await.status(), 200);
+    assert_eq!(check_as(&base, TEAM_B, "gpt-4o-mini").await.status(), 200);
+    let denied = check_as(&base, TEAM_B, "gpt-4o-mini").await;
+    assert_eq!(denied.status(), 429);
+    let body: serde_json::Value = denied.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(
+            "Rate limit reached for team-b (pool research) on requests: Limit 5, Used 5,"
+        ),
+        "{message}"
+    );
+    // Usage shows every limit.
+    let u = json_at(&base, "/v1/usage/team-a").await;
+    assert_eq!(u["requests"]["used"], 4);
+    assert_eq!(u["per_day"]["requests"]["used"], 4);
+    assert_eq!(u["per_day"]["requests"]["limit"], 20);
+    assert!(u["per_day"]["input_tokens"]["limit"].is_null());
+    assert_eq!(u["models"][0]["match"], "gpt-4o");
+    assert_eq!(u["models"][0]["requests"]["used"], 3);
+    assert_eq!(u["models"][1]["match"], "o3*");
+    assert_eq!(u["models"][1]["output_tokens"]["limit"], 120);
+    assert_eq!(u["pool"]["name"], "research");
+    assert_eq!(u["pool"]["requests"]["used"], 5);
+    let p = json_at(&base, "/v1/usage/pools/research").await;
+    assert_eq!(p["requests"]["used"], 5);
+    assert_eq!(p["requests"]["remaining"], 0);
+    assert_eq!(p["keys"], serde_json::json!(["team-a", "team-b"]));
+    let missing = reqwest::get(format!("{base}/v1/usage/pools/nope"))
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+}
+
+#[tokio::test]
+async fn per_model_and_pool_limits_hold_over_http_in_process() {
+    per_model_and_pool_limits_hold_over_http(Store::Memory(MemoryStore::new())).await;
+}
+
+#[tokio::test]
+async fn per_model_and_pool_limits_hold_over_http_on_redis() {
+    let redis = RedisServer::start();
+    let store = Store::Redis(RedisStore::connect(&redis.url(), Duration::from_secs(1)).unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while store.ping().await.is_err() {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    per_model_and_pool_limits_hold_over_http(store).await;
+}
+
+#[tokio::test]
+async fn settlement_corrects_every_limit_the_reservation_touched_once() {
+    let base = common::http_node(pooled_config(), Store::Memory(MemoryStore::new())).await;
+    // o3-mini: own, per day, the o3* entry, the pool: 50 output tokens reserved in each.
+    let admitted = check_as(&base, TEAM_A, "o3-mini").await;
+    assert_eq!(admitted.status(), 200);
+    let handle = admitted.headers()["x-llm-ratelimit-reservation"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let outputs = |u: &serde_json::Value| {
+        [
+            u["output_tokens"]["used"].as_u64().unwrap(),
+            u["per_day"]["output_tokens"]["used"].as_u64().unwrap(),
+            u["models"][1]["output_tokens"]["used"].as_u64().unwrap(),
+            u["pool"]["output_tokens"]["used"].as_u64().unwrap(),
+        ]
+    };
+    assert_eq!(outputs(&json_at(&base, "/v1/usage/team-a").await), [50; 4]);
+    let report = || async {
+        reqwest::Client::new()
+            .post(format!("{base}/v1/report"))
+            .header("x-llm-ratelimit-reservation", &handle)
+            .body(r#"{"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}"#)
+            .send()
+            .await
+            .unwrap()
+    };
+    assert_eq!(report().await.status(), 200);
+    assert_eq!(outputs(&json_at(&base, "/v1/usage/team-a").await), [7; 4]);
+    // Delivered twice: nothing changes.
+    assert_eq!(report().await.status(), 200);
+    assert_eq!(outputs(&json_at(&base, "/v1/usage/team-a").await), [7; 4]);
+}
