@@ -51,6 +51,10 @@ pub struct Admitted {
     pub reservation: Option<String>,
     pub input_tokens: u64,
     pub output_reserved: u64,
+    /// The request's model (empty when it has none): Envoy's `ratelimit` filter passes it
+    /// back as the `model` descriptor entry, so ShouldRateLimit holds it to the same
+    /// `models` entry.
+    pub model: String,
 }
 
 /// What `check` decided: the answer to give, and on admission what was admitted.
@@ -328,6 +332,7 @@ impl Limiter {
                     reservation: None,
                     input_tokens: u.want.input_tokens,
                     output_reserved: u.want.output_tokens,
+                    model: u.request.model,
                 }),
             },
             Err(answer) => answer.into(),
@@ -382,6 +387,7 @@ impl Limiter {
                         reservation: claim.map(|c| Handle::encode(endpoint, &request.model, &c)),
                         input_tokens: want.input_tokens,
                         output_reserved,
+                        model: request.model.clone(),
                     }),
                 }
             }

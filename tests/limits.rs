@@ -707,3 +707,72 @@ async fn settlement_corrects_every_limit_the_reservation_touched_once() {
     assert_eq!(report().await.status(), 200);
     assert_eq!(outputs(&json_at(&base, "/v1/usage/team-a").await), [7; 4]);
 }
+
+#[tokio::test]
+async fn should_rate_limit_holds_the_models_entry_its_descriptors_name() {
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
+    use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+
+    let limiter = Arc::new(llm_ratelimit::admission::Limiter::new(
+        Arc::new(arc_swap::ArcSwap::from_pointee(pooled_config())),
+        Store::Memory(MemoryStore::new()),
+        Arc::new(llm_ratelimit::metrics::Metrics::default()),
+    ));
+    let rls = llm_ratelimit::grpc::RateLimiter::new(limiter);
+    let call = |model: Option<&str>| {
+        let mut entries = vec![
+            ("api_key", format!("Bearer {TEAM_A}")),
+            ("limit", "requests".into()),
+        ];
+        if let Some(m) = model {
+            entries.push(("model", m.to_string()));
+        }
+        tonic::Request::new(RateLimitRequest {
+            domain: "llm".into(),
+            descriptors: vec![RateLimitDescriptor {
+                entries: entries
+                    .into_iter()
+                    .map(|(key, value)| Entry {
+                        key: key.into(),
+                        value,
+                    })
+                    .collect(),
+                ..Default::default()
+            }],
+            hits_addend: 1,
+        })
+    };
+    let code = |r: tonic::Response<_>| {
+        let r: envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse = r.into_inner();
+        (
+            Code::try_from(r.overall_code).unwrap(),
+            String::from_utf8_lossy(&r.raw_body).into_owned(),
+        )
+    };
+    // team-a's gpt-4o entry allows 3.
+    for _ in 0..3 {
+        let (c, _) = code(rls.should_rate_limit(call(Some("gpt-4o"))).await.unwrap());
+        assert_eq!(c, Code::Ok);
+    }
+    let (c, body) = code(rls.should_rate_limit(call(Some("gpt-4o"))).await.unwrap());
+    assert_eq!(c, Code::OverLimit);
+    assert!(body.contains("team-a (model gpt-4o) on requests"), "{body}");
+    // Without a model the entry does not apply; the pool (5) still counts every charge.
+    let (c, _) = code(rls.should_rate_limit(call(None)).await.unwrap());
+    assert_eq!(c, Code::Ok);
+    let (c, _) = code(
+        rls.should_rate_limit(call(Some("gpt-4o-mini")))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(c, Code::Ok);
+    let (c, body) = code(rls.should_rate_limit(call(None)).await.unwrap());
+    assert_eq!(c, Code::OverLimit);
+    assert!(
+        body.contains("team-a (pool research) on requests"),
+        "{body}"
+    );
+}
