@@ -87,6 +87,7 @@ fn main() {
         let (ceiling, full) = ceiling_section(port, &url, &mut probe).await;
         summary_section(&engine, &steady, &ceiling, &full);
         memory_section(&url, &mut probe).await;
+        limits_section(&url, &mut probe).await;
     });
     drop(rt);
     drop(server); // kills redis-server by pid
