@@ -365,7 +365,10 @@ async fn the_ratelimit_filter_variant_holds_requests_and_tokens() {
     assert_eq!(r.status(), 429);
     let e: Value = r.json().await.unwrap();
     let message = e["error"]["message"].as_str().unwrap_or_default();
-    assert!(message.contains("modelled (model gpt-4o*) on requests"), "{message}");
+    assert!(
+        message.contains("modelled (model gpt-4o*) on requests"),
+        "{message}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -181,8 +181,19 @@ impl Claim {
     }
 
     /// `v2|<id hex>|<tag>|<window_ms>.<precision_ms>|<scope>|...` (a shape and a scope per
-    /// ring); `|` is in no name.
+    /// ring); `|` is in no name. A claim on a key's own ring alone is written as a v1
+    /// handle, which nodes of the previous version read too (a rolling upgrade).
     pub fn handle(&self) -> String {
+        if let [only] = self.rings.as_slice() {
+            if only.scope == Scope::Key(only.tag.clone()) {
+                return super::Reservation {
+                    key: only.tag.clone(),
+                    shape: only.shape,
+                    id: self.id,
+                }
+                .handle();
+            }
+        }
         let tag = self.rings.first().map_or("", |r| r.tag.as_str());
         let mut out = format!("v2|{:016x}|{tag}", self.id);
         for r in &self.rings {
