@@ -541,18 +541,25 @@ impl Limiter {
                         outcome: limit.as_str(),
                     })
                     .inc();
+                let answer = denial(
+                    spec,
+                    &applied,
+                    &snapshots,
+                    ring,
+                    limit,
+                    want,
+                    retry_after_ms,
+                );
+                // The denying ring's own window for the statuses (the store names one of
+                // the rings it was given; were it not, the headline's).
+                let (limits, snapshot) = match (applied.get(ring), snapshots.get(ring)) {
+                    (Some(a), Some(s)) => (a.bound.limits, *s),
+                    _ => headline_of(&applied, &snapshots),
+                };
                 Charged::Denied {
-                    limits: applied[ring].bound.limits,
-                    snapshot: snapshots[ring],
-                    answer: denial(
-                        spec,
-                        &applied,
-                        &snapshots,
-                        ring,
-                        limit,
-                        want,
-                        retry_after_ms,
-                    ),
+                    limits,
+                    snapshot,
+                    answer,
                 }
             }
             Err(e) => {
