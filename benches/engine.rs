@@ -6,8 +6,8 @@
 //! end, and prints Markdown sections to stdout (progress goes to stderr).
 //!
 //! `ENGINE_BENCH_SECS` (default 5) sets each measured interval; warm-up is 1 s.
-//! `ENGINE_BENCH_ONLY=denials` runs only the denied-vs-admitted section,
-//! `ENGINE_BENCH_ONLY=limits` only the cost of 1, 3, 5 and 6 rings per request.
+//! `ENGINE_BENCH_ONLY=denials` runs only the denied-vs-admitted section, `=memory` only the
+//! memory section, `=limits` only the cost of 1, 3, 5 and 6 rings per request.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -77,6 +77,10 @@ fn main() {
         let only = std::env::var("ENGINE_BENCH_ONLY").unwrap_or_default();
         if only == "limits" {
             limits_section(&url, &mut probe).await;
+            return;
+        }
+        if only == "memory" {
+            memory_section(&url, &mut probe).await;
             return;
         }
         denial_section(&url, &mut probe).await;
@@ -1049,6 +1053,11 @@ struct MemRow {
 async fn memory_section(url: &str, probe: &mut Probe) {
     let shape = shape();
     let slots = shape.slots();
+    // Slots per block sum: ⌈√slots⌉, as lua/window.lua lays the ring out.
+    let blocks = {
+        let per_block = (slots as f64).sqrt().ceil() as i64;
+        (slots + per_block - 1) / per_block
+    };
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -1155,13 +1164,13 @@ async fn memory_section(url: &str, probe: &mut Probe) {
          injected time for a whole 60 s window at 100 ms precision (6,000 reservations with \
          want 1/150/256, `settle_later = true`); in the settled variants each reservation is \
          settled at once with `store.settle(&reservation, 100)`, so no marker lingers. The ring \
-         is one Redis string: 40-byte header + {slots} slots x 10 bytes = {} bytes. A ring \
-         whose first write is at slot 0 grows by BITFIELD (sds greedy growth), one first written \
-         at the last slot is created at full length. `MEMORY USAGE` counts the key, value and \
+         is one Redis string: 48-byte header + {slots} slots x 10 bytes + {blocks} block sums \
+         x 24 bytes = {} bytes, created at full length by its first write (the two \
+         first-slot variants differ only in where the window starts). `MEMORY USAGE` counts the key, value and \
          allocator size class; markers are `llmrl:{{name}}:r:*` found by SCAN, summed by \
          `MEMORY USAGE`; `used_memory` delta is `INFO memory` after minus before (FLUSHALL \
          before each variant). Target: ring ≤ 8 KiB (8192 bytes).\n",
-        40 + 10 * slots
+        48 + 10 * slots + 24 * blocks
     );
     println!(
         "| variant | first slot | reservations | settled | ring `MEMORY USAGE` B | ring `STRLEN` B | \

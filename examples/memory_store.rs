@@ -60,7 +60,7 @@ fn manual_store() -> (Store, Arc<AtomicU64>) {
 fn held(store: &Store) -> (usize, usize) {
     match store {
         Store::Memory(m) => (m.rings_held(), m.markers_held()),
-        Store::Redis(_) => (0, 0),
+        Store::Redis(_) | Store::Failover(_) => (0, 0),
     }
 }
 

@@ -25,7 +25,7 @@ for i = 1, n do
   local r = {key = KEYS[i], precision = tonumber(ARGV[a]), slots = tonumber(ARGV[a + 1]),
     limit = {tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])},
     ttl = tonumber(ARGV[a + 5]), marker_ttl = tonumber(ARGV[a + 6])}
-  r.h, r.b, r.cur = advance(r.key, math.floor(now / r.precision), r.slots)
+  r.h, r.b, r.cur, r.moved = advance(r.key, math.floor(now / r.precision), r.slots)
   -- A slot that would overflow its width denies too (retry in the next bucket); a forced
   -- charge saturates instead.
   r.fits = true
@@ -48,11 +48,14 @@ if not all_fit then
   local worst, wait = 0, -1
   for i = 1, n do
     local r = rings[i]
+    local tail = r.h[2]
     local reset, retry = scan_window(r.key, r.h, r.slots, r.precision, now,
       (not r.fits) and want or nil, r.limit)
     if not r.fits and retry > wait then worst, wait = i, retry end
-    write_header(r.key, r.h)
-    redis.call('PEXPIRE', r.key, r.ttl)
+    -- A denial writes only what moved. The TTL stands: the last write set it to outlast
+    -- everything the ring holds; only an empty ring (made just now) needs one.
+    if r.moved or r.h[2] ~= tail then write_header(r.key, r.h) end
+    if r.h[3] == 0 and r.h[4] == 0 and r.h[5] == 0 then redis.call('PEXPIRE', r.key, r.ttl) end
     reply[#reply + 1] = r.h[3]; reply[#reply + 1] = r.h[4]; reply[#reply + 1] = r.h[5]
     reply[#reply + 1] = reset[1]; reply[#reply + 1] = reset[2]; reply[#reply + 1] = reset[3]
   end

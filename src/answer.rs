@@ -69,14 +69,19 @@ impl Answer {
     }
 
     /// 503: the store could not decide; nothing was counted.
+    /// 503 while the store fails under `on_store_error: deny`; a retry after a second
+    /// meets a store the breaker has probed several times since.
     pub fn store_unavailable() -> Answer {
-        Answer::error(
+        let mut a = Answer::error(
             503,
             "The rate limiter is temporarily unavailable. Please retry your request.",
             "server_error",
             None,
             Some("rate_limiter_unavailable"),
-        )
+        );
+        a.headers.push(("retry-after", "1".into()));
+        a.headers.push(("retry-after-ms", "1000".into()));
+        a
     }
 
     /// 404: a request the limiter cannot meter, refused so that it never reaches the

@@ -71,6 +71,8 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 async fn readyz(State(limiter): State<Arc<Limiter>>) -> Response {
     if limiter.ready().await {
         (StatusCode::OK, "ready\n").into_response()
+    } else if limiter.drain().is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n").into_response()
     }
@@ -140,6 +142,8 @@ async fn check(State(limiter): State<Arc<Limiter>>, request: Request) -> Respons
 }
 
 async fn report(State(limiter): State<Arc<Limiter>>, request: Request) -> Response {
+    // Shutdown waits for a settlement whose body is still arriving.
+    let _work = limiter.drain().work();
     let (parts, body) = request.into_parts();
     let Some(handle) =
         header(&parts.headers, "x-llm-ratelimit-reservation").and_then(Handle::parse)

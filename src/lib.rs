@@ -16,3 +16,4 @@ pub mod mock;
 pub mod openai;
 pub mod pressure;
 pub mod serve;
+pub mod shutdown;

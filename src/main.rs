@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use llm_ratelimit::config::Config;
+use llm_ratelimit::config::{parse_duration, Config};
 use llm_ratelimit::pressure::Pressure;
 use llm_ratelimit::serve::{run, Options};
 
@@ -39,7 +39,9 @@ enum Command {
         /// HTTP listener (/v1/check, /v1/report, /v1/usage, /metrics, /healthz, /readyz).
         #[arg(long, default_value = "127.0.0.1:8080")]
         http_addr: SocketAddr,
-        /// redis://, rediss:// or redis+cluster://host:port[,host:port...]; absent = in-process store.
+        /// redis://, rediss://, redis+cluster://host:port[,host:port...], rediss+cluster://...,
+        /// redis+sentinel://host:port[,host:port...]/<master>, rediss+sentinel://...;
+        /// absent = in-process store.
         #[arg(long, env = "REDIS_URL")]
         redis_url: Option<String>,
         /// Deadline of one store call, in milliseconds.
@@ -63,6 +65,10 @@ enum Command {
         /// ext_proc streams open at once; a stream over the cap is ended at once.
         #[arg(long, default_value_t = Pressure::default().max_settlement_streams)]
         max_settlement_streams: usize,
+        /// After SIGTERM: keep serving this long with readiness off (/readyz 503, gRPC
+        /// NOT_SERVING), then stop accepting and finish what is in flight.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        shutdown_delay: Duration,
     },
     /// Validate a config file: exit 0 if valid, else 1 with file:line:col and why.
     CheckConfig { path: PathBuf },
@@ -101,6 +107,7 @@ fn main() -> ExitCode {
             queue_wait_ms,
             request_timeout_ms,
             max_settlement_streams,
+            shutdown_delay,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -129,6 +136,7 @@ fn main() -> ExitCode {
                     request_timeout: Duration::from_millis(request_timeout_ms),
                     max_settlement_streams,
                 },
+                shutdown_delay,
             };
             match runtime.block_on(run(options)) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -42,6 +42,18 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabels {
+    /// `exact`, `circuit_open`, `local` (see `engine::failover::Mode`).
+    pub mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BreakerLabels {
+    /// `open` or `closed`.
+    pub to: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub decisions: Family<DecisionLabels, Counter>,
@@ -55,6 +67,9 @@ pub struct Metrics {
     pub in_flight: Gauge,
     pub queued: Gauge,
     pub settlement_streams: Gauge,
+    pub store_mode: Family<ModeLabels, Gauge>,
+    pub store_breaker: Family<BreakerLabels, Counter>,
+    pub store_nodes: Gauge,
 }
 
 impl Default for Metrics {
@@ -72,6 +87,9 @@ impl Default for Metrics {
             in_flight: Gauge::default(),
             queued: Gauge::default(),
             settlement_streams: Gauge::default(),
+            store_mode: Family::default(),
+            store_breaker: Family::default(),
+            store_nodes: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -129,6 +147,21 @@ impl Default for Metrics {
             "ext_proc streams open",
             m.settlement_streams.clone(),
         );
+        registry.register(
+            "store_mode",
+            "How the node decides: 1 for the mode in force (exact, circuit_open, local), else 0",
+            m.store_mode.clone(),
+        );
+        registry.register(
+            "store_breaker_transitions",
+            "Circuit breaker transitions in front of the store, by the state entered",
+            m.store_breaker.clone(),
+        );
+        registry.register(
+            "store_nodes",
+            "Live nodes as last seen in Redis (divides each limit under on_store_error: local)",
+            m.store_nodes.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -145,6 +178,23 @@ impl Metrics {
     pub fn shed(&self, surface: &'static str, reason: &'static str) {
         self.shed
             .get_or_create(&ShedLabels { surface, reason })
+            .inc();
+    }
+
+    /// The store's mode changed from `from` to `to` (both among `modes`).
+    pub fn store_mode(&self, modes: &[&'static str], from: &'static str, to: &'static str) {
+        for mode in modes {
+            self.store_mode
+                .get_or_create(&ModeLabels { mode })
+                .set(i64::from(*mode == to));
+        }
+        let breaker = match (from == "exact", to == "exact") {
+            (true, false) => "open",
+            (false, true) => "closed",
+            _ => return,
+        };
+        self.store_breaker
+            .get_or_create(&BreakerLabels { to: breaker })
             .inc();
     }
 

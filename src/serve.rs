@@ -1,5 +1,6 @@
 //! `llm-ratelimit serve`: loads the config, opens the store, watches the config file,
-//! and runs the listeners until SIGTERM or Ctrl-C.
+//! and runs the listeners until SIGTERM or Ctrl-C, then shuts down as [`crate::shutdown`]
+//! describes: readiness off, `shutdown_delay` of serving on, stop accepting, drain.
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
@@ -12,6 +13,7 @@ use axum::serve::ListenerExt;
 
 use crate::admission::Limiter;
 use crate::config::{spawn_watcher, Config, ReloadOutcome};
+use crate::engine::failover::{FailoverStore, Hooks, Mode};
 use crate::engine::memory::MemoryStore;
 use crate::engine::redis::RedisStore;
 use crate::engine::Store;
@@ -28,6 +30,8 @@ pub struct Options {
     pub node_id: String,
     /// Back-pressure: the gate's sizes and the ext_proc stream cap.
     pub pressure: Pressure,
+    /// After SIGTERM: how long to keep serving, not ready, before no longer accepting.
+    pub shutdown_delay: Duration,
 }
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
@@ -37,10 +41,17 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let config = Arc::new(ArcSwap::from_pointee(config));
 
     let store = match &options.redis_url {
-        Some(url) => Store::Redis(
+        Some(url) => Store::Failover(FailoverStore::new(
             RedisStore::connect(url, options.redis_timeout).map_err(anyhow::Error::msg)?,
-        ),
-        None => Store::Memory(MemoryStore::new()),
+            &options.node_id,
+            failover_hooks(&config, &metrics),
+        )),
+        None => {
+            // One node on its own store: always exact.
+            let modes = Mode::ALL.map(Mode::as_str);
+            metrics.store_mode(&modes, "exact", "exact");
+            Store::Memory(MemoryStore::new())
+        }
     };
     // One gate for both listeners: gRPC and HTTP admission share the node's CPU.
     let gate = Arc::new(Gate::new(&options.pressure, &metrics));
@@ -97,6 +108,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     )
     .with_graceful_shutdown(wait(stopped.clone()))
     .into_future();
+    let drain = limiter.drain().clone();
     let grpc = crate::grpc::serve_with(
         grpc,
         limiter,
@@ -104,14 +116,53 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         options.pressure.max_settlement_streams,
         wait(stopped),
     );
-    let signal = async move {
-        shutdown().await;
-        let _ = stop.send(true);
+    let signal = {
+        let drain = drain.clone();
+        let delay = options.shutdown_delay;
+        async move {
+            shutdown().await;
+            // Not ready at once (/readyz 503, gRPC NOT_SERVING), but still serving, so
+            // proxies and Kubernetes stop sending before the listeners close. A second
+            // signal cuts the delay short.
+            drain.begin();
+            tracing::info!(delay = ?delay, "shutting down: not ready, serving on for the shutdown delay");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown() => {}
+            }
+            tracing::info!("shutting down: no longer accepting; finishing what is in flight");
+            let _ = stop.send(true);
+        }
     };
     let (http, grpc, ()) = tokio::join!(http, grpc, signal);
+    // The listeners have finished their calls; settlements run in tasks of their own
+    // (an ext_proc stream can end before its settlement is written), so wait for those.
+    if drain.in_flight() > 0 {
+        tracing::info!(
+            settlements = drain.in_flight(),
+            "waiting for settlements in flight"
+        );
+    }
+    drain.settled().await;
     watcher.abort();
+    tracing::info!("stopped");
     http?;
     grpc
+}
+
+/// The failover layer follows the config's `on_store_error` and reports to the metrics.
+fn failover_hooks(config: &Arc<ArcSwap<Config>>, metrics: &Arc<Metrics>) -> Hooks {
+    let (config, mode_metrics, node_metrics) = (config.clone(), metrics.clone(), metrics.clone());
+    let modes = Mode::ALL.map(Mode::as_str);
+    Hooks {
+        policy: Arc::new(move || config.load().on_store_error()),
+        on_mode: Arc::new(move |from: Mode, to: Mode| {
+            mode_metrics.store_mode(&modes, from.as_str(), to.as_str())
+        }),
+        on_nodes: Arc::new(move |n| {
+            node_metrics.store_nodes.set(n as i64);
+        }),
+    }
 }
 
 async fn shutdown() {
@@ -130,5 +181,4 @@ async fn shutdown() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    tracing::info!("shutting down");
 }

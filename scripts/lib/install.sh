@@ -39,3 +39,23 @@ need_cargo_tool() {
   echo "== installing $1 (cargo install $2)"
   cargo install --locked "$2"
 }
+
+# need_apt_file FILE=PACKAGE ... — as need_apt, for packages known by a file rather than a
+# command (an Nginx module).
+need_apt_file() {
+  local missing=() pair
+  for pair in "$@"; do
+    [ -e "${pair%%=*}" ] || missing+=("${pair#*=}")
+  done
+  ((${#missing[@]})) || return 0
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  echo "== installing ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+# need_nginx — Debian's nginx and its Lua module (nginx/nginx.conf needs both).
+need_nginx() {
+  need_apt_file /usr/sbin/nginx=nginx /usr/lib/nginx/modules/ngx_http_lua_module.so=libnginx-mod-http-lua
+}

@@ -17,7 +17,7 @@ const UNITS: [(&str, u128); 6] = [
 ];
 
 /// Parses `text`, or says why it is not a duration.
-pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let expect = "expected a duration such as `60s`, `100ms` or `1m30s`";
     if text.is_empty() {
         return Err(format!("{expect}, found an empty value"));

@@ -20,9 +20,11 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+use crate::engine::failover::OnStoreError;
 use crate::engine::{KeyName, Limits, ModelMatch, WindowShape};
 
 pub use applied::{Applied, LimitScope};
+pub use duration::parse_duration;
 pub use error::ConfigError;
 pub use watch::{spawn_watcher, ReloadOutcome};
 
@@ -77,6 +79,8 @@ pub struct Config {
     default_max_output_tokens: u64,
     max_body_bytes: usize,
     unknown_endpoints: UnknownEndpoints,
+    /// What a node does while the store fails (CONTRACT §8).
+    on_store_error: OnStoreError,
     /// Azure OpenAI deployment name → the model it serves (picks the tokenizer).
     azure_deployments: HashMap<String, String>,
     keys: Vec<KeySpec>,
@@ -149,6 +153,11 @@ impl Config {
         self.unknown_endpoints
     }
 
+    /// What a node does while the store fails: deny, allow, or decide locally.
+    pub fn on_store_error(&self) -> OnStoreError {
+        self.on_store_error
+    }
+
     /// The model an Azure OpenAI deployment serves, when the config maps it.
     pub fn azure_model(&self, deployment: &str) -> Option<&str> {
         self.azure_deployments.get(deployment).map(String::as_str)
@@ -193,6 +202,7 @@ impl fmt::Debug for Config {
             .field("default_max_output_tokens", &self.default_max_output_tokens)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("unknown_endpoints", &self.unknown_endpoints)
+            .field("on_store_error", &self.on_store_error)
             .field("azure_deployments", &self.azure_deployments)
             .field("keys", &self.keys)
             .field("pools", &self.pools)

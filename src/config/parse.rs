@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 
 use super::duration::parse_duration;
 use super::{Config, ConfigError, KeySpec, ModelLimits, PoolSpec, UnknownEndpoints};
+use crate::engine::failover::OnStoreError;
 use crate::engine::WindowShape;
 use crate::engine::{KeyName, Limits, ModelMatch};
 
@@ -26,6 +27,7 @@ struct RawFile {
     default_max_output_tokens: Option<Spanned<Count>>,
     max_body_bytes: Option<Spanned<Count>>,
     unknown_endpoints: Option<Spanned<String>>,
+    on_store_error: Option<Spanned<String>>,
     azure_deployments: Option<HashMap<Spanned<String>, Spanned<String>>>,
     keys: Vec<Spanned<RawKey>>,
     pools: Option<Vec<Spanned<RawPool>>>,
@@ -161,6 +163,18 @@ fn validate(raw: RawFile, origin: &str) -> Result<Config, ConfigError> {
             }
         },
     };
+    let on_store_error = match &raw.on_store_error {
+        None => OnStoreError::Deny,
+        Some(v) => OnStoreError::parse(&v.value).ok_or_else(|| {
+            err(
+                v.referenced,
+                format!(
+                    "on_store_error must be `deny`, `allow` or `local`, got `{}`",
+                    v.value
+                ),
+            )
+        })?,
+    };
     let azure_deployments = azure_deployments(raw.azure_deployments.as_ref(), origin)?;
     let pools = pools(raw.pools.as_deref().unwrap_or_default(), origin)?;
 
@@ -287,6 +301,7 @@ fn validate(raw: RawFile, origin: &str) -> Result<Config, ConfigError> {
         default_max_output_tokens,
         max_body_bytes,
         unknown_endpoints,
+        on_store_error,
         azure_deployments,
         keys,
         pools,
@@ -725,6 +740,26 @@ keys:
             1,
             17,
             "max_body_bytes must be at most 67108864",
+        );
+    }
+
+    #[test]
+    fn on_store_error_is_deny_allow_or_local() {
+        let c = parse(&one_key("", ENTRY), "c").unwrap();
+        assert_eq!(c.on_store_error(), OnStoreError::Deny);
+        for (word, policy) in [
+            ("deny", OnStoreError::Deny),
+            ("allow", OnStoreError::Allow),
+            ("local", OnStoreError::Local),
+        ] {
+            let c = parse(&one_key(&format!("on_store_error: {word}\n"), ENTRY), "c").unwrap();
+            assert_eq!(c.on_store_error(), policy);
+        }
+        assert_error(
+            &one_key("on_store_error: open\n", ENTRY),
+            1,
+            17,
+            "on_store_error must be `deny`, `allow` or `local`, got `open`",
         );
     }
 

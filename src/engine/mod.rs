@@ -2,8 +2,11 @@
 //! step, settled once after the response. It knows nothing of HTTP, gRPC or OpenAI.
 //!
 //! Two stores hold the same rules: [`redis::RedisStore`] (Lua scripts in `lua/`, shared by
-//! every node) and [`memory::MemoryStore`] (one process). [`Store`] picks one at start-up.
+//! every node) and [`memory::MemoryStore`] (one process). [`Store`] picks one at start-up;
+//! a node on Redis runs it behind [`failover::FailoverStore`] (circuit breaker and
+//! `on_store_error`).
 
+pub mod failover;
 pub mod memory;
 pub mod redis;
 pub mod rings;
@@ -253,6 +256,8 @@ pub enum StoreError {
     Redis(#[from] ::redis::RedisError),
     #[error("the rate-limit store gave an unexpected answer: {0}")]
     Protocol(String),
+    #[error("the rate-limit store is failing: circuit breaker open")]
+    CircuitOpen,
 }
 
 /// A clock in ms since the Unix epoch; injectable so tests can drive time.
@@ -272,6 +277,8 @@ pub fn system_clock() -> Clock {
 pub enum Store {
     Memory(memory::MemoryStore),
     Redis(redis::RedisStore),
+    /// Redis behind a circuit breaker, with `on_store_error` for when it fails.
+    Failover(failover::FailoverStore),
 }
 
 /// The first of a store's per-ring answers (a one-ring call has exactly one).
@@ -375,6 +382,7 @@ impl Store {
         match self {
             Store::Memory(s) => Ok(s.reserve_all(set, want, charge, marker)),
             Store::Redis(s) => s.reserve_all(set, want, charge, marker).await,
+            Store::Failover(s) => s.reserve_all(set, want, charge, marker).await,
         }
     }
 
@@ -403,6 +411,7 @@ impl Store {
         match self {
             Store::Memory(s) => Ok(s.settle_all(claim, output_tokens)),
             Store::Redis(s) => s.settle_all(claim, output_tokens).await,
+            Store::Failover(s) => s.settle_all(claim, output_tokens).await,
         }
     }
 
@@ -418,6 +427,7 @@ impl Store {
         match self {
             Store::Memory(s) => Ok(s.usage_all(rings)),
             Store::Redis(s) => s.usage_all(rings).await,
+            Store::Failover(s) => s.usage_all(rings).await,
         }
     }
 
@@ -454,6 +464,7 @@ impl Store {
         match self {
             Store::Memory(s) => Ok(s.refund_all(rings, amount, marker)),
             Store::Redis(s) => s.refund_all(rings, amount, marker).await,
+            Store::Failover(s) => s.refund_all(rings, amount, marker).await,
         }
     }
 
@@ -464,6 +475,7 @@ impl Store {
         match self {
             Store::Memory(s) => s.retain(keep),
             Store::Redis(_) => {}
+            Store::Failover(s) => s.retain(keep),
         }
     }
 
@@ -472,6 +484,7 @@ impl Store {
         match self {
             Store::Memory(_) => Ok(()),
             Store::Redis(s) => s.ping().await,
+            Store::Failover(s) => s.ping().await,
         }
     }
 }

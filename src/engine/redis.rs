@@ -33,6 +33,7 @@ struct Scripts {
     settle: Script,
     usage: Script,
     refund: Script,
+    nodes: Script,
 }
 
 impl Scripts {
@@ -43,6 +44,8 @@ impl Scripts {
             settle: with_prelude(include_str!("../../lua/settle.lua")),
             usage: with_prelude(include_str!("../../lua/usage.lua")),
             refund: with_prelude(include_str!("../../lua/refund.lua")),
+            // Not a window script: no prelude.
+            nodes: Script::new(include_str!("../../lua/nodes.lua")),
         }
     }
 }
@@ -54,51 +57,195 @@ pub struct RedisStore {
     timeout: Duration,
     /// Set only by tests: the scripts then take this time instead of Redis `TIME`.
     clock: Option<Clock>,
+    /// For `redis+sentinel://`: asked for the master again by [`RedisStore::ping`].
+    sentinels: Option<Arc<Sentinels>>,
 }
 
-/// Where a Redis URL points: one server, or the seed nodes of a Cluster.
-fn targets(url: &str) -> Result<Option<Vec<String>>, String> {
-    let Some(rest) = url.strip_prefix("redis+cluster://") else {
-        return Ok(None);
-    };
-    let (auth, hosts) = match rest.rsplit_once('@') {
+/// Where a Redis URL points: one server, the seed nodes of a Cluster, or the Sentinels
+/// that name a master.
+#[derive(Debug, PartialEq, Eq)]
+enum Target {
+    Single(String),
+    /// Seed node URLs, `rediss://` for `rediss+cluster://` (redis-rs takes TLS from them).
+    Cluster(Vec<String>),
+    Sentinel(SentinelTarget),
+}
+
+/// `redis+sentinel://[user:password@]host:port[,host:port...]/<master-name>`.
+#[derive(Debug, PartialEq, Eq)]
+struct SentinelTarget {
+    /// Sentinel addresses as URLs (`redis://h:p` or `rediss://h:p`), no credentials.
+    sentinels: Vec<String>,
+    master: String,
+    tls: bool,
+    /// `user:password@` as given (still percent-encoded): for the master, not the Sentinels.
+    auth: String,
+}
+
+/// Splits `[user:password@]hosts` at the last `@` (a password may hold one).
+fn split_auth(rest: &str) -> (String, &str) {
+    match rest.rsplit_once('@') {
         Some((auth, hosts)) => (format!("{auth}@"), hosts),
         None => (String::new(), rest),
-    };
-    let hosts = hosts.trim_end_matches('/');
-    let nodes: Vec<String> = hosts
-        .split(',')
-        .filter(|h| !h.is_empty())
-        .map(|h| format!("redis://{auth}{h}"))
-        .collect();
-    if nodes.is_empty() {
-        return Err("redis+cluster:// needs at least one host:port".into());
     }
-    Ok(Some(nodes))
 }
 
-async fn open(url: &str, timeout: Duration) -> redis::RedisResult<Connection> {
+fn hosts_of(hosts: &str) -> Vec<&str> {
+    hosts.split(',').filter(|h| !h.is_empty()).collect()
+}
+
+fn target(url: &str) -> Result<Target, String> {
+    for (prefix, scheme) in [
+        ("redis+cluster://", "redis"),
+        ("rediss+cluster://", "rediss"),
+    ] {
+        if let Some(rest) = url.strip_prefix(prefix) {
+            let (auth, hosts) = split_auth(rest);
+            let nodes: Vec<String> = hosts_of(hosts.trim_end_matches('/'))
+                .into_iter()
+                .map(|h| format!("{scheme}://{auth}{h}"))
+                .collect();
+            if nodes.is_empty() {
+                return Err(format!("{prefix} needs at least one host:port"));
+            }
+            return Ok(Target::Cluster(nodes));
+        }
+    }
+    for (prefix, tls) in [("redis+sentinel://", false), ("rediss+sentinel://", true)] {
+        if let Some(rest) = url.strip_prefix(prefix) {
+            let (auth, rest) = split_auth(rest);
+            let (hosts, master) = rest.split_once('/').unwrap_or((rest, ""));
+            let master = master.trim_end_matches('/');
+            if master.is_empty() || master.contains('/') {
+                return Err(format!(
+                    "{prefix} needs the master's name after the hosts: {prefix}host:port[,host:port...]/<master-name>"
+                ));
+            }
+            let scheme = if tls { "rediss" } else { "redis" };
+            let sentinels: Vec<String> = hosts_of(hosts)
+                .into_iter()
+                .map(|h| format!("{scheme}://{h}"))
+                .collect();
+            if sentinels.is_empty() {
+                return Err(format!("{prefix} needs at least one Sentinel host:port"));
+            }
+            return Ok(Target::Sentinel(SentinelTarget {
+                sentinels,
+                master: master.to_string(),
+                tls,
+                auth,
+            }));
+        }
+    }
+    Ok(Target::Single(url.to_string()))
+}
+
+/// The Sentinels of a `redis+sentinel://` URL, asked for the master whenever the store
+/// (re)connects: after a failover the master is somewhere else.
+struct Sentinels {
+    client: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
+    /// The master's address last connected to.
+    master: std::sync::Mutex<Option<redis::ConnectionAddr>>,
+}
+
+impl Sentinels {
+    fn new(t: &SentinelTarget) -> Result<Sentinels, String> {
+        use redis::IntoConnectionInfo;
+        let addrs = t
+            .sentinels
+            .iter()
+            .map(|u| {
+                u.as_str()
+                    .into_connection_info()
+                    .map(|i| i.addr().clone())
+                    .map_err(|e| format!("invalid Sentinel address: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // The credentials, percent-decoded by redis-rs, from a URL made of them alone.
+        let creds = format!("redis://{}127.0.0.1", t.auth)
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| format!("invalid credentials in the Redis URL: {e}"))?;
+        let mut builder = redis::sentinel::SentinelClientBuilder::new(
+            addrs,
+            &t.master,
+            redis::sentinel::SentinelServerType::Master,
+        )
+        .map_err(|e| e.to_string())?;
+        if let Some(user) = creds.redis_settings().username() {
+            builder = builder.set_client_to_redis_username(user);
+        }
+        if let Some(password) = creds.redis_settings().password() {
+            builder = builder.set_client_to_redis_password(password);
+        }
+        if t.tls {
+            builder = builder
+                .set_client_to_redis_tls_mode(redis::TlsMode::Secure)
+                .set_client_to_sentinel_tls_mode(redis::TlsMode::Secure);
+        }
+        Ok(Sentinels {
+            client: tokio::sync::Mutex::new(builder.build().map_err(|e| e.to_string())?),
+            master: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// The master the Sentinels name now.
+    async fn master(&self) -> redis::RedisResult<redis::Client> {
+        self.client.lock().await.async_get_client().await
+    }
+
+    /// Whether `client` points somewhere other than the master last connected to.
+    fn moved(&self, client: &redis::Client) -> bool {
+        let addr = client.get_connection_info().addr();
+        self.master
+            .lock()
+            .map_or(true, |m| m.as_ref() != Some(addr))
+    }
+
+    fn connected_to(&self, client: &redis::Client) {
+        if let Ok(mut m) = self.master.lock() {
+            *m = Some(client.get_connection_info().addr().clone());
+        }
+    }
+}
+
+fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(1)))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_millis(500))
+}
+
+async fn open(
+    target: &Target,
+    sentinels: Option<&Sentinels>,
+    timeout: Duration,
+) -> redis::RedisResult<Connection> {
     // rediss:// uses rustls; install its ring provider once (a second install is a no-op).
     let _ = rustls::crypto::ring::default_provider().install_default();
-    match targets(url).map_err(|e| {
-        redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "bad url", e))
-    })? {
-        Some(nodes) => {
-            let client = redis::cluster::ClusterClient::builder(nodes)
+    match (target, sentinels) {
+        (Target::Cluster(nodes), _) => {
+            let client = redis::cluster::ClusterClient::builder(nodes.clone())
                 .connection_timeout(Duration::from_secs(1))
                 .response_timeout(timeout)
                 .build()?;
             Ok(Connection::Cluster(client.get_async_connection().await?))
         }
-        None => {
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(Duration::from_secs(1)))
-                .set_response_timeout(Some(timeout))
-                .set_number_of_retries(2)
-                .set_max_delay(Duration::from_millis(500));
-            let client = redis::Client::open(url)?;
+        (Target::Sentinel(_), Some(sentinels)) => {
+            let client = sentinels.master().await?;
+            let manager = client
+                .get_connection_manager_with_config(manager_config(timeout))
+                .await?;
+            sentinels.connected_to(&client);
+            Ok(Connection::Single(manager))
+        }
+        (Target::Single(url), _) | (Target::Sentinel(SentinelTarget { master: url, .. }), None) => {
+            let client = redis::Client::open(url.as_str())?;
             Ok(Connection::Single(
-                client.get_connection_manager_with_config(config).await?,
+                client
+                    .get_connection_manager_with_config(manager_config(timeout))
+                    .await?,
             ))
         }
     }
@@ -159,10 +306,12 @@ impl EvictionPolicy {
 
 /// Reads `maxmemory-policy` from the server (or each Cluster seed node) and logs what it
 /// means for the limiter; never fails the store.
-async fn check_eviction_policy(url: &str) {
-    let nodes = match targets(url) {
-        Ok(Some(nodes)) => nodes,
-        _ => vec![url.to_string()],
+async fn check_eviction_policy(target: &Target) {
+    let nodes = match target {
+        Target::Single(url) => vec![url.clone()],
+        Target::Cluster(nodes) => nodes.clone(),
+        // The master moves; the operator checks every server of the set (docs/operations.md).
+        Target::Sentinel(_) => return,
     };
     for (i, node) in nodes.iter().enumerate() {
         let answer = async {
@@ -191,20 +340,25 @@ impl RedisStore {
     /// connection succeeds, then redis-rs reconnects by itself. Fails at once only for a URL
     /// that can never work.
     pub fn connect(url: &str, timeout: Duration) -> Result<RedisStore, String> {
-        targets(url)?;
-        if targets(url)?.is_none() {
-            redis::Client::open(url).map_err(|e| format!("invalid Redis URL: {e}"))?;
-        }
+        let target = target(url)?;
+        let sentinels = match &target {
+            Target::Single(url) => {
+                redis::Client::open(url.as_str()).map_err(|e| format!("invalid Redis URL: {e}"))?;
+                None
+            }
+            Target::Cluster(_) => None,
+            Target::Sentinel(t) => Some(Arc::new(Sentinels::new(t)?)),
+        };
         let conn: Arc<ArcSwapOption<Connection>> = Arc::new(ArcSwapOption::empty());
-        let (slot, url) = (conn.clone(), url.to_string());
+        let (slot, target, found) = (conn.clone(), Arc::new(target), sentinels.clone());
         tokio::spawn(async move {
             let mut wait = Duration::from_millis(50);
             loop {
-                match open(&url, timeout).await {
+                match open(&target, found.as_deref(), timeout).await {
                     Ok(c) => {
                         slot.store(Some(Arc::new(c)));
                         tracing::info!("connected to Redis");
-                        check_eviction_policy(&url).await;
+                        check_eviction_policy(&target).await;
                         return;
                     }
                     Err(e) => {
@@ -220,6 +374,7 @@ impl RedisStore {
             scripts: Scripts::new(),
             timeout,
             clock: None,
+            sentinels,
         })
     }
 
@@ -230,12 +385,18 @@ impl RedisStore {
         timeout: Duration,
         clock: Clock,
     ) -> Result<RedisStore, StoreError> {
-        let c = open(url, timeout).await?;
+        let target = target(url).map_err(StoreError::Protocol)?;
+        let sentinels = match &target {
+            Target::Sentinel(t) => Some(Arc::new(Sentinels::new(t).map_err(StoreError::Protocol)?)),
+            _ => None,
+        };
+        let c = open(&target, sentinels.as_deref(), timeout).await?;
         Ok(RedisStore {
             conn: Arc::new(ArcSwapOption::new(Some(Arc::new(c)))),
             scripts: Scripts::new(),
             timeout,
             clock: Some(clock),
+            sentinels,
         })
     }
 
@@ -446,6 +607,9 @@ impl RedisStore {
     }
 
     pub(super) async fn ping(&self) -> Result<(), StoreError> {
+        if let Some(sentinels) = &self.sentinels {
+            self.follow_master(sentinels).await?;
+        }
         let Some(conn) = self.conn.load_full() else {
             return Err(StoreError::Protocol("not connected to Redis yet".into()));
         };
@@ -458,9 +622,51 @@ impl RedisStore {
         };
         self.deadline(run).await.map(|_| ())
     }
+
+    /// Asks the Sentinels which server is the master and, when it is not the one this
+    /// store talks to (a failover happened), connects to it instead.
+    async fn follow_master(&self, sentinels: &Sentinels) -> Result<(), StoreError> {
+        let ask = async {
+            let client = sentinels.master().await?;
+            if !sentinels.moved(&client) && self.conn.load().is_some() {
+                return Ok(());
+            }
+            let manager = client
+                .get_connection_manager_with_config(manager_config(self.timeout))
+                .await?;
+            self.conn.store(Some(Arc::new(Connection::Single(manager))));
+            sentinels.connected_to(&client);
+            tracing::info!(
+                master = %client.get_connection_info().addr(),
+                "Sentinel names a new master; connected to it"
+            );
+            Ok::<(), redis::RedisError>(())
+        };
+        // Asking a Sentinel and connecting may take longer than one call's deadline.
+        match tokio::time::timeout(Duration::from_secs(2), ask).await {
+            Ok(r) => r.map_err(StoreError::from),
+            Err(_) => Err(StoreError::Timeout(Duration::from_secs(2))),
+        }
+    }
+
+    /// Says this node is alive (`node` in the ZSET of live nodes, scored by Redis `TIME`),
+    /// drops nodes silent for `ttl`, and answers how many are alive.
+    pub(super) async fn announce(&self, node: &str, ttl: Duration) -> Result<u64, StoreError> {
+        let mut inv = self.scripts.nodes.key(NODES_KEY);
+        inv.arg(node).arg(ttl.as_millis() as u64);
+        match self.call(&inv).await? {
+            Value::Int(n) => Ok(n.max(0) as u64),
+            other => Err(StoreError::Protocol(format!(
+                "nodes.lua answered {other:?}"
+            ))),
+        }
+    }
 }
 
-/// A ring's Redis key: `llmrl:{<tag>}:v2:<scope>w<window_ms>:p<precision_ms>`. The hash tag
+/// The ZSET of live nodes (node id → last seen, ms of Redis `TIME`); one Cluster slot.
+pub const NODES_KEY: &str = "llmrl:{nodes}:alive";
+
+/// A ring's Redis key: `llmrl:{<tag>}:v3:<scope>w<window_ms>:p<precision_ms>`. The hash tag
 /// keeps every ring of one decision (a key's, its model entries', its pool's) in one slot.
 /// A key's own ring under its own tag has an empty scope: the name rings had before scopes.
 /// `v3` is the ring layout with an epoch in the header and block sums after the slots
@@ -539,23 +745,58 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cluster_urls_name_every_seed_node() {
-        assert_eq!(targets("redis://127.0.0.1:6379").unwrap(), None);
+    fn cluster_urls_name_every_seed_node_and_keep_tls() {
         assert_eq!(
-            targets("redis+cluster://127.0.0.1:7000,127.0.0.1:7001").unwrap(),
-            Some(vec![
-                "redis://127.0.0.1:7000".to_string(),
-                "redis://127.0.0.1:7001".to_string()
-            ])
+            target("redis://127.0.0.1:6379").unwrap(),
+            Target::Single("redis://127.0.0.1:6379".into())
+        );
+        let cluster =
+            |nodes: &[&str]| Target::Cluster(nodes.iter().map(|n| n.to_string()).collect());
+        assert_eq!(
+            target("redis+cluster://127.0.0.1:7000,127.0.0.1:7001").unwrap(),
+            cluster(&["redis://127.0.0.1:7000", "redis://127.0.0.1:7001"])
         );
         assert_eq!(
-            targets("redis+cluster://:pw@h1:1,h2:2").unwrap(),
-            Some(vec![
-                "redis://:pw@h1:1".to_string(),
-                "redis://:pw@h2:2".to_string()
-            ])
+            target("redis+cluster://:pw@h1:1,h2:2").unwrap(),
+            cluster(&["redis://:pw@h1:1", "redis://:pw@h2:2"])
         );
-        assert!(targets("redis+cluster://").is_err());
+        // TLS is not dropped: redis-rs takes it from the seed nodes' scheme.
+        assert_eq!(
+            target("rediss+cluster://u:p@h1:1,h2:2/").unwrap(),
+            cluster(&["rediss://u:p@h1:1", "rediss://u:p@h2:2"])
+        );
+        assert!(target("redis+cluster://").is_err());
+        assert!(target("rediss+cluster://").is_err());
+    }
+
+    #[test]
+    fn sentinel_urls_name_the_sentinels_and_the_master() {
+        assert_eq!(
+            target("redis+sentinel://:s3cret@10.0.0.1:26379,10.0.0.2:26379/mymaster").unwrap(),
+            Target::Sentinel(SentinelTarget {
+                sentinels: vec![
+                    "redis://10.0.0.1:26379".into(),
+                    "redis://10.0.0.2:26379".into()
+                ],
+                master: "mymaster".into(),
+                tls: false,
+                auth: ":s3cret@".into(),
+            })
+        );
+        let Target::Sentinel(t) = target("rediss+sentinel://h:1/m").unwrap() else {
+            panic!("not a Sentinel target");
+        };
+        assert!(t.tls && t.sentinels == ["rediss://h:1"] && t.master == "m");
+        for bad in [
+            "redis+sentinel://h:1",
+            "redis+sentinel://h:1/",
+            "redis+sentinel:///m",
+            "redis+sentinel://h:1/m/x",
+        ] {
+            let err = target(bad).unwrap_err();
+            assert!(!err.contains("s3cret"), "{err}");
+        }
+        assert!(Sentinels::new(&t).is_ok());
     }
 
     #[test]

@@ -32,6 +32,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{METADATA_NAMESPACE, RESERVATION_FIELD};
 use crate::admission::{Handle, Limiter};
 use crate::pressure::Shed;
+use crate::shutdown::Work;
 
 pub struct Settlement {
     limiter: Arc<Limiter>,
@@ -50,6 +51,8 @@ impl Settlement {
 /// One open stream's place under the cap, and its count in the gauge.
 struct OpenStream {
     _permit: OwnedSemaphorePermit,
+    /// Shutdown waits for this stream's settlement.
+    _work: Work,
     limiter: Arc<Limiter>,
 }
 
@@ -179,6 +182,7 @@ impl ExternalProcessor for Settlement {
         self.limiter.metrics().settlement_streams.inc();
         let open = OpenStream {
             _permit: permit,
+            _work: self.limiter.drain().work(),
             limiter: self.limiter.clone(),
         };
         let (tx, rx) = mpsc::channel(8);

@@ -105,7 +105,14 @@ pub async fn serve_with(
                 ] {
                     reporter.set_service_status(service, status).await;
                 }
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                if limiter.drain().is_draining() {
+                    break; // NOT_SERVING from now on
+                }
+                // Shutdown flips health at once, not at the next tick.
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = limiter.drain().begun() => {}
+                }
             }
         })
     };

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod reference;
+pub mod tls;
 
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -50,8 +51,12 @@ impl RedisServer {
     }
 
     pub fn start_with(extra: &[&str]) -> RedisServer {
+        Self::start_on(free_port(), extra)
+    }
+
+    /// A server on `port` (say, the port of one a test killed: Redis coming back).
+    pub fn start_on(port: u16, extra: &[&str]) -> RedisServer {
         let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_port();
         let mut child = Command::new(redis_server())
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
@@ -74,71 +79,19 @@ impl RedisServer {
     /// made by `openssl` in the server's temp dir; `ca_file()` is that CA.
     pub fn start_tls() -> RedisServer {
         let dir = tempfile::tempdir().expect("temp dir");
-        let p = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
-        let (ca, ca_key, cert, key, csr, ext) = (
-            p("ca.pem"),
-            p("ca.key"),
-            p("cert.pem"),
-            p("key.pem"),
-            p("req.csr"),
-            p("ext.cnf"),
-        );
-        std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\n").unwrap();
-        let steps: [Vec<&str>; 3] = [
-            vec![
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=llm-ratelimit test CA",
-                "-keyout",
-                &ca_key,
-                "-out",
-                &ca,
-            ],
-            vec![
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-subj",
-                "/CN=127.0.0.1",
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-            ],
-            vec![
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                &ca,
-                "-CAkey",
-                &ca_key,
-                "-CAcreateserial",
-                "-days",
-                "1",
-                "-extfile",
-                &ext,
-                "-out",
-                &cert,
-            ],
-        ];
-        for args in steps {
-            let ok = Command::new("openssl")
-                .args(&args)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .expect("run openssl");
-            assert!(ok.success(), "openssl {args:?} failed");
-        }
+        make_certs(dir.path());
+        let certs = dir.path().to_path_buf();
+        Self::start_tls_in(dir, &certs, &[])
+    }
+
+    /// A TLS-only server in `dir`, with the certificates `make_certs` wrote in `certs`.
+    pub fn start_tls_in(
+        dir: tempfile::TempDir,
+        certs: &std::path::Path,
+        extra: &[&str],
+    ) -> RedisServer {
+        let p = |name: &str| certs.join(name).to_string_lossy().into_owned();
+        let (ca, cert, key) = (p("ca.pem"), p("cert.pem"), p("key.pem"));
         let port = free_port();
         let mut child = Command::new(redis_server())
             .args([
@@ -167,6 +120,7 @@ impl RedisServer {
             ])
             .arg("--dir")
             .arg(dir.path())
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -191,12 +145,87 @@ impl RedisServer {
     pub fn cli(&self, args: &[&str]) -> String {
         redis_cli(self.port, args)
     }
+
+    /// The server's process id (to freeze it with SIGSTOP).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A CA and a certificate for 127.0.0.1 signed by it, made by `openssl` in `dir`:
+/// `ca.pem`, `cert.pem`, `key.pem`.
+pub fn make_certs(dir: &std::path::Path) {
+    let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let (ca, ca_key, cert, key, csr, ext) = (
+        p("ca.pem"),
+        p("ca.key"),
+        p("cert.pem"),
+        p("key.pem"),
+        p("req.csr"),
+        p("ext.cnf"),
+    );
+    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\n").unwrap();
+    let steps: [Vec<&str>; 3] = [
+        vec![
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=llm-ratelimit test CA",
+            "-keyout",
+            &ca_key,
+            "-out",
+            &ca,
+        ],
+        vec![
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+        ],
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &ext,
+            "-out",
+            &cert,
+        ],
+    ];
+    for args in steps {
+        let ok = Command::new("openssl")
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run openssl");
+        assert!(ok.success(), "openssl {args:?} failed");
     }
 }
 
@@ -222,13 +251,21 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start(masters: usize) -> RedisCluster {
-        let nodes: Vec<RedisServer> = (0..masters)
+        Self::start_with_replicas(masters, 0)
+    }
+
+    /// `masters` masters, each with `replicas` replicas (which take over a dead master).
+    pub fn start_with_replicas(masters: usize, replicas: usize) -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..masters * (1 + replicas))
             .map(|_| {
                 RedisServer::start_with(&[
                     "--cluster-enabled",
                     "yes",
                     "--cluster-node-timeout",
                     "2000",
+                    // A replica syncs at once (the default waits 5 s for more replicas).
+                    "--repl-diskless-sync-delay",
+                    "0",
                 ])
             })
             .collect();
@@ -239,7 +276,7 @@ impl RedisCluster {
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("run redis-cli --cluster create");
         assert!(
@@ -258,7 +295,39 @@ impl RedisCluster {
             assert!(Instant::now() < deadline, "cluster did not become ok");
             std::thread::sleep(Duration::from_millis(50));
         }
+        // A replica that never synced cannot take over: wait until every one has.
+        loop {
+            let synced = nodes.iter().all(|n| {
+                let info = n.cli(&["INFO", "replication"]);
+                info.contains("role:master") || info.contains("master_link_status:up")
+            });
+            if synced {
+                break;
+            }
+            assert!(Instant::now() < deadline, "replicas did not sync");
+            std::thread::sleep(Duration::from_millis(50));
+        }
         RedisCluster { nodes }
+    }
+
+    /// The ports of the masters serving slots now, as a live node sees them.
+    pub fn masters(&self) -> Vec<u16> {
+        let nodes = self.nodes[self.nodes.len() - 1].cli(&["CLUSTER", "NODES"]);
+        let mut ports: Vec<u16> = nodes
+            .lines()
+            .filter(|l| {
+                let flags = l.split(' ').nth(2).unwrap_or("");
+                flags.contains("master") && !flags.contains("fail")
+            })
+            .filter_map(|l| l.split(' ').nth(1)?.split(['@', ':']).nth(1)?.parse().ok())
+            .collect();
+        ports.sort();
+        ports
+    }
+
+    /// Kills (SIGKILL, by pid) the node on `port`.
+    pub fn kill(&mut self, port: u16) {
+        self.nodes.retain(|n| n.port != port);
     }
 
     pub fn url(&self) -> String {
