@@ -661,7 +661,12 @@ impl Report {
             "false 429 error p99/max",
         );
         for key in &self.keys {
-            for l in &key.limits {
+            // A limit a `per_day`, `models` or pool entry leaves out is unlimited: no row.
+            for l in key
+                .limits
+                .iter()
+                .filter(|l| l.limit_value < Config::UNLIMITED)
+            {
                 let _ = writeln!(
                     out,
                     "{:<name_width$}  {:<13} {:>limit_width$}  {:>7.1}% {:>7.1}% {:>7.1}%  {:>16}  {:>7} {:>6}  {:>22}",
