@@ -12,6 +12,7 @@
 #   tool       llm-loadtest against the mock upstream beside wrk, same run
 #   grpc       the sidecar over gRPC without Envoy (Check and ShouldRateLimit)
 #   deny       the same, every request admitted vs every request denied, alternating rounds
+#   tracing    the same, OpenTelemetry tracing off vs sampled at 1 % and 100 %, alternating
 #   nodes      1, 2 and 4 nodes through Envoy beside the same Envoys with no limiter
 #   latency    latency added at a fixed 1K QPS on one node (open loop, 3 rounds)
 #   sweep      one node under rising open-loop load, past saturation
@@ -22,12 +23,12 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=$ROOT/docs/bench
 SECS=10
-ONLY=engine,envoy,tool,grpc,deny,nodes,latency,sweep,verify
+ONLY=engine,envoy,tool,grpc,deny,tracing,nodes,latency,sweep,verify
 while (($#)); do
   case $1 in
   --secs) SECS=${2:?--secs S}; shift 2 ;;
   --only) ONLY=${2:?--only PARTS}; shift 2 ;;
-  -h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) echo "bench: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -247,6 +248,45 @@ EOF
   } >"$OUT/deny-vs-admit.md"
   stop_started
   cat "$OUT/deny-vs-admit.md"
+fi
+
+# --- tracing: what OpenTelemetry spans cost the sidecar over gRPC -----------------------
+if want tracing; then
+  echo "== tracing: the sidecar over gRPC with tracing off, sampled at 1 % and at 100 %"
+  cargo build --release --example otlp_sink -q
+  "$ROOT/target/release/examples/otlp_sink" 127.0.0.1:$((BASE + 600)) >"$WORK/sink.log" 2>&1 & pids+=($!)
+  redis-server --port $((BASE + 400)) --bind 127.0.0.1 --save "" --appendonly no >/dev/null & pids+=($!)
+  # trace_env MODE: the OTEL_* variables of one mode (off: none).
+  trace_env() {
+    case $1 in
+    off) ;;
+    *) echo "OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:$((BASE + 600)) OTEL_EXPORTER_OTLP_PROTOCOL=grpc" \
+      "OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=$2" ;;
+    esac
+  }
+  {
+    echo "$HEADER"
+    for round in 1 2 3; do
+      for mode in "off 0" "sampled-1% 0.01" "sampled-100% 1.0"; do
+        set -- $mode
+        # shellcheck disable=SC2046 # the variables are words on purpose
+        env $(trace_env "$1" "$2") "$LIMITER" serve --config "$CHAT_KEYS" --redis-url redis://127.0.0.1:$((BASE + 400)) \
+          --grpc-addr 127.0.0.1:$((BASE + 100)) --http-addr 127.0.0.1:$((BASE + 200)) >"$WORK/limiter.log" 2>&1 &
+        limiter=$!
+        wait_http http://127.0.0.1:$((BASE + 200))/readyz
+        "$LOADTEST" grpc --target 127.0.0.1:$((BASE + 100)) --api authz "${KEYS[@]}" --concurrency 64 \
+          --duration "${SECS}s" --prompt-tokens 30 --max-tokens 32 --json "$WORK/trace-$1-$round.json" >/dev/null
+        row "tracing $1, round $round" "$WORK/trace-$1-$round.json"
+        kill "$limiter"; wait "$limiter" 2>/dev/null || true
+      done
+    done
+    echo
+    echo "Spans the sink received in all: $(tail -1 "$WORK/sink.log" | grep -o '[0-9]*$' || echo '?') (it prints every 5 s)."
+    echo
+    echo "Command: \`scripts/bench.sh --only tracing\`: \`llm-loadtest grpc --target 127.0.0.1:PORT --api authz --key sk-bench-a --key sk-bench-b --concurrency 64 --duration ${SECS}s --prompt-tokens 30 --max-tokens 32\` against one \`llm-ratelimit serve\` on one local Redis, restarted for each run: with no OTEL_* variables (off), and exporting by OTLP/gRPC to \`examples/otlp_sink.rs\` with \`OTEL_TRACES_SAMPLER=parentbased_traceidratio\` and \`OTEL_TRACES_SAMPLER_ARG\` 0.01 or 1.0 (the load tool sends no traceparent, so the ratio decides). Rounds alternate the three modes. $(machine)"
+  } >"$OUT/tracing-cost.md"
+  stop_started
+  cat "$OUT/tracing-cost.md"
 fi
 
 # targets N: the first N cluster node URLs as --target flags.

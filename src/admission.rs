@@ -12,12 +12,15 @@ use tokio::sync::Semaphore;
 
 use crate::config::{Applied, Config, KeySpec, LimitScope, UnknownEndpoints};
 use crate::engine::{
-    Bound, Charge, Claim, KeyName, Limits, RingRef, Settlement, Snapshot, Store, Usage,
-    Verdict as Decided,
+    Bound, Charge, Claim, KeyName, LimitKind, Limits, RingRef, Settlement, Snapshot, Store,
+    StoreError, Usage, Verdict as Decided,
 };
-use crate::metrics::{DecisionLabels, Metrics, OutcomeLabels, TokenLabels};
+use crate::metrics::{
+    DecisionLabels, Metrics, OutcomeLabels, StoreErrorLabels, TokenLabels, WindowLabels,
+};
 use crate::openai::{Encoding, Endpoint, LlmRequest, OutputMeter, RequestError, Route, Tokenizer};
 use crate::shutdown::Drain;
+use crate::telemetry;
 
 /// A client request as it reached the gateway.
 pub struct ClientRequest<'a> {
@@ -129,6 +132,42 @@ fn bearer(authorization: Option<&str>) -> Option<&str> {
     let (scheme, key) = value.split_once(' ')?;
     let key = key.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
+}
+
+/// The OpenTelemetry GenAI `gen_ai.operation.name` of an endpoint.
+fn operation_name(endpoint: Endpoint) -> Option<&'static str> {
+    match endpoint {
+        Endpoint::ChatCompletions | Endpoint::Responses => Some("chat"),
+        Endpoint::Completions => Some("text_completion"),
+        Endpoint::Embeddings => Some("embeddings"),
+        Endpoint::Other => None,
+    }
+}
+
+/// The span's `llm_ratelimit.decision` for an answer given before or instead of a decision.
+fn refusal(answer: &Answer) -> &'static str {
+    match answer.status {
+        401 => "unauthorized",
+        503 => "unavailable",
+        429 => "denied",
+        _ => "invalid_request",
+    }
+}
+
+/// What the current span (admission) learns once the request is understood.
+fn record_understood(u: &Understood) {
+    if !telemetry::enabled() {
+        return;
+    }
+    telemetry::record("llm_ratelimit.key", u.spec.name.as_str());
+    if let Some(op) = operation_name(u.endpoint) {
+        telemetry::record("gen_ai.operation.name", op);
+    }
+    if !u.request.model.is_empty() {
+        telemetry::record("gen_ai.request.model", u.request.model.as_str());
+    }
+    telemetry::record("gen_ai.usage.input_tokens", u.want.input_tokens);
+    telemetry::record("gen_ai.request.max_tokens", u.want.output_tokens);
 }
 
 /// How to read the response travels inside the settlement handle:
@@ -329,7 +368,15 @@ impl Limiter {
     /// `ratelimit` filter charges the counts (`envoy/ratelimit-filter.yaml`).
     pub async fn count(&self, req: ClientRequest<'_>) -> Verdict {
         let config = self.config.load_full();
-        match self.understand(&config, &req).await {
+        let understood = self.understand(&config, &req).await;
+        match &understood {
+            Ok(u) => {
+                record_understood(u);
+                telemetry::record("llm_ratelimit.decision", "counted");
+            }
+            Err(answer) => telemetry::record("llm_ratelimit.decision", refusal(answer)),
+        }
+        match understood {
             Ok(u) => Verdict {
                 answer: Answer {
                     status: 200,
@@ -357,8 +404,14 @@ impl Limiter {
             request,
             want,
         } = match self.understand(&config, &req).await {
-            Ok(u) => u,
-            Err(answer) => return answer.into(),
+            Ok(u) => {
+                record_understood(&u);
+                u
+            }
+            Err(answer) => {
+                telemetry::record("llm_ratelimit.decision", refusal(&answer));
+                return answer.into();
+            }
         };
         let output_reserved = want.output_tokens;
         let applied = config.limits_for(&spec, model_of(&request));
@@ -380,7 +433,9 @@ impl Limiter {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!(key = %spec.name, error = %e, "store failed; answering 503");
+                self.store_failed(&e);
                 self.metrics.reject("store_unavailable");
+                telemetry::record("llm_ratelimit.decision", "unavailable");
                 return Answer::store_unavailable().into();
             }
         };
@@ -389,6 +444,11 @@ impl Limiter {
             Decided::Admitted { snapshots, claim } => {
                 self.record_admission(&key, &want);
                 let (limits, snapshot) = headline_of(&applied, &snapshots);
+                if claim.is_some() {
+                    self.metrics.reservations.inc();
+                }
+                telemetry::record("llm_ratelimit.decision", "admitted");
+                tracing::debug!(key = %spec.name, input_tokens = want.input_tokens, "admitted");
                 Verdict {
                     answer: Answer::admitted(&limits, &snapshot),
                     admitted: Some(Admitted {
@@ -406,6 +466,9 @@ impl Limiter {
                 limit,
                 retry_after_ms,
             } => {
+                telemetry::record("llm_ratelimit.decision", "denied");
+                telemetry::record("llm_ratelimit.limit", limit.as_str());
+                tracing::debug!(key = %spec.name, limit = limit.as_str(), "denied");
                 self.metrics
                     .decisions
                     .get_or_create(&DecisionLabels {
@@ -423,6 +486,72 @@ impl Limiter {
                     retry_after_ms,
                 )
                 .into()
+            }
+        }
+    }
+
+    fn store_failed(&self, e: &StoreError) {
+        self.metrics
+            .store_errors
+            .get_or_create(&StoreErrorLabels { kind: e.kind() })
+            .inc();
+    }
+
+    /// Sets the window gauges (`llm_ratelimit_window_*`) of every configured key from
+    /// the store, a few keys at a time; a key whose window cannot be read is left out.
+    /// Keys no longer configured disappear with the next scrape. Cancelled before every
+    /// read has answered, it changes nothing.
+    pub async fn observe_windows(&self) {
+        use futures_util::StreamExt;
+        let config = self.config.load_full();
+        let shape = config.shape();
+        let store = &self.store;
+        let reads = futures_util::stream::iter(config.keys().to_vec())
+            .map(|spec| async move {
+                // The key's own ring, under its pool's hash tag when it has one.
+                let own = RingRef {
+                    tag: spec.tag().clone(),
+                    scope: crate::engine::Scope::Key(spec.name.clone()),
+                    shape,
+                };
+                let read = store
+                    .usage_all(std::slice::from_ref(&own))
+                    .await
+                    .and_then(|v| {
+                        v.into_iter().next().ok_or_else(|| {
+                            StoreError::Protocol("usage answered for no ring".into())
+                        })
+                    });
+                (spec, read)
+            })
+            .buffer_unordered(16)
+            .collect::<Vec<_>>()
+            .await;
+        let m = &self.metrics;
+        m.window_used.clear();
+        m.window_limit.clear();
+        m.window_utilization.clear();
+        for (spec, read) in reads {
+            let snapshot = match read {
+                Ok(s) => s,
+                Err(e) => {
+                    self.store_failed(&e);
+                    continue;
+                }
+            };
+            for kind in LimitKind::ALL {
+                let labels = WindowLabels {
+                    key: spec.name.to_string(),
+                    limit: kind.as_str(),
+                };
+                let (used, limit) = (snapshot.usage.of(kind), spec.limits.of(kind));
+                m.window_used.get_or_create(&labels).set(used as i64);
+                m.window_limit.get_or_create(&labels).set(limit as i64);
+                if limit > 0 {
+                    m.window_utilization
+                        .get_or_create(&labels)
+                        .set(used as f64 / limit as f64);
+                }
             }
         }
     }
@@ -461,6 +590,7 @@ impl Limiter {
         upstream_status: Option<u16>,
         meter: OutputMeter,
     ) -> Result<Report, Answer> {
+        telemetry::record("llm_ratelimit.key", reservation.key().as_str());
         let failed = upstream_status.is_some_and(|s| s >= 400);
         let tokens = match meter.finish(&self.tokenizer) {
             Some(count) => Some(count.tokens),
@@ -468,6 +598,7 @@ impl Limiter {
             None => None,
         };
         let Some(tokens) = tokens else {
+            telemetry::record("llm_ratelimit.settlement", "no_usage");
             self.metrics
                 .settlements
                 .get_or_create(&OutcomeLabels {
@@ -480,15 +611,19 @@ impl Limiter {
             });
         };
         let key = reservation.key();
-        let settlements = self
-            .store
-            .settle_all(reservation, tokens)
-            .await
-            .map_err(|e| {
-                tracing::warn!(key = %key, error = %e, "store failed while settling");
-                self.metrics.reject("store_unavailable");
-                Answer::store_unavailable()
-            })?;
+        let started = Instant::now();
+        let settlements = self.store.settle_all(reservation, tokens).await;
+        self.metrics
+            .store_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let settlements = settlements.map_err(|e| {
+            tracing::warn!(key = %key, error = %e, "store failed while settling");
+            self.store_failed(&e);
+            self.metrics.reject("store_unavailable");
+            telemetry::record("llm_ratelimit.settlement", "unavailable");
+            Answer::store_unavailable()
+        })?;
+        telemetry::record("gen_ai.usage.output_tokens", tokens);
         let settlement = summary(&settlements);
         let outcome = match settlement {
             Settlement::Applied { .. } => {
@@ -498,6 +633,8 @@ impl Limiter {
             Settlement::Expired => "expired",
             Settlement::Unknown => "unknown",
         };
+        telemetry::record("llm_ratelimit.settlement", outcome);
+        tracing::debug!(key = %key, output_tokens = tokens, outcome, "settled");
         self.metrics
             .settlements
             .get_or_create(&OutcomeLabels { outcome })
@@ -523,12 +660,29 @@ impl Limiter {
         let config = self.config.load();
         let secret = bearer(Some(secret)).unwrap_or(secret.trim());
         let Some(spec) = config.key_by_secret(secret) else {
+            telemetry::record("llm_ratelimit.decision", "unknown_key");
             return Charged::UnknownKey;
         };
+        if telemetry::enabled() {
+            telemetry::record("llm_ratelimit.key", spec.name.as_str());
+            if want.input_tokens > 0 {
+                telemetry::record("gen_ai.usage.input_tokens", want.input_tokens);
+            }
+            // After the response (`apply_on_stream_done`) the output hits are real usage.
+            if charge == Charge::Force && want.output_tokens > 0 {
+                telemetry::record("gen_ai.usage.output_tokens", want.output_tokens);
+            }
+        }
         let applied = config.limits_for(spec, model);
         let set: Vec<Bound> = applied.iter().map(|a| a.bound.clone()).collect();
-        match self.store.reserve_all(&set, want, charge, marker).await {
+        let started = Instant::now();
+        let decision = self.store.reserve_all(&set, want, charge, marker).await;
+        self.metrics
+            .store_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match decision {
             Ok(Decided::Admitted { snapshots, .. }) => {
+                telemetry::record("llm_ratelimit.decision", "admitted");
                 self.record_admission(&spec.name.to_string(), want);
                 let (limits, snapshot) = headline_of(&applied, &snapshots);
                 Charged::Admitted {
@@ -543,6 +697,8 @@ impl Limiter {
                 limit,
                 retry_after_ms,
             }) => {
+                telemetry::record("llm_ratelimit.decision", "denied");
+                telemetry::record("llm_ratelimit.limit", limit.as_str());
                 self.metrics
                     .decisions
                     .get_or_create(&DecisionLabels {
@@ -573,7 +729,9 @@ impl Limiter {
             }
             Err(e) => {
                 tracing::warn!(key = %spec.name, error = %e, "store failed; answering 503");
+                self.store_failed(&e);
                 self.metrics.reject("store_unavailable");
+                telemetry::record("llm_ratelimit.decision", "unavailable");
                 Charged::Failed(Answer::store_unavailable())
             }
         }
@@ -607,6 +765,7 @@ impl Limiter {
             }
             Err(e) => {
                 tracing::warn!(key = %spec.name, error = %e, "store failed while refunding");
+                self.store_failed(&e);
                 Charged::Failed(Answer::store_unavailable())
             }
         }

@@ -16,6 +16,8 @@ use axum::Router;
 use crate::admission::{ClientRequest, Handle, Limiter};
 use crate::answer::Answer;
 use crate::pressure::{Gate, GateLayer, Pressure, Shed};
+use crate::telemetry::{self, TraceHeaders};
+use tracing::Instrument;
 
 /// The routes behind a gate of the default [`Pressure`] sizes of their own.
 pub fn router(limiter: Arc<Limiter>) -> Router {
@@ -78,12 +80,15 @@ async fn readyz(State(limiter): State<Arc<Limiter>>) -> Response {
     }
 }
 
+/// The longest a scrape waits for the store to read the windows of every key.
+const WINDOW_READ_BUDGET: std::time::Duration = std::time::Duration::from_millis(200);
+
 async fn metrics(State(limiter): State<Arc<Limiter>>) -> Response {
+    // The window gauges are read from the store now, so a scrape sees the window as it is;
+    // a stalled store keeps the last reading rather than holding the scrape.
+    let _ = tokio::time::timeout(WINDOW_READ_BUDGET, limiter.observe_windows()).await;
     (
-        [(
-            "content-type",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
         limiter.metrics().render(),
     )
         .into_response()
@@ -117,6 +122,7 @@ async fn check(State(limiter): State<Arc<Limiter>>, request: Request) -> Respons
         return render(Answer::body_too_large(limit));
     };
     let path = header(&parts.headers, "x-original-uri").unwrap_or("/v1/chat/completions");
+    let span = telemetry::admission("http_check", || TraceHeaders::from_http(&parts.headers));
     let verdict = limiter
         .check(ClientRequest {
             // The client's method, when the proxy passes it; `/v1/check` is asked for
@@ -127,6 +133,7 @@ async fn check(State(limiter): State<Arc<Limiter>>, request: Request) -> Respons
             path,
             body: &body,
         })
+        .instrument(span)
         .await;
     let mut response = render(verdict.answer);
     if let Some(admitted) = verdict.admitted {
@@ -154,6 +161,7 @@ async fn report(State(limiter): State<Arc<Limiter>>, request: Request) -> Respon
         ));
     };
     let status = header(&parts.headers, "x-upstream-status").and_then(|s| s.trim().parse().ok());
+    let span = telemetry::settlement("http_report", || TraceHeaders::from_http(&parts.headers));
     let mut meter = handle.meter();
     let tokenizer = limiter.tokenizer();
     let mut stream = body.into_data_stream();
@@ -164,7 +172,11 @@ async fn report(State(limiter): State<Arc<Limiter>>, request: Request) -> Respon
             Err(_) => break,
         }
     }
-    match limiter.settle(&handle.reservation, status, meter).await {
+    match limiter
+        .settle(&handle.reservation, status, meter)
+        .instrument(span)
+        .await
+    {
         Ok(report) => {
             axum::Json(serde_json::json!({ "output_tokens": report.output_tokens })).into_response()
         }

@@ -17,3 +17,4 @@ pub mod openai;
 pub mod pressure;
 pub mod serve;
 pub mod shutdown;
+pub mod telemetry;

@@ -109,16 +109,18 @@ fn main() -> ExitCode {
             max_settlement_streams,
             shutdown_delay,
         } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info".into()),
-                )
-                .init();
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            // Logs, and traces when OTEL_* names a collector; the exporter runs on the runtime.
+            let telemetry = match runtime.block_on(async { llm_ratelimit::telemetry::init() }) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("llm-ratelimit: {e}");
                     return ExitCode::FAILURE;
                 }
             };
@@ -138,7 +140,9 @@ fn main() -> ExitCode {
                 },
                 shutdown_delay,
             };
-            match runtime.block_on(run(options)) {
+            let result = runtime.block_on(run(options));
+            telemetry.shutdown();
+            match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("llm-ratelimit: {e}");

@@ -404,17 +404,24 @@ async fn a_cluster_losing_a_master_under_load_answers_per_policy_and_stays_exact
         }));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let victim = cluster.masters()[0];
+    // The redis-cli calls below block their thread: `block_in_place` hands this worker's
+    // other tasks (the load among them) to another thread meanwhile, so the load keeps
+    // running through the outage instead of waiting behind them.
+    let victim = tokio::task::block_in_place(|| cluster.masters()[0]);
     let killed = Instant::now();
-    cluster.kill(victim);
+    tokio::task::block_in_place(|| cluster.kill(victim));
     // A replica takes over the dead master's slots (cluster-node-timeout 2 s).
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let ok = cluster
-            .nodes
-            .iter()
-            .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"));
-        if ok && cluster.masters().len() == 3 && !cluster.masters().contains(&victim) {
+        let promoted = tokio::task::block_in_place(|| {
+            let ok = cluster
+                .nodes
+                .iter()
+                .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"));
+            let masters = cluster.masters();
+            ok && masters.len() == 3 && !masters.contains(&victim)
+        });
+        if promoted {
             break;
         }
         assert!(

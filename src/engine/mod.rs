@@ -260,6 +260,18 @@ pub enum StoreError {
     CircuitOpen,
 }
 
+impl StoreError {
+    /// The `kind` label of `llm_ratelimit_store_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Timeout(_) => "timeout",
+            StoreError::Redis(_) => "redis",
+            StoreError::Protocol(_) => "protocol",
+            StoreError::CircuitOpen => "circuit_open",
+        }
+    }
+}
+
 /// A clock in ms since the Unix epoch; injectable so tests can drive time.
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 

@@ -22,6 +22,8 @@ use tonic::{Request, Response, Status};
 use super::RESERVATION_FIELD;
 use crate::admission::{Admitted, ClientRequest, Limiter};
 use crate::answer::Answer;
+use crate::telemetry::{self, TraceHeaders};
+use tracing::Instrument;
 
 /// The `context_extensions` entry that selects count-only admission.
 const COUNT_EXTENSION: &str = "llm-ratelimit";
@@ -124,6 +126,13 @@ impl Authorization for Admission {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
+        // Envoy's tracer puts the ext_authz call's own context in the gRPC metadata; without
+        // it (tracing off in Envoy) the client's headers as Envoy forwarded them.
+        let sent = if telemetry::enabled() {
+            TraceHeaders::from_http(request.metadata().as_ref())
+        } else {
+            TraceHeaders::default()
+        };
         let attributes = request.into_inner().attributes.unwrap_or_default();
         // A route of envoy/ratelimit-filter.yaml says `llm-ratelimit: count`: the
         // `ratelimit` filter charges, so only authenticate and count here.
@@ -145,10 +154,17 @@ impl Authorization for Admission {
             path: &http.path,
             body,
         };
+        let span = telemetry::admission("ext_authz", || {
+            if sent.is_empty() {
+                TraceHeaders::from_fn(|name| http.headers.get(name).map(String::as_str))
+            } else {
+                sent
+            }
+        });
         let verdict = if count_only {
-            self.limiter.count(client).await
+            self.limiter.count(client).instrument(span).await
         } else {
-            self.limiter.check(client).await
+            self.limiter.check(client).instrument(span).await
         };
         let Some(admitted) = verdict.admitted else {
             return Ok(Response::new(denied(verdict.answer)));

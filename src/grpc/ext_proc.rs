@@ -33,6 +33,8 @@ use super::{METADATA_NAMESPACE, RESERVATION_FIELD};
 use crate::admission::{Handle, Limiter};
 use crate::pressure::Shed;
 use crate::shutdown::Work;
+use crate::telemetry::{self, TraceHeaders};
+use tracing::Instrument;
 
 pub struct Settlement {
     limiter: Arc<Limiter>,
@@ -186,7 +188,12 @@ impl ExternalProcessor for Settlement {
             limiter: self.limiter.clone(),
         };
         let (tx, rx) = mpsc::channel(8);
-        tokio::spawn(run(open, request.into_inner(), tx));
+        // The stream's span covers the response as it streams; its parent is the context
+        // Envoy's tracer put in the stream's metadata.
+        let span = telemetry::settlement("ext_proc", || {
+            TraceHeaders::from_http(request.metadata().as_ref())
+        });
+        tokio::spawn(run(open, request.into_inner(), tx).instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

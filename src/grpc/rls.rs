@@ -37,6 +37,8 @@ use tonic::{Request, Response, Status};
 use crate::admission::{Charged, Limiter};
 use crate::answer::rate_limit_headers;
 use crate::engine::{Charge, LimitKind, Limits, Snapshot, Usage};
+use crate::telemetry::{self, TraceHeaders};
+use tracing::Instrument;
 
 /// Dynamic metadata (namespace `envoy.filters.http.ratelimit`) set on an admitted stream.
 pub const ADMITTED_FIELD: &str = "admitted";
@@ -202,7 +204,20 @@ impl RateLimitService for RateLimiter {
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
-        let request = request.into_inner();
+        // RateLimitRequest carries no client headers: the parent is the context Envoy's
+        // tracer put in the call's gRPC metadata (the ratelimit filter's own span).
+        let span = telemetry::admission("ratelimit", || {
+            TraceHeaders::from_http(request.metadata().as_ref())
+        });
+        self.decide(request.into_inner()).instrument(span).await
+    }
+}
+
+impl RateLimiter {
+    async fn decide(
+        &self,
+        request: RateLimitRequest,
+    ) -> Result<Response<RateLimitResponse>, Status> {
         let asks: Vec<Option<Ask>> = match request
             .descriptors
             .iter()
