@@ -7,7 +7,7 @@
 //!
 //! `ENGINE_BENCH_SECS` (default 5) sets each measured interval; warm-up is 1 s.
 //! `ENGINE_BENCH_ONLY=denials` runs only the denied-vs-admitted section, `=memory` only the
-//! memory section.
+//! memory section, `=limits` only the cost of 1, 3, 5 and 6 rings per request.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -18,9 +18,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use llm_ratelimit::engine::redis::{ring_key, RedisStore};
+use llm_ratelimit::engine::redis::{marker_key_of, ring_key, ring_key_of, RedisStore};
 use llm_ratelimit::engine::{
-    Charge, Clock, Decision, KeyName, Limits, Store, StoreError, Usage, WindowShape,
+    Bound, Charge, Clock, Decision, KeyName, Limits, ModelMatch, RingRef, Scope, Store, StoreError,
+    Usage, Verdict, WindowShape,
 };
 use redis::aio::MultiplexedConnection;
 
@@ -74,6 +75,10 @@ fn main() {
     rt.block_on(async {
         let mut probe = Probe::connect(&url).await;
         let only = std::env::var("ENGINE_BENCH_ONLY").unwrap_or_default();
+        if only == "limits" {
+            limits_section(&url, &mut probe).await;
+            return;
+        }
         if only == "memory" {
             memory_section(&url, &mut probe).await;
             return;
@@ -86,6 +91,7 @@ fn main() {
         let (ceiling, full) = ceiling_section(port, &url, &mut probe).await;
         summary_section(&engine, &steady, &ceiling, &full);
         memory_section(&url, &mut probe).await;
+        limits_section(&url, &mut probe).await;
     });
     drop(rt);
     drop(server); // kills redis-server by pid
@@ -785,18 +791,22 @@ fn rb_args(port: u16, sha: &str, now_ms: u64, c: usize, p: usize) -> Vec<String>
             shape.window_ms(),
             shape.precision_ms()
         ),
+        // reserve.lua's layout: now, one ring, want, marker, not forced; then the ring's
+        // precision, slots, limits, ttl and marker ttl
         now_ms.to_string(),
-        shape.precision_ms().to_string(),
-        shape.slots().to_string(),
+        "1".into(),
         WANT.requests.to_string(),
         WANT.input_tokens.to_string(),
         WANT.output_tokens.to_string(),
+        "1".into(),
+        "0".into(),
+        shape.precision_ms().to_string(),
+        shape.slots().to_string(),
         HUGE.to_string(),
         HUGE.to_string(),
         HUGE.to_string(),
         shape.ttl_ms().to_string(),
-        "1".into(),
-        "0".into(),
+        shape.marker_ttl_ms().to_string(),
     ]);
     a
 }
@@ -1189,6 +1199,122 @@ async fn memory_section(url: &str, probe: &mut Probe) {
                 "-".into()
             },
             r.used_memory_delta
+        );
+    }
+    println!();
+}
+
+// ---------------------------------------------------------------------------------------
+// Limits per request: the cost of one decision over 1, 3, 5 and 6 rings
+
+/// Key `i`'s first `n` rings, all under the hash tag of its own pool: its own per minute,
+/// its own per day, a model entry, the pool per minute, the pool per day (the most a
+/// config gives one request), and a sixth (a second model entry's) to show the trend.
+fn ring_set(i: usize, n: usize) -> Vec<Bound> {
+    let tag = KeyName::new(&format!("bench-pool-{i}")).unwrap();
+    let key = KeyName::new(&format!("bench-key-{i}")).unwrap();
+    let model = |m: &str| Scope::Model(key.clone(), ModelMatch::new(m).unwrap());
+    let rings = [
+        (Scope::Key(key.clone()), shape()),
+        (Scope::Key(key.clone()), WindowShape::DAY),
+        (model("gpt-4o"), shape()),
+        (Scope::Pool, shape()),
+        (Scope::Pool, WindowShape::DAY),
+        (model("o3*"), shape()),
+    ];
+    rings
+        .into_iter()
+        .take(n)
+        .map(|(scope, shape)| Bound {
+            ring: RingRef {
+                tag: tag.clone(),
+                scope,
+                shape,
+            },
+            limits: LIMITS,
+        })
+        .collect()
+}
+
+async fn limits_section(url: &str, probe: &mut Probe) {
+    let store = Arc::new(Store::Redis(
+        RedisStore::connect(url, BENCH_TIMEOUT).expect("connect"),
+    ));
+    while store.ping().await.is_err() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let measure = Duration::from_secs(measure_secs());
+    println!("\n## Limits per request (Redis store)\n");
+    println!(
+        "128 callers over {KEYS} keys, each request admitted (limits far away) with a marker \
+         and settled at once, as admission and the response hook do: `reserve_all` then \
+         `settle_all` over the key's rings (own per minute, own per day, a model entry, the \
+         pool per minute, the pool per day, a second model entry). EVALSHA µs/call is Redis's \
+         own time per script call (`INFO commandstats`, reserve and settle together); memory is \
+         `MEMORY USAGE` of one key's rings after the run (the day rings hold 1,441 one-minute \
+         slots, the minute rings 601).\n"
+    );
+    println!(
+        "| rings | limits | decisions/s | p50 µs | p99 µs | EVALSHA µs/call (Redis) | rings `MEMORY USAGE` B | B per ring |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for n in [1usize, 3, 5, 6] {
+        probe.flushall().await;
+        let sets: Arc<Vec<Vec<Bound>>> = Arc::new((0..KEYS).map(|i| ring_set(i, n)).collect());
+        eprintln!("limits: {n} rings, {WARM_UP:?} warm-up + {measure:?}");
+        let start = Instant::now();
+        let (from, end) = (start + WARM_UP, start + WARM_UP + measure);
+        let tasks: Vec<_> = (0..128)
+            .map(|_| {
+                let (store, sets) = (store.clone(), sets.clone());
+                tokio::spawn(async move {
+                    let mut lat = Vec::with_capacity(64 * 1024);
+                    loop {
+                        let t0 = Instant::now();
+                        if t0 >= end {
+                            break;
+                        }
+                        let set = &sets[rand::random_range(0..sets.len())];
+                        let v = store
+                            .reserve_all(set, &WANT, Charge::Check, Some(rand::random()))
+                            .await;
+                        let us = t0.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                        if let Ok(Verdict::Admitted { claim: Some(c), .. }) = v {
+                            let _ = store.settle_all(&c, 100).await;
+                            if t0 >= from {
+                                lat.push(us);
+                            }
+                        }
+                    }
+                    lat
+                })
+            })
+            .collect();
+        tokio::time::sleep_until(from.into()).await;
+        probe.reset_stats().await;
+        tokio::time::sleep_until(end.into()).await;
+        let evalsha = probe.evalsha_stats().await;
+        let mut lat = Vec::new();
+        for t in tasks {
+            lat.extend(t.await.expect("limits task"));
+        }
+        lat.sort_unstable();
+        let mut bytes = 0i64;
+        for b in &sets[0] {
+            let used: Option<i64> = probe.cmd(&["MEMORY", "USAGE", &ring_key_of(&b.ring)]).await;
+            bytes += used.unwrap_or(0);
+            // Settled at once: no marker is left behind.
+            let left: i64 = probe.cmd(&["EXISTS", &marker_key_of(&b.ring, 0)]).await;
+            assert_eq!(left, 0);
+        }
+        println!(
+            "| {n} | {} | {:.0} | {} | {} | {:.1} | {bytes} | {:.0} |",
+            3 * n,
+            lat.len() as f64 / measure.as_secs_f64(),
+            percentile(&lat, 0.50),
+            percentile(&lat, 0.99),
+            evalsha.usec_per_call,
+            bytes as f64 / n as f64
         );
     }
     println!();

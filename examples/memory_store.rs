@@ -184,7 +184,7 @@ fn reloads() {
             Duration::from_millis(precision),
         )
         .expect("a valid shape");
-        store.retain(|_, s| s == shape);
+        store.retain(|ring| ring.shape == shape);
         for (i, k) in keys.iter().enumerate() {
             if i % 10 == 0 {
                 admit_unsettled(&store, k, shape);

@@ -1,65 +1,98 @@
--- reserve.lua: checks all three limits and, only if every one fits, records the request
--- in the current bucket — one atomic step. A denial records nothing, and is answered here,
--- where the ring is: which limit, when to retry, when each limit next gains room, in a
--- reply of fixed size (the ring never travels).
--- KEYS[1] ring, KEYS[2] reservation marker (written when ARGV[11] = 1)
--- ARGV: now_ms (0 = Redis TIME), precision_ms, slots, requests, input, output,
---       limit_requests, limit_input, limit_output, ttl_ms, marker (1 = leave a marker),
---       force (1 = charge even over the limits, for after-the-fact accounting)
--- Returns {1, now, requests, input, output, tail, bucket} when admitted,
---         {0, now, requests, input, output, limit (1..3), retry_ms, reset_requests,
---          reset_input, reset_output} when denied.
-local ring = KEYS[1]
+-- reserve.lua: checks every limit of every ring a request is held to (a key's own per
+-- window and per day, its model entry's, its pool's) and, only if all of them fit, records
+-- the request in each ring's current bucket — one atomic step, on one hash slot (the rings
+-- share a hash tag). A denial records nothing, and is answered here, where the rings are:
+-- which ring and limit, when every ring has room, when each limit next gains room, in a
+-- reply of fixed size per ring (the rings never travel).
+-- KEYS[1..n] rings, KEYS[n+1..2n] their reservation markers (written when ARGV[6] = 1)
+-- ARGV: now_ms (0 = Redis TIME), n, requests, input, output, marker (1 = leave markers),
+--       force (1 = charge even over the limits, for after-the-fact accounting), then per
+--       ring (7 each): precision_ms, slots, limit_requests, limit_input, limit_output,
+--       ttl_ms, marker_ttl_ms
+-- Returns {1, now, per ring: requests, input, output, tail} when admitted,
+--         {0, now, ring (1..n), limit (1..3), retry_ms, per ring: requests, input, output,
+--          reset_requests, reset_input, reset_output} when denied.
 local now = now_ms(ARGV[1])
-local precision = tonumber(ARGV[2])
-local slots = tonumber(ARGV[3])
-local want = {tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])}
-local limit = {tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])}
-local ttl = tonumber(ARGV[10])
-local marker = tonumber(ARGV[11]) == 1
-local force = tonumber(ARGV[12]) == 1
+local n = tonumber(ARGV[2])
+local want = {tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])}
+local marker = tonumber(ARGV[6]) == 1
+local force = tonumber(ARGV[7]) == 1
 
-local h, b, cur, moved = advance(ring, math.floor(now / precision), slots)
--- A slot that would overflow its width denies too (retry in the next bucket); a forced
--- charge saturates instead.
-local fits = true
-if not force then
-  fits = cur[1] + want[1] <= U16_MAX and cur[2] + want[2] <= U32_MAX and cur[3] + want[3] <= U32_MAX
-  for k = 1, 3 do
-    if h[k + 2] + want[k] > limit[k] then fits = false end
+local rings = {}
+local all_fit = true
+for i = 1, n do
+  local a = 8 + 7 * (i - 1)
+  local r = {key = KEYS[i], precision = tonumber(ARGV[a]), slots = tonumber(ARGV[a + 1]),
+    limit = {tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])},
+    ttl = tonumber(ARGV[a + 5]), marker_ttl = tonumber(ARGV[a + 6])}
+  r.h, r.b, r.cur, r.moved = advance(r.key, math.floor(now / r.precision), r.slots)
+  -- A slot that would overflow its width denies too (retry in the next bucket); a forced
+  -- charge saturates instead.
+  r.fits = true
+  if not force then
+    r.fits = r.cur[1] + want[1] <= U16_MAX and r.cur[2] + want[2] <= U32_MAX
+      and r.cur[3] + want[3] <= U32_MAX
+    for k = 1, 3 do
+      if r.h[k + 2] + want[k] > r.limit[k] then r.fits = false end
+    end
   end
+  if not r.fits then all_fit = false end
+  rings[i] = r
 end
-if not fits then
-  -- The first limit that does not fit; a refusal for a full slot names requests.
+
+if not all_fit then
+  -- Each ring that does not fit says when it would; room only grows while nothing
+  -- arrives, so the latest of those is the first instant every ring has room. The ring
+  -- named is the one with that wait (the first on a tie).
+  local reply = {0, now, 0, 0, 0}
+  local worst, wait = 0, -1
+  for i = 1, n do
+    local r = rings[i]
+    local tail = r.h[2]
+    local reset, retry = scan_window(r.key, r.h, r.slots, r.precision, now,
+      (not r.fits) and want or nil, r.limit)
+    if not r.fits and retry > wait then worst, wait = i, retry end
+    -- A denial writes only what moved. The TTL stands: the last write set it to outlast
+    -- everything the ring holds; only an empty ring (made just now) needs one.
+    if r.moved or r.h[2] ~= tail then write_header(r.key, r.h) end
+    if r.h[3] == 0 and r.h[4] == 0 and r.h[5] == 0 then redis.call('PEXPIRE', r.key, r.ttl) end
+    reply[#reply + 1] = r.h[3]; reply[#reply + 1] = r.h[4]; reply[#reply + 1] = r.h[5]
+    reply[#reply + 1] = reset[1]; reply[#reply + 1] = reset[2]; reply[#reply + 1] = reset[3]
+  end
+  -- The first limit of that ring that does not fit; a refusal for a full slot names requests.
   local denied = 1
+  local h, limit = rings[worst].h, rings[worst].limit
   for k = 3, 1, -1 do
     if h[k + 2] + want[k] > limit[k] then denied = k end
   end
-  local tail = h[2]
-  local reset, retry = scan_window(ring, h, slots, precision, now, want, limit)
-  -- A denial writes only what moved. The TTL stands: the last write set it to outlast
-  -- everything the ring holds; only an empty ring (made just now) needs one.
-  if moved or h[2] ~= tail then write_header(ring, h) end
-  if h[3] == 0 and h[4] == 0 and h[5] == 0 then redis.call('PEXPIRE', ring, ttl) end
-  return {0, now, h[3], h[4], h[5], denied, retry, reset[1], reset[2], reset[3]}
+  reply[3] = worst; reply[4] = denied; reply[5] = wait
+  return reply
 end
 
--- Only what the slot can hold is added, so the totals stay the sums of the slots.
-local add = {math.min(want[1], U16_MAX - cur[1]), math.min(want[2], U32_MAX - cur[2]),
-  math.min(want[3], U32_MAX - cur[3])}
-h[3] = h[3] + add[1]; h[4] = h[4] + add[2]; h[5] = h[5] + add[3]
--- The tail scan stops at the head at the latest, so it may run before the slot is written.
-settle_tail(ring, h, slots)
-local bit = slot_bit(b, slots)
-redis.call('BITFIELD', ring, unpack(add_block_ops({
-  'INCRBY', 'u16', bit, add[1], 'INCRBY', 'u32', bit + 16, add[2], 'INCRBY', 'u32', bit + 48, add[3],
-  'SET', 'i64', 0, h[1], 'SET', 'i64', 64, h[2], 'SET', 'i64', 128, h[3], 'SET', 'i64', 192, h[4],
-  'SET', 'i64', 256, h[5]}, b, slots, add)))
-redis.call('PEXPIRE', ring, ttl)
-if marker then
-  -- What was actually added (a forced charge may saturate), so a refund or settlement
-  -- by this marker never takes back more than this charge put in.
-  redis.call('SET', KEYS[2],
-    marker_value({bucket = b, epoch = h[6], amounts = add, expires = now + ttl}), 'PX', ttl)
+local reply = {1, now}
+for i = 1, n do
+  local r = rings[i]
+  local h, cur = r.h, r.cur
+  -- Only what the slot can hold is added, so the totals stay the sums of the slots.
+  local add = {math.min(want[1], U16_MAX - cur[1]), math.min(want[2], U32_MAX - cur[2]),
+    math.min(want[3], U32_MAX - cur[3])}
+  h[3] = h[3] + add[1]; h[4] = h[4] + add[2]; h[5] = h[5] + add[3]
+  -- The tail scan stops at the head at the latest, so it may run before the slot is written.
+  settle_tail(r.key, h, r.slots)
+  local bit = slot_bit(r.b, r.slots)
+  redis.call('BITFIELD', r.key, unpack(add_block_ops({
+    'INCRBY', 'u16', bit, add[1], 'INCRBY', 'u32', bit + 16, add[2], 'INCRBY', 'u32', bit + 48, add[3],
+    'SET', 'i64', 0, h[1], 'SET', 'i64', 64, h[2], 'SET', 'i64', 128, h[3], 'SET', 'i64', 192, h[4],
+    'SET', 'i64', 256, h[5]}, r.b, r.slots, add)))
+  redis.call('PEXPIRE', r.key, r.ttl)
+  if marker then
+    -- What was actually added (a forced charge may saturate), so a refund or settlement
+    -- by this marker never takes back more than this charge put in.
+    redis.call('SET', KEYS[n + i],
+      marker_value({bucket = r.b, epoch = h[6], amounts = add, expires = now + r.marker_ttl}),
+      'PX', r.marker_ttl)
+  end
+  reply[#reply + 1] = h[3]; reply[#reply + 1] = h[4]; reply[#reply + 1] = h[5]
+  reply[#reply + 1] = h[2]
 end
-return {1, now, h[3], h[4], h[5], h[2], b}
+return reply

@@ -9,12 +9,15 @@
 #   scripts/demo.sh [--proxy envoy|nginx]     DEMO_DURATION=20 DEMO_BASE_PORT=10000 to change
 #
 # The keys (.run/demo-keys.yaml) use a 10 s window, so that the 20 s run slides it twice:
-# team-a is roomy, tight allows 300 requests and tokens 20,000 input and 4,000 output
-# tokens per window, far below the offered load. The load: llm-loadtest at 600 req/s, open
-# loop, spread over the three nodes and keys. The checks: --verify finds no window over its
-# limit and no 429 given while the window had room (beyond one 100 ms bucket), pooling the
-# answers of all nodes: the nodes share one window per key. Every answer is a 200 or a 429,
-# both limited keys were limited, and every node took part.
+# team-a is roomy but allows gpt-4o only 150 requests per window (a `models` entry), tight
+# allows 300 requests and tokens 20,000 input and 4,000 output tokens per window, and
+# pool-1 and pool-2, roomy alone, share pool `research` of 400 requests per window. The
+# load: llm-loadtest at 600 req/s, open loop, spread over the three nodes, the keys and two
+# models (gpt-4o-mini, gpt-4o). The checks: --verify finds no window over its limit (each
+# key's, team-a's gpt-4o entry's, the pool's) and no 429 given while the window had room
+# (beyond one 100 ms bucket), pooling the answers of all nodes: the nodes share one window
+# per limit. Every answer is a 200 or a 429, the limited keys, team-a's gpt-4o and the pool
+# were limited, team-a's own limits never were, and every node took part.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -73,11 +76,14 @@ window: 10s
 precision: 100ms
 default_max_output_tokens: 256
 keys:
-  - name: team-a            # roomy: never limited
+  - name: team-a            # roomy, but gpt-4o only 150 requests per window
     key: sk-demo-a
     rpm: 1000000
     input_tpm: 100000000
     output_tpm: 100000000
+    models:
+      - match: gpt-4o
+        rpm: 150
   - name: tight             # 300 requests per window, far below the offered load
     key: sk-demo-tight
     rpm: 300
@@ -88,6 +94,21 @@ keys:
     rpm: 1000000
     input_tpm: 20000
     output_tpm: 4000
+  - name: pool-1            # roomy alone; shares pool research with pool-2
+    key: sk-demo-p1
+    rpm: 1000000
+    input_tpm: 100000000
+    output_tpm: 100000000
+    pool: research
+  - name: pool-2
+    key: sk-demo-p2
+    rpm: 1000000
+    input_tpm: 100000000
+    output_tpm: 100000000
+    pool: research
+pools:
+  - name: research          # 400 requests per window for pool-1 and pool-2 together
+    rpm: 400
 EOF
 scripts/cluster.sh up --nodes "$NODES" --base-port "$BASE" --config "$RUN/demo-keys.yaml" --proxy "$PROXY"
 
@@ -108,10 +129,11 @@ done
 # --- load and audit ---------------------------------------------------------------------
 targets=()
 for ((i = 0; i < NODES; i++)); do targets+=(--target "http://127.0.0.1:$((BASE + i))"); done
-say "llm-loadtest: ${DURATION}s at 600 req/s over $NODES nodes and 3 keys, then --verify"
+say "llm-loadtest: ${DURATION}s at 600 req/s over $NODES nodes, 5 keys and 2 models, then --verify"
 set +e
-LLM_LOADTEST_KEYS=sk-demo-a,sk-demo-tight,sk-demo-tokens target/release/llm-loadtest http \
+LLM_LOADTEST_KEYS=sk-demo-a,sk-demo-tight,sk-demo-tokens,sk-demo-p1,sk-demo-p2 target/release/llm-loadtest http \
   "${targets[@]}" --rate 600 --duration "${DURATION}s" --prompt-tokens 20-80 --max-tokens 32 \
+  --model gpt-4o-mini --model gpt-4o \
   --verify "$RUN/demo-keys.yaml" --verify-strict --json "$RUN/demo-report.json" \
   --html "$RUN/demo-report.html"
 loadtest=$?
@@ -125,13 +147,21 @@ import json, sys
 run, nodes, loadtest = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 report = json.load(open(f"{run}/demo-report.json"))
 keys = {k["name"]: k for k in report["keys"]}
+audited = {k["name"]: k for k in report["verify"]["keys"]}
+def denials(name):
+    return sum(l["denials"]["total"] for l in audited[name]["limits"])
 req = report["requests"]
 per_target = [t["total"] for t in report["targets"]]
 checks = [
     ("--verify: no window over its limit, no 429 while the window had room (beyond one bucket)",
      loadtest == 0),
     (f"every answer was 200 or 429 ({req['errors']} other)", req["errors"] == 0),
-    (f"team-a was never limited ({keys['team-a']['rate_limited']} × 429)", keys["team-a"]["rate_limited"] == 0),
+    (f"team-a's own limits never denied ({denials('team-a')} × 429 named them)", denials("team-a") == 0),
+    (f"team-a's gpt-4o entry did ({denials('team-a model gpt-4o')} × 429 named it)",
+     denials("team-a model gpt-4o") > 0),
+    (f"pool research held pool-1 and pool-2 together ({denials('pool research')} × 429 named it; "
+     f"pool-1 {keys['pool-1']['ok']} × 200, pool-2 {keys['pool-2']['ok']} × 200)",
+     denials("pool research") > 0 and keys["pool-1"]["ok"] > 0 and keys["pool-2"]["ok"] > 0),
     (f"tight was limited ({keys['tight']['ok']} × 200, {keys['tight']['rate_limited']} × 429)",
      keys["tight"]["ok"] > 0 and keys["tight"]["rate_limited"] > 0),
     (f"tokens was limited ({keys['tokens']['ok']} × 200, {keys['tokens']['rate_limited']} × 429)",

@@ -7,12 +7,14 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 
-use crate::answer::Answer;
+use crate::answer::{headline, Answer};
 use tokio::sync::Semaphore;
 
-use crate::config::{Config, KeySpec, UnknownEndpoints};
-use crate::engine::{Charge, Decision, KeyName, Reservation, Settlement, Store, Usage};
-use crate::engine::{LimitKind, StoreError};
+use crate::config::{Applied, Config, KeySpec, LimitScope, UnknownEndpoints};
+use crate::engine::{
+    Bound, Charge, Claim, KeyName, LimitKind, Limits, RingRef, Settlement, Snapshot, Store,
+    StoreError, Usage, Verdict as Decided,
+};
 use crate::metrics::{
     DecisionLabels, Metrics, OutcomeLabels, StoreErrorLabels, TokenLabels, WindowLabels,
 };
@@ -53,6 +55,10 @@ pub struct Admitted {
     pub reservation: Option<String>,
     pub input_tokens: u64,
     pub output_reserved: u64,
+    /// The request's model (empty when it has none): Envoy's `ratelimit` filter passes it
+    /// back as the `model` descriptor entry, so ShouldRateLimit holds it to the same
+    /// `models` entry.
+    pub model: String,
 }
 
 /// What `check` decided: the answer to give, and on admission what was admitted.
@@ -76,17 +82,18 @@ pub enum Charged {
     /// No configured key has this secret; as in envoyproxy/ratelimit, what the limiter
     /// does not know is not limited (authentication is ext_authz's job).
     UnknownKey,
-    /// Recorded; `limits` and `snapshot` give the headers.
+    /// Recorded; `limits` and `snapshot` give the headers: per limit, the per-window
+    /// ring with the least room (see [`headline`]).
     Admitted {
         key: KeyName,
-        limits: crate::engine::Limits,
-        snapshot: crate::engine::Snapshot,
+        limits: Limits,
+        snapshot: Snapshot,
     },
-    /// Not recorded: the 429 to give.
-    /// Not recorded: the 429 to give, and the window that denied it (for the statuses).
+    /// Not recorded: the 429 to give, and the window of the limit that denied it (for the
+    /// statuses).
     Denied {
-        limits: crate::engine::Limits,
-        snapshot: crate::engine::Snapshot,
+        limits: Limits,
+        snapshot: Snapshot,
         answer: Answer,
     },
     /// The store failed.
@@ -190,11 +197,11 @@ fn from_letter<T: Copy>(table: &[(T, char)], c: char) -> Option<T> {
 pub struct Handle {
     pub endpoint: Endpoint,
     pub encoding: Encoding,
-    pub reservation: Reservation,
+    pub reservation: Claim,
 }
 
 impl Handle {
-    pub fn encode(endpoint: Endpoint, model: &str, reservation: &Reservation) -> String {
+    pub fn encode(endpoint: Endpoint, model: &str, reservation: &Claim) -> String {
         format!(
             "{}{}{}",
             letter(&ENDPOINTS, endpoint),
@@ -211,7 +218,7 @@ impl Handle {
         Some(Handle {
             endpoint,
             encoding,
-            reservation: Reservation::from_handle(chars.as_str())?,
+            reservation: Claim::from_handle(chars.as_str())?,
         })
     }
 
@@ -381,6 +388,7 @@ impl Limiter {
                     reservation: None,
                     input_tokens: u.want.input_tokens,
                     output_reserved: u.want.output_tokens,
+                    model: u.request.model,
                 }),
             },
             Err(answer) => answer.into(),
@@ -406,13 +414,13 @@ impl Limiter {
             }
         };
         let output_reserved = want.output_tokens;
+        let applied = config.limits_for(&spec, model_of(&request));
+        let set: Vec<Bound> = applied.iter().map(|a| a.bound.clone()).collect();
         let started = Instant::now();
         let decision = self
             .store
-            .reserve(
-                &spec.name,
-                config.shape(),
-                &spec.limits,
+            .reserve_all(
+                &set,
                 &want,
                 Charge::Check,
                 request.reserves_output.then(rand::random::<u64>),
@@ -433,29 +441,28 @@ impl Limiter {
         };
         let key = spec.name.to_string();
         match decision {
-            Decision::Admitted {
-                snapshot,
-                reservation,
-            } => {
+            Decided::Admitted { snapshots, claim } => {
                 self.record_admission(&key, &want);
-                if reservation.is_some() {
+                let (limits, snapshot) = headline_of(&applied, &snapshots);
+                if claim.is_some() {
                     self.metrics.reservations.inc();
                 }
                 telemetry::record("llm_ratelimit.decision", "admitted");
                 tracing::debug!(key = %spec.name, input_tokens = want.input_tokens, "admitted");
                 Verdict {
-                    answer: Answer::admitted(&spec.limits, &snapshot),
+                    answer: Answer::admitted(&limits, &snapshot),
                     admitted: Some(Admitted {
                         key: spec.name.clone(),
-                        reservation: reservation
-                            .map(|r| Handle::encode(endpoint, &request.model, &r)),
+                        reservation: claim.map(|c| Handle::encode(endpoint, &request.model, &c)),
                         input_tokens: want.input_tokens,
                         output_reserved,
+                        model: request.model.clone(),
                     }),
                 }
             }
-            Decision::Denied {
-                snapshot,
+            Decided::Denied {
+                snapshots,
+                ring,
                 limit,
                 retry_after_ms,
             } => {
@@ -469,10 +476,11 @@ impl Limiter {
                         outcome: limit.as_str(),
                     })
                     .inc();
-                Answer::rate_limited(
-                    &spec.name,
-                    &spec.limits,
-                    &snapshot,
+                denial(
+                    &spec,
+                    &applied,
+                    &snapshots,
+                    ring,
                     limit,
                     &want,
                     retry_after_ms,
@@ -500,7 +508,20 @@ impl Limiter {
         let store = &self.store;
         let reads = futures_util::stream::iter(config.keys().to_vec())
             .map(|spec| async move {
-                let read = store.usage(&spec.name, shape).await;
+                // The key's own ring, under its pool's hash tag when it has one.
+                let own = RingRef {
+                    tag: spec.tag().clone(),
+                    scope: crate::engine::Scope::Key(spec.name.clone()),
+                    shape,
+                };
+                let read = store
+                    .usage_all(std::slice::from_ref(&own))
+                    .await
+                    .and_then(|v| {
+                        v.into_iter().next().ok_or_else(|| {
+                            StoreError::Protocol("usage answered for no ring".into())
+                        })
+                    });
                 (spec, read)
             })
             .buffer_unordered(16)
@@ -565,11 +586,11 @@ impl Limiter {
     /// response that shows nothing usable leaves the reservation as it was.
     pub async fn settle(
         &self,
-        reservation: &Reservation,
+        reservation: &Claim,
         upstream_status: Option<u16>,
         meter: OutputMeter,
     ) -> Result<Report, Answer> {
-        telemetry::record("llm_ratelimit.key", reservation.key.as_str());
+        telemetry::record("llm_ratelimit.key", reservation.key().as_str());
         let failed = upstream_status.is_some_and(|s| s >= 400);
         let tokens = match meter.finish(&self.tokenizer) {
             Some(count) => Some(count.tokens),
@@ -589,29 +610,31 @@ impl Limiter {
                 settlement: None,
             });
         };
+        let key = reservation.key();
         let started = Instant::now();
-        let settlement = self.store.settle(reservation, tokens).await;
+        let settlements = self.store.settle_all(reservation, tokens).await;
         self.metrics
             .store_seconds
             .observe(started.elapsed().as_secs_f64());
-        let settlement = settlement.map_err(|e| {
-            tracing::warn!(key = %reservation.key, error = %e, "store failed while settling");
+        let settlements = settlements.map_err(|e| {
+            tracing::warn!(key = %key, error = %e, "store failed while settling");
             self.store_failed(&e);
             self.metrics.reject("store_unavailable");
             telemetry::record("llm_ratelimit.settlement", "unavailable");
             Answer::store_unavailable()
         })?;
         telemetry::record("gen_ai.usage.output_tokens", tokens);
+        let settlement = summary(&settlements);
         let outcome = match settlement {
             Settlement::Applied { .. } => {
-                self.count_tokens(reservation.key.as_str(), "output_settled", tokens);
+                self.count_tokens(key.as_str(), "output_settled", tokens);
                 "applied"
             }
             Settlement::Expired => "expired",
             Settlement::Unknown => "unknown",
         };
         telemetry::record("llm_ratelimit.settlement", outcome);
-        tracing::debug!(key = %reservation.key, output_tokens = tokens, outcome, "settled");
+        tracing::debug!(key = %key, output_tokens = tokens, outcome, "settled");
         self.metrics
             .settlements
             .get_or_create(&OutcomeLabels { outcome })
@@ -623,11 +646,13 @@ impl Limiter {
     }
 
     /// Envoy's `ratelimit` filter path: charges `want` to the key whose secret is given,
-    /// all three limits at once; with `Charge::Force` (after the response) never denied.
-    /// With a `marker`, [`Limiter::refund`] can give the charge back to its own bucket.
+    /// against every limit that applies to it (for `model`, when the descriptors name
+    /// one) at once; with `Charge::Force` (after the response) never denied. With a
+    /// `marker`, [`Limiter::refund`] can give the charge back to its own buckets.
     pub async fn charge(
         &self,
         secret: &str,
+        model: Option<&str>,
         want: &Usage,
         charge: Charge,
         marker: Option<u64>,
@@ -648,33 +673,27 @@ impl Limiter {
                 telemetry::record("gen_ai.usage.output_tokens", want.output_tokens);
             }
         }
+        let applied = config.limits_for(spec, model);
+        let set: Vec<Bound> = applied.iter().map(|a| a.bound.clone()).collect();
         let started = Instant::now();
-        let decision = self
-            .store
-            .reserve(
-                &spec.name,
-                config.shape(),
-                &spec.limits,
-                want,
-                charge,
-                marker,
-            )
-            .await;
+        let decision = self.store.reserve_all(&set, want, charge, marker).await;
         self.metrics
             .store_seconds
             .observe(started.elapsed().as_secs_f64());
         match decision {
-            Ok(Decision::Admitted { snapshot, .. }) => {
+            Ok(Decided::Admitted { snapshots, .. }) => {
                 telemetry::record("llm_ratelimit.decision", "admitted");
                 self.record_admission(&spec.name.to_string(), want);
+                let (limits, snapshot) = headline_of(&applied, &snapshots);
                 Charged::Admitted {
                     key: spec.name.clone(),
-                    limits: spec.limits,
+                    limits,
                     snapshot,
                 }
             }
-            Ok(Decision::Denied {
-                snapshot,
+            Ok(Decided::Denied {
+                snapshots,
+                ring,
                 limit,
                 retry_after_ms,
             }) => {
@@ -687,17 +706,25 @@ impl Limiter {
                         outcome: limit.as_str(),
                     })
                     .inc();
+                let answer = denial(
+                    spec,
+                    &applied,
+                    &snapshots,
+                    ring,
+                    limit,
+                    want,
+                    retry_after_ms,
+                );
+                // The denying ring's own window for the statuses (the store names one of
+                // the rings it was given; were it not, the headline's).
+                let (limits, snapshot) = match (applied.get(ring), snapshots.get(ring)) {
+                    (Some(a), Some(s)) => (a.bound.limits, *s),
+                    _ => headline_of(&applied, &snapshots),
+                };
                 Charged::Denied {
-                    limits: spec.limits,
+                    limits,
                     snapshot,
-                    answer: Answer::rate_limited(
-                        &spec.name,
-                        &spec.limits,
-                        &snapshot,
-                        limit,
-                        want,
-                        retry_after_ms,
-                    ),
+                    answer,
                 }
             }
             Err(e) => {
@@ -710,24 +737,32 @@ impl Limiter {
         }
     }
 
-    /// Envoy's `is_negative_hits`: gives `amount` back to the key's window — to the bucket
-    /// of the charge `marker` names while it is in the window, else from the newest buckets.
-    pub async fn refund(&self, secret: &str, amount: &Usage, marker: Option<u64>) -> Charged {
+    /// Envoy's `is_negative_hits`: gives `amount` back to every limit that applies to the
+    /// key (for `model`) — to the bucket of the charge `marker` names while it is in the
+    /// window, else from the newest buckets.
+    pub async fn refund(
+        &self,
+        secret: &str,
+        model: Option<&str>,
+        amount: &Usage,
+        marker: Option<u64>,
+    ) -> Charged {
         let config = self.config.load();
         let secret = bearer(Some(secret)).unwrap_or(secret.trim());
         let Some(spec) = config.key_by_secret(secret) else {
             return Charged::UnknownKey;
         };
-        match self
-            .store
-            .refund(&spec.name, config.shape(), amount, marker)
-            .await
-        {
-            Ok(snapshot) => Charged::Admitted {
-                key: spec.name.clone(),
-                limits: spec.limits,
-                snapshot,
-            },
+        let applied = config.limits_for(spec, model);
+        let rings: Vec<RingRef> = applied.iter().map(|a| a.bound.ring.clone()).collect();
+        match self.store.refund_all(&rings, amount, marker).await {
+            Ok(snapshots) => {
+                let (limits, snapshot) = headline_of(&applied, &snapshots);
+                Charged::Admitted {
+                    key: spec.name.clone(),
+                    limits,
+                    snapshot,
+                }
+            }
             Err(e) => {
                 tracing::warn!(key = %spec.name, error = %e, "store failed while refunding");
                 self.store_failed(&e);
@@ -736,7 +771,8 @@ impl Limiter {
         }
     }
 
-    /// A key's current window, by name.
+    /// A key's current windows, by name: its own limits per window (at the top level, as
+    /// always), then `per_day`, each `models` entry and its pool, each when it has them.
     pub async fn usage(&self, name: &str) -> Result<serde_json::Value, Answer> {
         let config = self.config.load();
         let Some(spec) = config.key_by_name(name) else {
@@ -744,33 +780,184 @@ impl Limiter {
                 "No key named '{name}' is configured."
             )));
         };
-        let snap = self
-            .store
-            .usage(&spec.name, config.shape())
-            .await
-            .map_err(|_| Answer::store_unavailable())?;
-        let part = |used: u64, limit: u64, reset_ms: u64| serde_json::json!({"used": used, "limit": limit, "remaining": limit.saturating_sub(used), "reset_ms": reset_ms});
-        Ok(serde_json::json!({
+        let applied = config.all_limits_of(spec);
+        let snapshots = self.usage_of(&applied).await?;
+        let mut out = serde_json::json!({
             "key": spec.name.as_str(),
             "window_ms": config.shape().window_ms(),
             "precision_ms": config.shape().precision_ms(),
-            "requests": part(snap.usage.requests, spec.limits.requests, snap.reset_ms[0]),
-            "input_tokens": part(snap.usage.input_tokens, spec.limits.input_tokens, snap.reset_ms[1]),
-            "output_tokens": part(snap.usage.output_tokens, spec.limits.output_tokens, snap.reset_ms[2]),
-        }))
+        });
+        let mut models = Vec::new();
+        let mut pool = serde_json::Map::new();
+        for (a, snap) in applied.iter().zip(&snapshots) {
+            let parts = usage_parts(&a.bound.limits, snap);
+            match &a.scope {
+                LimitScope::Key => merge(&mut out, parts),
+                LimitScope::KeyDay => out["per_day"] = parts,
+                LimitScope::Model(m) => {
+                    let mut entry = serde_json::json!({ "match": m.as_str() });
+                    merge(&mut entry, parts);
+                    models.push(entry);
+                }
+                LimitScope::Pool(p) => {
+                    pool.insert("name".into(), p.as_str().into());
+                    let mut window = serde_json::json!({});
+                    merge(&mut window, parts);
+                    for (k, v) in window.as_object().into_iter().flatten() {
+                        pool.insert(k.clone(), v.clone());
+                    }
+                }
+                LimitScope::PoolDay(p) => {
+                    pool.insert("name".into(), p.as_str().into());
+                    pool.insert("per_day".into(), parts);
+                }
+            }
+        }
+        if !models.is_empty() {
+            out["models"] = models.into();
+        }
+        if !pool.is_empty() {
+            out["pool"] = pool.into();
+        }
+        Ok(out)
+    }
+
+    /// A pool's current windows, by name: its limits per window and per day, and the keys
+    /// that count against it.
+    pub async fn pool_usage(&self, name: &str) -> Result<serde_json::Value, Answer> {
+        let config = self.config.load();
+        let Some(pool) = config.pool_by_name(name) else {
+            return Err(Answer::not_found(&format!(
+                "No pool named '{name}' is configured."
+            )));
+        };
+        let applied = config.pool_limits(pool);
+        let snapshots = self.usage_of(&applied).await?;
+        let members: Vec<&str> = config
+            .keys()
+            .iter()
+            .filter(|k| k.pool.as_ref() == Some(&pool.name))
+            .map(|k| k.name.as_str())
+            .collect();
+        let mut out = serde_json::json!({
+            "pool": pool.name.as_str(),
+            "keys": members,
+            "window_ms": config.shape().window_ms(),
+            "precision_ms": config.shape().precision_ms(),
+        });
+        for (a, snap) in applied.iter().zip(&snapshots) {
+            let parts = usage_parts(&a.bound.limits, snap);
+            match a.scope {
+                LimitScope::PoolDay(_) => out["per_day"] = parts,
+                _ => merge(&mut out, parts),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The windows of `applied`, a few rings per store call (one hash tag each).
+    async fn usage_of(&self, applied: &[Applied]) -> Result<Vec<Snapshot>, Answer> {
+        let rings: Vec<RingRef> = applied.iter().map(|a| a.bound.ring.clone()).collect();
+        let mut out = Vec::with_capacity(rings.len());
+        for chunk in rings.chunks(crate::engine::rings::MAX_RINGS) {
+            let snaps = self
+                .store
+                .usage_all(chunk)
+                .await
+                .map_err(|_| Answer::store_unavailable())?;
+            out.extend(snaps);
+        }
+        Ok(out)
     }
 
     /// Frees the store's state of keys and window shapes the config in force no longer
     /// has (a renamed key, a changed window): called after each applied reload.
     pub fn forget_unconfigured(&self) {
-        let config = self.config.load();
-        self.store.retain(|key, shape| {
-            shape == config.shape() && config.key_by_name(key.as_str()).is_some()
-        });
+        let rings = self.config.load().rings();
+        self.store.retain(|ring| rings.contains(ring));
     }
 
     pub async fn ready(&self) -> bool {
         !self.drain.is_draining() && self.store.ping().await.is_ok()
+    }
+}
+
+/// A request's model as the config's `models` entries match it; `None` when it has none.
+fn model_of(request: &LlmRequest) -> Option<&str> {
+    Some(request.model.as_str()).filter(|m| !m.is_empty())
+}
+
+/// What the `x-ratelimit-*` headers describe: per limit, the per-window ring with the
+/// least room left.
+fn headline_of(applied: &[Applied], snapshots: &[Snapshot]) -> (Limits, Snapshot) {
+    let per_window: Vec<(Limits, Snapshot)> = applied
+        .iter()
+        .zip(snapshots)
+        .filter(|(a, _)| a.scope.per_window())
+        .map(|(a, s)| (a.bound.limits, *s))
+        .collect();
+    headline(&per_window)
+}
+
+/// The 429 for a denial by ring `ring` of `applied`.
+fn denial(
+    spec: &KeySpec,
+    applied: &[Applied],
+    snapshots: &[Snapshot],
+    ring: usize,
+    limit: crate::engine::LimitKind,
+    want: &Usage,
+    retry_after_ms: Option<u64>,
+) -> Answer {
+    let (limits, snapshot) = headline_of(applied, snapshots);
+    let (Some(a), Some(s)) = (applied.get(ring), snapshots.get(ring)) else {
+        // The store named a ring the call did not have: answer as the key's own.
+        return Answer::rate_limited(&spec.name, &limits, &snapshot, limit, want, retry_after_ms);
+    };
+    Answer::rate_limited_in(
+        &format!("{}{}", spec.name, a.scope.describe()),
+        (&a.bound.limits, s),
+        limit,
+        want,
+        retry_after_ms,
+        (&limits, &snapshot),
+    )
+}
+
+/// One settlement for a claim on several rings: applied if any ring took it, else expired
+/// if any ring had the reservation, else unknown.
+fn summary(settlements: &[Settlement]) -> Settlement {
+    settlements
+        .iter()
+        .find(|s| matches!(s, Settlement::Applied { .. }))
+        .or_else(|| settlements.iter().find(|s| **s == Settlement::Expired))
+        .copied()
+        .unwrap_or(Settlement::Unknown)
+}
+
+/// `requests`, `input_tokens`, `output_tokens`, each with `used`, `limit` (`null` when
+/// unlimited), `remaining` and `reset_ms`.
+fn usage_parts(limits: &Limits, snap: &Snapshot) -> serde_json::Value {
+    let part = |kind: crate::engine::LimitKind| {
+        let (used, limit) = (snap.usage.of(kind), limits.of(kind));
+        let reset_ms = snap.reset(kind).as_millis() as u64;
+        if limit >= Config::UNLIMITED {
+            serde_json::json!({"used": used, "limit": null, "remaining": null, "reset_ms": reset_ms})
+        } else {
+            serde_json::json!({"used": used, "limit": limit, "remaining": limit.saturating_sub(used), "reset_ms": reset_ms})
+        }
+    };
+    serde_json::json!({
+        "requests": part(crate::engine::LimitKind::Requests),
+        "input_tokens": part(crate::engine::LimitKind::InputTokens),
+        "output_tokens": part(crate::engine::LimitKind::OutputTokens),
+    })
+}
+
+/// Adds the fields of object `from` to object `into`.
+fn merge(into: &mut serde_json::Value, from: serde_json::Value) {
+    if let (Some(into), serde_json::Value::Object(from)) = (into.as_object_mut(), from) {
+        into.extend(from);
     }
 }
 
@@ -789,13 +976,13 @@ mod tests {
 
     #[test]
     fn handles_carry_endpoint_encoding_and_reservation() {
-        let reservation = Reservation {
-            key: KeyName::new("team.a").unwrap(),
-            shape: crate::engine::WindowShape::new(
-                std::time::Duration::from_secs(60),
-                std::time::Duration::from_millis(100),
-            )
-            .unwrap(),
+        let shape = crate::engine::WindowShape::new(
+            std::time::Duration::from_secs(60),
+            std::time::Duration::from_millis(100),
+        )
+        .unwrap();
+        let reservation = Claim {
+            rings: vec![RingRef::own(&KeyName::new("team.a").unwrap(), shape)],
             id: 42,
         };
         let h = Handle::encode(

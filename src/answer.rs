@@ -112,7 +112,8 @@ impl Answer {
         }
     }
 
-    /// 429 for a denied request. `retry_after_ms` of `None` means it can never fit.
+    /// 429 for a request the key's own limits denied. `retry_after_ms` of `None` means
+    /// it can never fit.
     pub fn rate_limited(
         key: &KeyName,
         limits: &Limits,
@@ -121,6 +122,29 @@ impl Answer {
         want: &Usage,
         retry_after_ms: Option<u64>,
     ) -> Answer {
+        Answer::rate_limited_in(
+            key.as_str(),
+            (limits, snapshot),
+            limit,
+            want,
+            retry_after_ms,
+            (limits, snapshot),
+        )
+    }
+
+    /// 429 for a request one of its limits denied: `who` names the key and, when the
+    /// limit is not the key's own per window, which one (`team-a (model gpt-4o)`,
+    /// `team-a (pool research)`); `denied` is that limit and its window; the
+    /// `x-ratelimit-*` headers describe `headline` (see [`headline`]).
+    pub fn rate_limited_in(
+        who: &str,
+        denied: (&Limits, &Snapshot),
+        limit: LimitKind,
+        want: &Usage,
+        retry_after_ms: Option<u64>,
+        headline: (&Limits, &Snapshot),
+    ) -> Answer {
+        let (limits, snapshot) = denied;
         let (l, u, r) = (limits.of(limit), snapshot.usage.of(limit), want.of(limit));
         let mut headers = vec![("content-type", "application/json".to_string())];
         let message = match retry_after_ms {
@@ -128,7 +152,7 @@ impl Answer {
                 headers.push(("retry-after", ms.div_ceil(1000).to_string()));
                 headers.push(("retry-after-ms", ms.to_string()));
                 format!(
-                    "Rate limit reached for {key} on {}: Limit {l}, Used {u}, Requested {r}. Please try again in {}.",
+                    "Rate limit reached for {who} on {}: Limit {l}, Used {u}, Requested {r}. Please try again in {}.",
                     limit.as_str(),
                     go_duration(ms)
                 )
@@ -136,18 +160,55 @@ impl Answer {
             None => {
                 headers.push(("x-should-retry", "false".into()));
                 format!(
-                    "Request too large for {key} on {}: Limit {l}, Requested {r}. The input or output tokens must be reduced in order to run successfully.",
+                    "Request too large for {who} on {}: Limit {l}, Requested {r}. The input or output tokens must be reduced in order to run successfully.",
                     limit.as_str()
                 )
             }
         };
-        headers.extend(rate_limit_headers(limits, snapshot));
+        headers.extend(rate_limit_headers(headline.0, headline.1));
         Answer {
             status: 429,
             headers,
             body: error_body(&message, limit.as_str(), None, Some("rate_limit_exceeded")),
         }
     }
+}
+
+/// Of several per-window limits (a key's own, its model entry's, its pool's), for each of
+/// requests, input tokens and output tokens the one with the least room left: what the
+/// `x-ratelimit-*` headers describe. Empty `rings` gives nothing counted and no limit.
+pub fn headline(rings: &[(Limits, Snapshot)]) -> (Limits, Snapshot) {
+    let mut limits = [0u64; 3];
+    let mut used = [0u64; 3];
+    let mut reset = [0u64; 3];
+    let now_ms = rings.first().map_or(0, |(_, s)| s.now_ms);
+    for kind in LimitKind::ALL {
+        let k = kind as usize;
+        let tightest = rings
+            .iter()
+            .min_by_key(|(l, s)| l.of(kind).saturating_sub(s.usage.of(kind)));
+        if let Some((l, s)) = tightest {
+            limits[k] = l.of(kind);
+            used[k] = s.usage.of(kind);
+            reset[k] = s.reset_ms[k];
+        }
+    }
+    (
+        Limits {
+            requests: limits[0],
+            input_tokens: limits[1],
+            output_tokens: limits[2],
+        },
+        Snapshot {
+            now_ms,
+            usage: Usage {
+                requests: used[0],
+                input_tokens: used[1],
+                output_tokens: used[2],
+            },
+            reset_ms: reset,
+        },
+    )
 }
 
 /// Per limit `x-ratelimit-{limit,remaining,reset}-{requests,input-tokens,output-tokens}`,
@@ -291,6 +352,62 @@ mod tests {
         // input has 20% left, output 80%: the -tokens trio follows input.
         assert_eq!(h("x-ratelimit-limit-tokens"), Some("1000"));
         assert_eq!(h("x-ratelimit-remaining-tokens"), Some("200"));
+    }
+
+    #[test]
+    fn headers_describe_the_per_window_limit_with_least_room() {
+        let own = Limits {
+            requests: 600,
+            input_tokens: 200_000,
+            output_tokens: 50_000,
+        };
+        let model = Limits {
+            requests: 100,
+            input_tokens: crate::config::Config::UNLIMITED,
+            output_tokens: crate::config::Config::UNLIMITED,
+        };
+        let pool = Limits {
+            requests: 2000,
+            input_tokens: 100_000,
+            output_tokens: 200_000,
+        };
+        let (l, s) = headline(&[
+            (own, snapshot([10, 1000, 100], [5, 6, 7])),
+            (model, snapshot([10, 1000, 100], [8, 9, 10])),
+            (pool, snapshot([1990, 99_000, 100], [11, 12, 13])),
+        ]);
+        // requests: the pool has 10 left, the model 90, the key 590.
+        assert_eq!(
+            (l.requests, s.usage.requests, s.reset_ms[0]),
+            (2000, 1990, 11)
+        );
+        // input: the pool's 1,000 left.
+        assert_eq!((l.input_tokens, s.reset_ms[1]), (100_000, 12));
+        // output: the key's own 49,900 left.
+        assert_eq!(
+            (l.output_tokens, s.usage.output_tokens, s.reset_ms[2]),
+            (50_000, 100, 7)
+        );
+        let a = Answer::rate_limited_in(
+            "team-a (model gpt-4o)",
+            (&model, &snapshot([100, 0, 0], [1, 0, 0])),
+            LimitKind::Requests,
+            &Usage {
+                requests: 1,
+                input_tokens: 0,
+                output_tokens: 0,
+            },
+            Some(1500),
+            (&l, &s),
+        );
+        let body: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+        assert_eq!(
+            body["error"]["message"],
+            "Rate limit reached for team-a (model gpt-4o) on requests: Limit 100, Used 100, Requested 1. Please try again in 1.5s."
+        );
+        assert!(a
+            .headers
+            .contains(&("x-ratelimit-remaining-requests", "10".to_string())));
     }
 
     #[test]

@@ -46,6 +46,7 @@ pub fn router_with(limiter: Arc<Limiter>, gate: Arc<Gate>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/usage/{name}", get(usage))
+        .route("/v1/usage/pools/{name}", get(pool_usage))
         .route("/v1/check", post(check))
         .route("/v1/report", post(report))
         .layer(GateLayer::new(gate, surface_of, shed))
@@ -95,6 +96,13 @@ async fn metrics(State(limiter): State<Arc<Limiter>>) -> Response {
 
 async fn usage(State(limiter): State<Arc<Limiter>>, Path(name): Path<String>) -> Response {
     match limiter.usage(&name).await {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(answer) => render(answer),
+    }
+}
+
+async fn pool_usage(State(limiter): State<Arc<Limiter>>, Path(name): Path<String>) -> Response {
+    match limiter.pool_usage(&name).await {
         Ok(v) => axum::Json(v).into_response(),
         Err(answer) => render(answer),
     }

@@ -83,6 +83,14 @@ keys:
     rpm: 25
     input_tpm: 1000000
     output_tpm: 1000000
+  - name: modelled
+    key: sk-e2e-modelled
+    rpm: 100
+    input_tpm: 1000000
+    output_tpm: 1000000
+    models:
+      - match: gpt-4o*
+        rpm: 1
 ";
 
 struct Node {
@@ -347,6 +355,19 @@ async fn the_ratelimit_filter_variant_holds_requests_and_tokens() {
     assert_eq!(
         post(&client, a, "sk-wrong", chat(5, false)).await.status(),
         401
+    );
+
+    // The model reaches ShouldRateLimit (ext_authz metadata → `model` descriptor entry):
+    // the key's gpt-4o* entry allows one request while its own 100 have room.
+    let r = post(&client, a, "sk-e2e-modelled", chat(5, false)).await;
+    assert_eq!(r.status(), 200);
+    let r = post(&client, b, "sk-e2e-modelled", chat(5, false)).await;
+    assert_eq!(r.status(), 429);
+    let e: Value = r.json().await.unwrap();
+    let message = e["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("modelled (model gpt-4o*) on requests"),
+        "{message}"
     );
 }
 

@@ -575,13 +575,17 @@ async fn should_rate_limit_charges_follow_the_policy_and_refund_where_they_were_
         output_tokens: 0,
     };
     assert!(matches!(
-        limiter.charge("sk-rls", &one, Charge::Check, Some(1)).await,
+        limiter
+            .charge("sk-rls", None, &one, Charge::Check, Some(1))
+            .await,
         Charged::Admitted { .. }
     ));
     signal("-STOP", redis.pid());
     // deny: the store's failure, fast once the breaker is open.
     for _ in 0..5 {
-        let c = limiter.charge("sk-rls", &one, Charge::Check, Some(2)).await;
+        let c = limiter
+            .charge("sk-rls", None, &one, Charge::Check, Some(2))
+            .await;
         assert!(
             matches!(c, Charged::Failed(ref a) if a.status == 503),
             "{c:?}"
@@ -592,27 +596,27 @@ async fn should_rate_limit_charges_follow_the_policy_and_refund_where_they_were_
     h.set(OnStoreError::Local);
     for id in 10..14 {
         let c = limiter
-            .charge("sk-rls", &one, Charge::Check, Some(id))
+            .charge("sk-rls", None, &one, Charge::Check, Some(id))
             .await;
         assert!(matches!(c, Charged::Admitted { .. }), "{c:?}");
     }
     let c = limiter
-        .charge("sk-rls", &one, Charge::Check, Some(14))
+        .charge("sk-rls", None, &one, Charge::Check, Some(14))
         .await;
     assert!(matches!(c, Charged::Denied { .. }), "{c:?}");
-    let c = limiter.refund("sk-rls", &one, Some(13)).await;
+    let c = limiter.refund("sk-rls", None, &one, Some(13)).await;
     let Charged::Admitted { snapshot, .. } = c else {
         panic!("local refund failed: {c:?}");
     };
     assert_eq!(snapshot.usage.requests, 3);
     // A refund of the charge Redis holds cannot be made now: it stays (the safe side).
-    let c = limiter.refund("sk-rls", &one, Some(1)).await;
+    let c = limiter.refund("sk-rls", None, &one, Some(1)).await;
     assert!(matches!(c, Charged::Failed(_)), "{c:?}");
     // allow: admitted, nothing counted.
     h.set(OnStoreError::Allow);
     for id in 20..30 {
         let c = limiter
-            .charge("sk-rls", &one, Charge::Check, Some(id))
+            .charge("sk-rls", None, &one, Charge::Check, Some(id))
             .await;
         assert!(matches!(c, Charged::Admitted { .. }), "{c:?}");
     }

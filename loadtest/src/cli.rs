@@ -91,8 +91,9 @@ pub struct Load {
     #[arg(long, value_enum, default_value_t = Endpoint::Chat)]
     pub endpoint: Endpoint,
     /// The `model` field; it also picks the tokenizer for the tool's own token counts.
+    /// May repeat: each request picks one at random.
     #[arg(long, default_value = "gpt-4o-mini")]
-    pub model: String,
+    pub model: Vec<String>,
     /// Streamed answers (SSE, read to the end; usage from the final chunk).
     #[arg(long)]
     pub stream: bool,
@@ -243,7 +244,8 @@ pub struct Settings {
     pub prompt_tokens: PromptTokens,
     pub max_tokens: Option<u32>,
     pub endpoint: Endpoint,
-    pub model: String,
+    /// At least one; each request picks one.
+    pub models: Vec<String>,
     pub stream: bool,
     pub threads: usize,
     pub timeout: Duration,
@@ -332,7 +334,14 @@ impl Settings {
                 return Err("--max-tokens does not apply to --endpoint embeddings".into());
             }
         }
-        if load.model.is_empty() || load.model.contains(['"', '\\']) {
+        if load.model.len() > 64 {
+            return Err("at most 64 --model values".into());
+        }
+        if load
+            .model
+            .iter()
+            .any(|m| m.is_empty() || m.contains(['"', '\\']))
+        {
             return Err("--model must be a plain model name".into());
         }
         let threads = match load.threads {
@@ -353,7 +362,7 @@ impl Settings {
             prompt_tokens: load.prompt_tokens,
             max_tokens: load.max_tokens,
             endpoint: load.endpoint,
-            model: load.model,
+            models: load.model,
             stream: load.stream,
             threads,
             timeout: load.timeout,

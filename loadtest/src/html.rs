@@ -516,12 +516,14 @@ mod tests {
         Record {
             target: 0,
             key,
+            model: 0,
             intended_us: done_ms * 1000 - 2000,
             sent_us: done_ms * 1000 - 1500,
             done_us: done_ms * 1000,
             outcome,
             status: 200,
             denied_by: None,
+            denied_in: None,
             prompt_tokens: 10,
             completion_tokens: 4,
             max_tokens: 8,
@@ -546,12 +548,11 @@ mod tests {
             window_ms: 2000,
             precision_ms: 100,
             default_max_output_tokens: 16,
+            key_names: names.iter().map(|n| n.to_string()).collect(),
             keys: names
                 .iter()
-                .map(|n| AuditKey {
-                    name: n.to_string(),
-                    limits: [40, 1000, 1000],
-                })
+                .enumerate()
+                .map(|(i, n)| AuditKey::own(n, [40, 1000, 1000], i as u16, 2000, 100))
                 .collect(),
         }
         .replay(records)

@@ -30,6 +30,8 @@ const WORDS: [&str; 16] = [
 pub struct Variant {
     /// The JSON body.
     pub body: Bytes,
+    /// Index of its model in `--model`.
+    pub model: u16,
     /// Its input tokens, counted as the limiter counts them.
     pub prompt_tokens: u32,
 }
@@ -131,12 +133,14 @@ impl Plan {
         Record {
             target: pick.target,
             key: pick.key,
+            model: self.variants[usize::from(pick.variant)].model,
             intended_us,
             sent_us: sent_us.max(intended_us),
             done_us,
             outcome,
             status,
             denied_by: seen.denied_by.filter(|_| outcome == Outcome::RateLimited),
+            denied_in: seen.denied_in.filter(|_| outcome == Outcome::RateLimited),
             prompt_tokens: seen
                 .prompt_tokens
                 .unwrap_or(self.variants[usize::from(pick.variant)].prompt_tokens),
@@ -150,9 +154,13 @@ impl Plan {
     pub fn build(settings: &Settings) -> anyhow::Result<Plan> {
         let tokenizer = Tokenizer::new();
         let sizes = sizes(settings.prompt_tokens);
-        let mut variants = Vec::with_capacity(sizes.len());
-        for target in sizes {
-            variants.push(fit(&tokenizer, settings, target)?);
+        // Every model with every prompt size: a uniform pick of a body is a uniform pick
+        // of a model.
+        let mut variants = Vec::with_capacity(sizes.len() * settings.models.len());
+        for (m, model) in settings.models.iter().enumerate() {
+            for &target in &sizes {
+                variants.push(fit(&tokenizer, settings, m as u16, model, target)?);
+            }
         }
         Ok(Plan {
             picker: Picker::new(
@@ -187,10 +195,9 @@ fn filler(n: u32) -> String {
     text.trim_start().to_string()
 }
 
-/// The body for `settings` with `words` words of prompt.
-fn body(settings: &Settings, words: u32) -> Value {
+/// The body for `settings` with `words` words of prompt, for `model`.
+fn body(settings: &Settings, model: &str, words: u32) -> Value {
     let text = filler(words);
-    let model = &settings.model;
     let mut body = match settings.endpoint {
         Endpoint::Chat => json!({"model": model, "messages": [{"role": "user", "content": text}]}),
         Endpoint::Completions => json!({"model": model, "prompt": text}),
@@ -216,10 +223,16 @@ fn body(settings: &Settings, words: u32) -> Value {
 
 /// The body whose input tokens come closest to `target` (exact, unless `target` is
 /// below the request's fixed overhead, e.g. chat's per-message tokens).
-fn fit(tokenizer: &Tokenizer, settings: &Settings, target: u32) -> anyhow::Result<Variant> {
+fn fit(
+    tokenizer: &Tokenizer,
+    settings: &Settings,
+    m: u16,
+    model: &str,
+    target: u32,
+) -> anyhow::Result<Variant> {
     let endpoint = settings.endpoint.api();
     let count = |words: u32| -> anyhow::Result<(Vec<u8>, u32)> {
-        let body = serde_json::to_vec(&body(settings, words))?;
+        let body = serde_json::to_vec(&body(settings, model, words))?;
         let request = tokenizer.understand(endpoint, &body).map_err(|e| {
             anyhow::anyhow!(
                 "the tool built a request the tokenizer refuses: {}",
@@ -251,6 +264,7 @@ fn fit(tokenizer: &Tokenizer, settings: &Settings, target: u32) -> anyhow::Resul
     }
     Ok(Variant {
         body: Bytes::from(best),
+        model: m,
         prompt_tokens: best_tokens,
     })
 }
@@ -302,7 +316,7 @@ mod tests {
         ] {
             let settings = settings(extra);
             for target in [20, 137, 1000] {
-                let v = fit(&tokenizer, &settings, target).unwrap();
+                let v = fit(&tokenizer, &settings, 0, &settings.models[0], target).unwrap();
                 assert_eq!(v.prompt_tokens, target, "{extra:?}");
                 let request = tokenizer
                     .understand(settings.endpoint.api(), &v.body)
@@ -316,7 +330,7 @@ mod tests {
             }
         }
         // Below chat's per-message overhead: the smallest body there is.
-        let v = fit(&tokenizer, &settings(&[]), 1).unwrap();
+        let v = fit(&tokenizer, &settings(&[]), 0, "gpt-4o-mini", 1).unwrap();
         assert!(
             v.prompt_tokens > 1 && v.prompt_tokens < 12,
             "{}",

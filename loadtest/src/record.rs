@@ -32,6 +32,18 @@ impl Outcome {
 /// The three limits of a key, as the limiter names them (`error.type` of its 429 body).
 pub use llm_ratelimit::engine::LimitKind;
 
+/// Whose limit a 429 names, as its message says (`team-a (model gpt-4o)`, ...): the
+/// key's own per window (nothing said), per day, its model entry's, its pool's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitSet {
+    Key,
+    KeyDay,
+    Model,
+    Pool,
+    PoolDay,
+}
+
 /// One finished request. Instants are microseconds since the run's start (one monotonic
 /// clock for the whole run, taken in the tool's process).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,6 +52,8 @@ pub struct Record {
     pub target: u16,
     /// Index into the run's key list.
     pub key: u16,
+    /// Index into the run's `--model` list.
+    pub model: u16,
     /// When the request was meant to go out: its slot in the schedule with `--rate`, the
     /// same as `sent_us` with `--concurrency`. Latency is `done_us - intended_us`, which
     /// corrects coordinated omission in open loop.
@@ -54,6 +68,8 @@ pub struct Record {
     pub status: u16,
     /// On a 429: the limit the limiter named (`error.type` in the body), when it did.
     pub denied_by: Option<LimitKind>,
+    /// On a 429: whose limit it names (its message), when it says.
+    pub denied_in: Option<LimitSet>,
     /// Input tokens: `usage.prompt_tokens` of the response; 0 when unknown.
     pub prompt_tokens: u32,
     /// Output tokens: `usage.completion_tokens` of the response; 0 when unknown.

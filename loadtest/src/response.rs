@@ -13,7 +13,7 @@ use std::sync::LazyLock;
 use memchr::memmem::FinderRev;
 use serde::Deserialize;
 
-use crate::record::LimitKind;
+use crate::record::{LimitKind, LimitSet};
 
 /// What the records keep of one answer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -21,6 +21,7 @@ pub struct Seen {
     pub prompt_tokens: Option<u32>,
     pub completion_tokens: Option<u32>,
     pub denied_by: Option<LimitKind>,
+    pub denied_in: Option<LimitSet>,
 }
 
 impl Seen {
@@ -31,9 +32,11 @@ impl Seen {
                 prompt_tokens: number(&PROMPT, body).or_else(|| number(&INPUT, body)),
                 completion_tokens: number(&COMPLETION, body).or_else(|| number(&OUTPUT, body)),
                 denied_by: None,
+                denied_in: None,
             },
             429 => Seen {
                 denied_by: denied_by(body),
+                denied_in: denied_in(body),
                 ..Seen::default()
             },
             _ => Seen::default(),
@@ -80,6 +83,27 @@ struct ErrorBody<'a> {
 struct ErrorFields<'a> {
     #[serde(rename = "type", borrow, default)]
     kind: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    message: Option<Cow<'a, str>>,
+}
+
+/// Whose limit a 429 names: `Rate limit reached for team-a (pool research) on ...`; the
+/// key's own when the message names no other, `None` when it is not one of ours.
+pub fn denied_in(body: &[u8]) -> Option<LimitSet> {
+    let body: ErrorBody = serde_json::from_slice(body).ok()?;
+    let message = body.error.message?;
+    let who = message
+        .strip_prefix("Rate limit reached for ")
+        .or_else(|| message.strip_prefix("Request too large for "))?;
+    let who = &who[..who.find(" on ")?];
+    Some(match who.split_once(" (") {
+        None => LimitSet::Key,
+        Some((_, "per day)")) => LimitSet::KeyDay,
+        Some((_, s)) if s.starts_with("model ") => LimitSet::Model,
+        Some((_, s)) if s.starts_with("pool ") && s.ends_with(", per day)") => LimitSet::PoolDay,
+        Some((_, s)) if s.starts_with("pool ") => LimitSet::Pool,
+        Some(_) => LimitSet::Key,
+    })
 }
 
 /// The limit a 429 body names, when it names one of ours.
@@ -156,6 +180,21 @@ data: {"type":"response.completed","response":{"usage":{"input_tokens":11,"input
         );
         assert_eq!(denied_by(br#"{"error":{"type":"tokens"}}"#), None);
         assert_eq!(denied_by(b"not json"), None);
+        let message = |who: &str| {
+            format!(
+                r#"{{"error":{{"message":"Rate limit reached for {who} on requests: Limit 1","type":"requests"}}}}"#
+            )
+        };
+        for (who, set) in [
+            ("team-a", LimitSet::Key),
+            ("team-a (per day)", LimitSet::KeyDay),
+            ("team-a (model gpt-4o)", LimitSet::Model),
+            ("team-a (pool research)", LimitSet::Pool),
+            ("team-a (pool research, per day)", LimitSet::PoolDay),
+        ] {
+            assert_eq!(denied_in(message(who).as_bytes()), Some(set), "{who}");
+        }
+        assert_eq!(denied_in(b"{}"), None);
         // A 2xx body is never read as a denial, nor a 429 for usage.
         assert_eq!(Seen::read(200, body).denied_by, None);
         assert_eq!(

@@ -27,16 +27,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<Verdict> {
     writable(&settings)?;
     let audit = match &settings.verify {
         Some(path) => Some(
-            Audit::load(path, &settings.secrets)
+            Audit::load(path, &settings.secrets, &settings.models)
                 .with_context(|| format!("--verify {}", path.display()))?,
         ),
         None => None,
     };
     let keys = key_labels(
         settings.secrets.len(),
-        audit
-            .as_ref()
-            .map(|a| a.keys.iter().map(|k| k.name.clone()).collect()),
+        audit.as_ref().map(|a| a.key_names.clone()),
     );
     let plan = Arc::new(Plan::build(&settings)?);
     let pacing = Pacing {

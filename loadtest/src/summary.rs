@@ -195,7 +195,7 @@ impl Summary {
                 Mode::Grpc { api, .. } => Some(api.as_str()),
             },
             endpoint: settings.endpoint.as_str(),
-            model: settings.model.clone(),
+            model: settings.models.join(","),
             stream: settings.stream,
             pace,
             concurrency,

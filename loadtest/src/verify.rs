@@ -71,7 +71,7 @@ use anyhow::{bail, Context};
 use llm_ratelimit::config::Config;
 use serde::{Serialize, Serializer};
 
-use crate::record::{LimitKind, Outcome, Record, UsageSeries};
+use crate::record::{LimitKind, LimitSet, Outcome, Record, UsageSeries};
 
 /// One amount per limit, in the order of [`LimitKind::ALL`].
 type Amounts = [u64; 3];
@@ -85,24 +85,79 @@ pub struct Audit {
     pub precision_ms: u64,
     /// The output reservation of a request that sends no `max_tokens`.
     pub default_max_output_tokens: u64,
-    /// One per `--key`, in the same order.
+    /// Each `--key`'s config name, in the same order.
+    pub key_names: Vec<String>,
+    /// Every limit the run's requests were held to: each key's own per window, its
+    /// `per_day`, each `models` entry a `--model` matches, its pool's (per window and per
+    /// day).
     pub keys: Vec<AuditKey>,
 }
 
-/// A key by its config name, never its secret.
+/// One set of three limits, by config name (never a secret), and the requests it counts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AuditKey {
+    /// `team-a`, `team-a per_day`, `team-a model gpt-4o`, `pool research`, ...
     pub name: String,
-    /// In the order of [`LimitKind::ALL`].
+    /// In the order of [`LimitKind::ALL`]; [`Config::UNLIMITED`] for one left out.
     pub limits: [u64; 3],
+    pub window_ms: u64,
+    pub precision_ms: u64,
+    /// The `--key`s (indexes) whose requests count here, each with the `--model`s
+    /// (indexes) that do, `None` for every model.
+    pub members: Vec<(u16, Option<Vec<u16>>)>,
+    /// The 429s that are this limit's: those whose message names this kind of limit.
+    pub scope: LimitSet,
+}
+
+impl AuditKey {
+    /// A key's own limits per window, counting every request of `--key` number `key`.
+    pub fn own(
+        name: &str,
+        limits: [u64; 3],
+        key: u16,
+        window_ms: u64,
+        precision_ms: u64,
+    ) -> AuditKey {
+        AuditKey {
+            name: name.to_owned(),
+            limits,
+            window_ms,
+            precision_ms,
+            members: vec![(key, None)],
+            scope: LimitSet::Key,
+        }
+    }
+
+    /// Whether record `r` counts against this limit.
+    fn counts(&self, r: &Record) -> bool {
+        self.members
+            .iter()
+            .any(|(k, models)| *k == r.key && models.as_ref().is_none_or(|m| m.contains(&r.model)))
+    }
+
+    /// Whether 429 `r` is this limit's denial.
+    fn denied(&self, r: &Record) -> bool {
+        self.counts(r) && r.denied_in.unwrap_or(LimitSet::Key) == self.scope
+    }
+}
+
+fn limits_of(l: &llm_ratelimit::engine::Limits) -> [u64; 3] {
+    [l.requests, l.input_tokens, l.output_tokens]
 }
 
 impl Audit {
     /// Reads the limiter's config with the limiter's own parser and finds each secret's
-    /// key. An unknown secret is an error naming its position, never the secret.
-    pub fn load(config: &Path, secrets: &[String]) -> anyhow::Result<Audit> {
+    /// key, and every limit its requests for `models` are held to. An unknown secret is an
+    /// error naming its position, never the secret.
+    pub fn load(config: &Path, secrets: &[String], models: &[String]) -> anyhow::Result<Audit> {
         let parsed = Config::load(config).context("--verify")?;
-        let mut keys = Vec::with_capacity(secrets.len());
+        let (window_ms, precision_ms) = (
+            duration_ms(parsed.window()),
+            duration_ms(parsed.precision()),
+        );
+        let day = parsed.day_shape();
+        let (day_ms, day_precision_ms) = (day.window_ms(), day.precision_ms());
+        let mut specs = Vec::with_capacity(secrets.len());
         for (i, secret) in secrets.iter().enumerate() {
             let Some(spec) = parsed.key_by_secret(secret) else {
                 bail!(
@@ -111,38 +166,117 @@ impl Audit {
                     config.display()
                 );
             };
-            let limits = LimitKind::ALL.map(|kind| match kind {
-                LimitKind::Requests => spec.limits.requests,
-                LimitKind::InputTokens => spec.limits.input_tokens,
-                LimitKind::OutputTokens => spec.limits.output_tokens,
-            });
+            specs.push(spec);
+        }
+        let key_names: Vec<String> = specs.iter().map(|s| s.name.to_string()).collect();
+        // The --key indexes of one key (a secret may be given twice).
+        let of = |name: &str| -> Vec<u16> {
+            (0..specs.len() as u16)
+                .filter(|&i| key_names[usize::from(i)] == name)
+                .collect()
+        };
+        let mut keys: Vec<AuditKey> = Vec::new();
+        let mut pools: Vec<String> = Vec::new();
+        for (i, spec) in specs.iter().enumerate() {
+            let name = spec.name.as_str();
+            if key_names[..i].iter().any(|n| n == name) {
+                continue;
+            }
+            let idx = of(name);
+            let every = |models: Option<Vec<u16>>| -> Vec<(u16, Option<Vec<u16>>)> {
+                idx.iter().map(|&i| (i, models.clone())).collect()
+            };
             keys.push(AuditKey {
-                name: spec.name.as_str().to_owned(),
-                limits,
+                members: every(None),
+                ..AuditKey::own(name, limits_of(&spec.limits), 0, window_ms, precision_ms)
             });
+            if let Some(d) = spec.per_day {
+                keys.push(AuditKey {
+                    name: format!("{name} per_day"),
+                    limits: limits_of(&d),
+                    window_ms: day_ms,
+                    precision_ms: day_precision_ms,
+                    members: every(None),
+                    scope: LimitSet::KeyDay,
+                });
+            }
+            for entry in &spec.models {
+                let matched: Vec<u16> = models
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, m)| spec.model_entry(m) == Some(entry))
+                    .map(|(j, _)| j as u16)
+                    .collect();
+                if matched.is_empty() {
+                    continue;
+                }
+                keys.push(AuditKey {
+                    name: format!("{name} model {}", entry.matches),
+                    limits: limits_of(&entry.limits),
+                    window_ms,
+                    precision_ms,
+                    members: every(Some(matched)),
+                    scope: LimitSet::Model,
+                });
+            }
+            if let Some(pool) = &spec.pool {
+                if !pools.iter().any(|p| p == pool.as_str()) {
+                    pools.push(pool.to_string());
+                }
+            }
+        }
+        for pool_name in pools {
+            let Some(pool) = parsed.pool_by_name(&pool_name) else {
+                continue;
+            };
+            let members: Vec<(u16, Option<Vec<u16>>)> = specs
+                .iter()
+                .enumerate()
+                .filter(|(_, k)| k.pool.as_ref() == Some(&pool.name))
+                .map(|(i, _)| (i as u16, None))
+                .collect();
+            if let Some(l) = pool.limits {
+                keys.push(AuditKey {
+                    name: format!("pool {pool_name}"),
+                    limits: limits_of(&l),
+                    window_ms,
+                    precision_ms,
+                    members: members.clone(),
+                    scope: LimitSet::Pool,
+                });
+            }
+            if let Some(d) = pool.per_day {
+                keys.push(AuditKey {
+                    name: format!("pool {pool_name} per_day"),
+                    limits: limits_of(&d),
+                    window_ms: day_ms,
+                    precision_ms: day_precision_ms,
+                    members,
+                    scope: LimitSet::PoolDay,
+                });
+            }
         }
         Ok(Audit {
-            window_ms: duration_ms(parsed.window()),
-            precision_ms: duration_ms(parsed.precision()),
+            window_ms,
+            precision_ms,
             default_max_output_tokens: parsed.default_max_output_tokens(),
+            key_names,
             keys,
         })
     }
 
-    /// Replays the records against the limits. `Record::key` indexes `self.keys`; a record
-    /// with an index beyond them is left out and counted in `Report::ignored`.
+    /// Replays the records against every limit. A record counts against each limit whose
+    /// members include its key (and model); one that counts nowhere (a key index beyond
+    /// the audit's) is left out and counted in `Report::ignored`. A 429 is the denial of
+    /// the limits its message names (a key's own when it names none).
     pub fn replay(&self, records: &[Record]) -> Report {
-        // Everything is done in µs, signed, so `sent − W` needs no care at the run's start.
-        let window = self.window_ms.clamp(1, 1 << 40) as i64 * 1000;
-        let precision = self.precision_ms.min(1 << 40) as i64 * 1000;
         let run_end = records.iter().map(|r| r.done_us).max().unwrap_or(0) as i64;
-
         let mut counted: Vec<Vec<Counted>> = vec![Vec::new(); self.keys.len()];
         let mut denied: Vec<Vec<Denial>> = vec![Vec::new(); self.keys.len()];
-        let mut ignored = 0u64;
-        let mut unknown = 0u64;
+        let (mut ignored, mut unknown, mut admitted, mut refused) = (0u64, 0u64, 0u64, 0u64);
+        let mut network = Vec::new();
         for r in records {
-            if usize::from(r.key) >= self.keys.len() {
+            if !self.keys.iter().any(|k| k.counts(r)) {
                 ignored += 1;
                 continue;
             }
@@ -151,47 +285,59 @@ impl Audit {
             } else {
                 u64::from(r.max_tokens)
             };
+            // Everything is done in µs, signed, so `sent − W` needs no care at the run's start.
             let sent = r.sent_us as i64;
             // A clock can't go backwards within the tool, but a record must not break the sweep.
             let done = (r.done_us as i64).max(sent);
-            let k = usize::from(r.key);
             match r.outcome {
-                Outcome::RateLimited => denied[k].push(Denial {
-                    sent,
-                    done,
-                    want: [1, u64::from(r.prompt_tokens), reserved],
-                    named: r.denied_by.map(limit_index),
-                }),
-                outcome => {
-                    let admitted = outcome == Outcome::Ok;
-                    unknown += u64::from(!admitted);
-                    counted[k].push(Counted::new(sent, done, admitted, r, reserved));
+                Outcome::RateLimited => refused += 1,
+                Outcome::Ok => {
+                    admitted += 1;
+                    network.push((done - sent) as u64);
+                }
+                Outcome::Other => unknown += 1,
+            }
+            for (k, key) in self.keys.iter().enumerate() {
+                match r.outcome {
+                    Outcome::RateLimited if key.denied(r) => denied[k].push(Denial {
+                        sent,
+                        done,
+                        want: [1, u64::from(r.prompt_tokens), reserved],
+                        named: r.denied_by.map(limit_index),
+                    }),
+                    Outcome::RateLimited => {}
+                    outcome if key.counts(r) => {
+                        let ok = outcome == Outcome::Ok;
+                        counted[k].push(Counted::new(sent, done, ok, r, reserved));
+                    }
+                    _ => {}
                 }
             }
         }
 
-        let network = Spread::of(
-            counted
-                .iter()
-                .flatten()
-                .filter(|c| c.admitted)
-                .map(|c| (c.done - c.sent) as u64)
-                .collect(),
-        );
-        let step = precision.max(run_end / 600).max(1);
+        let network = Spread::of(network);
+        let run_precision = self.precision_ms.min(1 << 40) as i64 * 1000;
+        let step = run_precision.max(run_end / 600).max(1);
         let mut keys = Vec::with_capacity(self.keys.len());
         let mut series = Vec::with_capacity(self.keys.len() * 3);
         for ((key, counted), denied) in self.keys.iter().zip(&counted).zip(&denied) {
+            let window = key.window_ms.clamp(1, 1 << 40) as i64 * 1000;
             let (report, key_series) = audit_key(key, counted, denied, window, run_end, step);
             keys.push(report);
-            series.extend(key_series);
+            // A limit left out (unlimited) has no line worth drawing.
+            series.extend(
+                key_series
+                    .into_iter()
+                    .filter(|s| s.limit_value < Config::UNLIMITED),
+            );
         }
-        let within = |e: &Option<WindowError>| match e {
-            None => true,
-            Some(WindowError::Us(us)) => *us <= precision,
-            Some(WindowError::Unbounded) => false,
-        };
-        let passed = keys.iter().all(|k| {
+        let passed = self.keys.iter().zip(&keys).all(|(audit, k)| {
+            let precision = audit.precision_ms.min(1 << 40) as i64 * 1000;
+            let within = |e: &Option<WindowError>| match e {
+                None => true,
+                Some(WindowError::Us(us)) => *us <= precision,
+                Some(WindowError::Unbounded) => false,
+            };
             within(&k.unnamed_denials.error_max)
                 && k.limits.iter().all(|l| {
                     l.over_admission
@@ -204,8 +350,8 @@ impl Audit {
             window_ms: self.window_ms,
             precision_ms: self.precision_ms,
             passed,
-            admitted: keys.iter().map(|k| k.admitted).sum(),
-            denied: keys.iter().map(|k| k.denied).sum(),
+            admitted,
+            denied: refused,
             unknown,
             ignored,
             network,
@@ -515,7 +661,12 @@ impl Report {
             "false 429 error p99/max",
         );
         for key in &self.keys {
-            for l in &key.limits {
+            // A limit a `per_day`, `models` or pool entry leaves out is unlimited: no row.
+            for l in key
+                .limits
+                .iter()
+                .filter(|l| l.limit_value < Config::UNLIMITED)
+            {
                 let _ = writeln!(
                     out,
                     "{:<name_width$}  {:<13} {:>limit_width$}  {:>7.1}% {:>7.1}% {:>7.1}%  {:>16}  {:>7} {:>6}  {:>22}",
@@ -1008,12 +1159,18 @@ mod tests {
             window_ms,
             precision_ms,
             default_max_output_tokens: 16,
+            key_names: (0..limits.len()).map(|i| format!("key-{i}")).collect(),
             keys: limits
                 .iter()
                 .enumerate()
-                .map(|(i, &limits)| AuditKey {
-                    name: format!("key-{i}"),
-                    limits,
+                .map(|(i, &limits)| {
+                    AuditKey::own(
+                        &format!("key-{i}"),
+                        limits,
+                        i as u16,
+                        window_ms,
+                        precision_ms,
+                    )
                 })
                 .collect(),
         }
@@ -1023,6 +1180,7 @@ mod tests {
         Record {
             target: 0,
             key,
+            model: 0,
             intended_us: sent_us as u64,
             sent_us: sent_us as u64,
             done_us: done_us as u64,
@@ -1033,6 +1191,7 @@ mod tests {
                 Outcome::Other => 503,
             },
             denied_by: None,
+            denied_in: None,
             prompt_tokens: 10,
             completion_tokens: if outcome == Outcome::Ok { 5 } else { 0 },
             max_tokens: 8,
@@ -1107,12 +1266,14 @@ mod tests {
             let mut r = Record {
                 target: 0,
                 key: a.key,
+                model: 0,
                 intended_us: (a.at - a.before) as u64,
                 sent_us: (a.at - a.before) as u64,
                 done_us: (a.at + a.after) as u64,
                 outcome: Outcome::Ok,
                 status: 200,
                 denied_by: None,
+                denied_in: None,
                 prompt_tokens: a.prompt,
                 completion_tokens: a.completion,
                 max_tokens: a.max_tokens,
@@ -1502,7 +1663,7 @@ mod tests {
         )
         .unwrap();
         let secrets = vec!["sk-very-secret-b".to_owned(), "sk-very-secret-a".to_owned()];
-        let audit = Audit::load(&path, &secrets).unwrap();
+        let audit = Audit::load(&path, &secrets, &[]).unwrap();
         assert_eq!((audit.window_ms, audit.precision_ms), (10_000, 100));
         assert_eq!(audit.keys[0].name, "team-b");
         assert_eq!(audit.keys[0].limits, [7, 200, 300]);
@@ -1526,14 +1687,72 @@ mod tests {
             assert!(shown.contains("team-a") || shown == &series);
         }
         let missing = vec!["sk-very-secret-a".to_owned(), "sk-not-there".to_owned()];
-        let err = format!("{:#}", Audit::load(&path, &missing).unwrap_err());
+        let err = format!("{:#}", Audit::load(&path, &missing, &[]).unwrap_err());
         assert!(err.contains("the 2nd --key is not a key of"), "{err}");
         assert!(!err.contains("sk-"), "{err}");
         let err = format!(
             "{:#}",
-            Audit::load(&dir.path().join("absent.yaml"), &secrets).unwrap_err()
+            Audit::load(&dir.path().join("absent.yaml"), &secrets, &[]).unwrap_err()
         );
         assert!(err.contains("cannot read config"), "{err}");
+    }
+
+    #[test]
+    fn every_limit_of_the_config_is_audited_per_model_per_day_and_per_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.yaml");
+        std::fs::write(
+            &path,
+            "window: 10s\nprecision: 100ms\nkeys:\n  - name: team-a\n    key: sk-very-secret-a\n    rpm: 100\n    input_tpm: 10000\n    output_tpm: 10000\n    per_day:\n      requests: 1000\n    models:\n      - match: gpt-4o\n        rpm: 2\n      - match: o3*\n        rpm: 1\n    pool: research\n  - name: team-b\n    key: sk-very-secret-b\n    rpm: 100\n    input_tpm: 10000\n    output_tpm: 10000\n    pool: research\npools:\n  - name: research\n    rpm: 5\n",
+        )
+        .unwrap();
+        let secrets = vec!["sk-very-secret-a".to_owned(), "sk-very-secret-b".to_owned()];
+        let models = vec!["gpt-4o".to_owned(), "gpt-4o-mini".to_owned()];
+        let audit = Audit::load(&path, &secrets, &models).unwrap();
+        let names: Vec<&str> = audit.keys.iter().map(|k| k.name.as_str()).collect();
+        // No o3 model is sent: that entry is not audited.
+        assert_eq!(
+            names,
+            [
+                "team-a",
+                "team-a per_day",
+                "team-a model gpt-4o",
+                "team-b",
+                "pool research"
+            ]
+        );
+        assert_eq!(audit.key_names, ["team-a", "team-b"]);
+        assert_eq!(audit.keys[1].window_ms, 86_400_000);
+        // 3 of team-a's gpt-4o and 3 of team-b's, all within a second: the model entry's
+        // 2 and the pool's 5 were exceeded; the keys' own 100 were not.
+        let with = |key: u16, model: u16, i: i64| Record {
+            model,
+            ..record(key, i * 100 * MS, i * 100 * MS + 5, Outcome::Ok)
+        };
+        let mut records: Vec<Record> = (0..3).map(|i| with(0, 0, i)).collect();
+        records.extend((3..6).map(|i| with(1, 1, i)));
+        // A 429 naming the pool, given while... the pool was over, so justified; one
+        // naming team-a's per-day limit, which had room: false.
+        let denial = |set: LimitSet, i: i64| Record {
+            denied_by: Some(LimitKind::Requests),
+            denied_in: Some(set),
+            ..record(0, i * 100 * MS, i * 100 * MS + 5, Outcome::RateLimited)
+        };
+        records.push(denial(LimitSet::Pool, 7));
+        records.push(denial(LimitSet::KeyDay, 8));
+        let report = audit.replay(&records);
+        let by = |name: &str| report.keys.iter().find(|k| k.name == name).unwrap();
+        assert!(by("team-a model gpt-4o").limits[0].over_admission.is_some());
+        assert!(by("pool research").limits[0].over_admission.is_some());
+        assert!(by("team-a").limits[0].over_admission.is_none());
+        assert_eq!(by("team-a model gpt-4o").admitted, 3);
+        assert_eq!(by("pool research").admitted, 6);
+        assert_eq!(by("pool research").limits[0].denials.total, 1);
+        assert_eq!(by("pool research").limits[0].denials.false_429, 0);
+        assert_eq!(by("team-a per_day").limits[0].denials.false_429, 1);
+        assert_eq!(by("team-a").limits[0].denials.total, 0);
+        assert_eq!((report.admitted, report.denied), (6, 2));
+        assert!(!report.passed());
     }
 
     // ---- the sweeps against brute force ----

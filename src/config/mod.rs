@@ -7,6 +7,7 @@
 //! so it can be cloned, compared and logged freely. [`watch`] reloads it while the
 //! server runs.
 
+mod applied;
 mod duration;
 mod error;
 mod parse;
@@ -20,8 +21,9 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use crate::engine::failover::OnStoreError;
-use crate::engine::{KeyName, Limits, WindowShape};
+use crate::engine::{KeyName, Limits, ModelMatch, WindowShape};
 
+pub use applied::{Applied, LimitScope};
 pub use duration::parse_duration;
 pub use error::ConfigError;
 pub use watch::{spawn_watcher, ReloadOutcome};
@@ -31,7 +33,32 @@ pub use watch::{spawn_watcher, ReloadOutcome};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeySpec {
     pub name: KeyName,
+    /// Per window (`window`, a minute by default).
     pub limits: Limits,
+    /// Per 24 hours, in buckets of a minute; `None` when the key has none.
+    pub per_day: Option<Limits>,
+    /// Limits per model, on top of the key's own; no two entries match one model.
+    pub models: Vec<ModelLimits>,
+    /// The pool the key also counts against.
+    pub pool: Option<KeyName>,
+}
+
+/// One `models` entry: the models it matches and their limits per window. A limit the
+/// entry leaves out is [`Config::UNLIMITED`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelLimits {
+    pub matches: ModelMatch,
+    pub limits: Limits,
+}
+
+/// A pool: limits shared by every key that names it. A limit it leaves out is
+/// [`Config::UNLIMITED`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolSpec {
+    pub name: KeyName,
+    /// Per window; `None` when the pool sets only `per_day`.
+    pub limits: Option<Limits>,
+    pub per_day: Option<Limits>,
 }
 
 /// What admission does with a `POST` to a path it cannot meter (CONTRACT §7).
@@ -57,6 +84,7 @@ pub struct Config {
     /// Azure OpenAI deployment name → the model it serves (picks the tokenizer).
     azure_deployments: HashMap<String, String>,
     keys: Vec<KeySpec>,
+    pools: Vec<PoolSpec>,
     /// SHA-256 of each secret → index into `keys`.
     by_digest: HashMap<[u8; 32], usize>,
     by_name: HashMap<String, usize>,
@@ -75,6 +103,11 @@ impl Config {
     /// Largest limit: the Lua scripts count in doubles, exact below 2^53; this leaves room
     /// for a window's total plus one request.
     pub const MAX_LIMIT: u64 = 1_000_000_000_000_000;
+    /// A limit a `per_day`, `models` or pool entry leaves out: above every limit one can
+    /// set, so it never denies (and `/v1/usage` shows it as `null`).
+    pub const UNLIMITED: u64 = Self::MAX_LIMIT + 1;
+    /// Most `models` entries one key may have: bounds `/v1/usage` and the config's size.
+    pub const MAX_MODELS: usize = 64;
 
     /// Parses and validates `text`; `origin` is the path shown in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
@@ -147,6 +180,16 @@ impl Config {
     pub fn key_by_name(&self, name: &str) -> Option<&KeySpec> {
         self.by_name.get(name).map(|&i| &self.keys[i])
     }
+
+    /// The pools in file order.
+    pub fn pools(&self) -> &[PoolSpec] {
+        &self.pools
+    }
+
+    /// The pool called `name`.
+    pub fn pool_by_name(&self, name: &str) -> Option<&PoolSpec> {
+        self.pools.iter().find(|p| p.name.as_str() == name)
+    }
 }
 
 /// Shows everything but the digests: a digest of a weak secret can be brute-forced, so
@@ -162,6 +205,7 @@ impl fmt::Debug for Config {
             .field("on_store_error", &self.on_store_error)
             .field("azure_deployments", &self.azure_deployments)
             .field("keys", &self.keys)
+            .field("pools", &self.pools)
             .finish_non_exhaustive()
     }
 }

@@ -14,10 +14,10 @@ use serde_saphyr::{Location, Spanned};
 use sha2::{Digest, Sha256};
 
 use super::duration::parse_duration;
-use super::{Config, ConfigError, KeySpec, UnknownEndpoints};
+use super::{Config, ConfigError, KeySpec, ModelLimits, PoolSpec, UnknownEndpoints};
 use crate::engine::failover::OnStoreError;
 use crate::engine::WindowShape;
-use crate::engine::{KeyName, Limits};
+use crate::engine::{KeyName, Limits, ModelMatch};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -30,6 +30,7 @@ struct RawFile {
     on_store_error: Option<Spanned<String>>,
     azure_deployments: Option<HashMap<Spanned<String>, Spanned<String>>>,
     keys: Vec<Spanned<RawKey>>,
+    pools: Option<Vec<Spanned<RawPool>>>,
 }
 
 // No Debug, here or on `SecretText`: this struct holds a secret. Every field is
@@ -44,6 +45,40 @@ struct RawKey {
     rpm: Option<Spanned<Count>>,
     input_tpm: Option<Spanned<Count>>,
     output_tpm: Option<Spanned<Count>>,
+    per_day: Option<Spanned<RawDay>>,
+    models: Option<Spanned<Vec<Spanned<RawModel>>>>,
+    pool: Option<Spanned<String>>,
+}
+
+/// `per_day`, of a key or a pool: limits over 24 hours.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDay {
+    requests: Option<Spanned<Count>>,
+    input_tokens: Option<Spanned<Count>>,
+    output_tokens: Option<Spanned<Count>>,
+}
+
+/// One `models` entry of a key.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    #[serde(rename = "match")]
+    matches: Option<Spanned<String>>,
+    rpm: Option<Spanned<Count>>,
+    input_tpm: Option<Spanned<Count>>,
+    output_tpm: Option<Spanned<Count>>,
+}
+
+/// One `pools` entry.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    name: Option<Spanned<String>>,
+    rpm: Option<Spanned<Count>>,
+    input_tpm: Option<Spanned<Count>>,
+    output_tpm: Option<Spanned<Count>>,
+    per_day: Option<Spanned<RawDay>>,
 }
 
 /// An integer as written, sign and all, so that `rpm: -5` is reported as "must be
@@ -141,6 +176,7 @@ fn validate(raw: RawFile, origin: &str) -> Result<Config, ConfigError> {
         })?,
     };
     let azure_deployments = azure_deployments(raw.azure_deployments.as_ref(), origin)?;
+    let pools = pools(raw.pools.as_deref().unwrap_or_default(), origin)?;
 
     let mut keys = Vec::with_capacity(raw.keys.len());
     let mut by_name: HashMap<String, usize> = HashMap::new();
@@ -218,11 +254,42 @@ fn validate(raw: RawFile, origin: &str) -> Result<Config, ConfigError> {
             output_tokens: limit(&entry.output_tpm, "output_tpm")?,
         };
 
+        let owner = format!("key `{name}`");
+        let per_day = match &entry.per_day {
+            Some(day) => Some(day_limits(day, &owner, origin)?),
+            None => None,
+        };
+        let models = match &entry.models {
+            Some(list) => models(list, &owner, origin)?,
+            None => Vec::new(),
+        };
+        let pool = match &entry.pool {
+            None => None,
+            Some(p) => match pools.iter().find(|pool| pool.name.as_str() == p.value) {
+                Some(pool) => Some(pool.name.clone()),
+                None => {
+                    return Err(err(
+                        p.referenced,
+                        format!(
+                            "key `{name}` names pool `{}`, which `pools` does not define",
+                            p.value
+                        ),
+                    ))
+                }
+            },
+        };
+
         let index = keys.len();
         by_name.insert(name.as_str().to_owned(), index);
         by_digest.insert(digest, index);
         name_lines.push(raw_name.referenced.line());
-        keys.push(KeySpec { name, limits });
+        keys.push(KeySpec {
+            name,
+            limits,
+            per_day,
+            models,
+            pool,
+        });
     }
 
     let shape =
@@ -237,9 +304,157 @@ fn validate(raw: RawFile, origin: &str) -> Result<Config, ConfigError> {
         on_store_error,
         azure_deployments,
         keys,
+        pools,
         by_digest,
         by_name,
     })
+}
+
+/// Limits of which some may be left out (`None`: the field is absent): each one set is
+/// checked; one left out is unlimited. At least one must be set.
+fn some_limits(
+    fields: [(&Option<Spanned<Count>>, &str); 3],
+    owner: &str,
+    origin: &str,
+) -> Result<Option<Limits>, ConfigError> {
+    let mut values = [Config::UNLIMITED; 3];
+    let mut set = false;
+    for (value, (field, name)) in values.iter_mut().zip(fields) {
+        if let Some(v) = field {
+            *value = positive(v, name, Config::MAX_LIMIT as i128)
+                .map_err(|m| ConfigError::at(origin, v.referenced, format!("{owner}: {m}")))?
+                as u64;
+            set = true;
+        }
+    }
+    Ok(set.then_some(Limits {
+        requests: values[0],
+        input_tokens: values[1],
+        output_tokens: values[2],
+    }))
+}
+
+/// A `per_day` block: at least one of its three limits.
+fn day_limits(day: &Spanned<RawDay>, owner: &str, origin: &str) -> Result<Limits, ConfigError> {
+    let v = &day.value;
+    let fields = [
+        (&v.requests, "requests"),
+        (&v.input_tokens, "input_tokens"),
+        (&v.output_tokens, "output_tokens"),
+    ];
+    some_limits(fields, &format!("{owner} per_day"), origin)?.ok_or_else(|| {
+        ConfigError::at(
+            origin,
+            day.referenced,
+            format!("{owner}: per_day sets no limit; set requests, input_tokens or output_tokens"),
+        )
+    })
+}
+
+/// A key's `models` entries: each a valid match with at least one limit, and no two
+/// matching one model (which one applied would depend on their order).
+fn models(
+    list: &Spanned<Vec<Spanned<RawModel>>>,
+    owner: &str,
+    origin: &str,
+) -> Result<Vec<ModelLimits>, ConfigError> {
+    let err = |at: Location, message: String| ConfigError::at(origin, at, message);
+    if list.value.len() > Config::MAX_MODELS {
+        return Err(err(
+            list.referenced,
+            format!(
+                "{owner} has {} models entries; at most {} are allowed",
+                list.value.len(),
+                Config::MAX_MODELS
+            ),
+        ));
+    }
+    let mut out: Vec<ModelLimits> = Vec::with_capacity(list.value.len());
+    for (position, entry) in list.value.iter().enumerate() {
+        let Some(text) = &entry.value.matches else {
+            return Err(err(
+                entry.referenced,
+                format!("{owner}: models entry {} is missing `match`", position + 1),
+            ));
+        };
+        let matches = ModelMatch::new(&text.value)
+            .map_err(|m| err(text.referenced, format!("{owner}: {m}")))?;
+        if let Some(other) = out.iter().find(|o| o.matches.overlaps(&matches)) {
+            return Err(err(
+                text.referenced,
+                format!(
+                    "{owner}: models match `{matches}` overlaps `{}`: a model may match only one entry",
+                    other.matches
+                ),
+            ));
+        }
+        let v = &entry.value;
+        let this = format!("{owner} models `{matches}`");
+        let fields = [
+            (&v.rpm, "rpm"),
+            (&v.input_tpm, "input_tpm"),
+            (&v.output_tpm, "output_tpm"),
+        ];
+        let limits = some_limits(fields, &this, origin)?.ok_or_else(|| {
+            err(
+                entry.referenced,
+                format!("{this} sets no limit; set rpm, input_tpm or output_tpm"),
+            )
+        })?;
+        out.push(ModelLimits { matches, limits });
+    }
+    Ok(out)
+}
+
+/// `pools`: unique names, each with at least one limit.
+fn pools(raw: &[Spanned<RawPool>], origin: &str) -> Result<Vec<PoolSpec>, ConfigError> {
+    let err = |at: Location, message: String| ConfigError::at(origin, at, message);
+    let mut out: Vec<PoolSpec> = Vec::with_capacity(raw.len());
+    let mut lines: Vec<u64> = Vec::with_capacity(raw.len());
+    for (position, entry) in raw.iter().enumerate() {
+        let Some(raw_name) = &entry.value.name else {
+            return Err(err(
+                entry.referenced,
+                format!("entry {} of `pools` is missing `name`", position + 1),
+            ));
+        };
+        let name = KeyName::new(&raw_name.value)
+            .map_err(|m| err(raw_name.referenced, m.replace("key name", "pool name")))?;
+        if let Some(first) = out.iter().position(|p| p.name == name) {
+            return Err(err(
+                raw_name.referenced,
+                format!(
+                    "duplicate pool name `{name}` (first defined at line {})",
+                    lines[first]
+                ),
+            ));
+        }
+        let v = &entry.value;
+        let owner = format!("pool `{name}`");
+        let fields = [
+            (&v.rpm, "rpm"),
+            (&v.input_tpm, "input_tpm"),
+            (&v.output_tpm, "output_tpm"),
+        ];
+        let limits = some_limits(fields, &owner, origin)?;
+        let per_day = match &v.per_day {
+            Some(day) => Some(day_limits(day, &owner, origin)?),
+            None => None,
+        };
+        if limits.is_none() && per_day.is_none() {
+            return Err(err(
+                entry.referenced,
+                format!("{owner} sets no limit; set rpm, input_tpm, output_tpm or per_day"),
+            ));
+        }
+        lines.push(raw_name.referenced.line());
+        out.push(PoolSpec {
+            name,
+            limits,
+            per_day,
+        });
+    }
+    Ok(out)
 }
 
 /// The window and bucket width, checked against each other. A problem with their
@@ -845,6 +1060,154 @@ keys:
         assert_error(&text, 2, 11, "may contain only letters");
         let text = one_key("", &ENTRY.replace("name: a", "name: ''"));
         assert_error(&text, 2, 11, "1 to 64 characters");
+    }
+
+    const LIMITED: &str = "\
+keys:
+  - name: team-a
+    key: sk-test-tier-a
+    rpm: 600
+    input_tpm: 200000
+    output_tpm: 50000
+    per_day:
+      requests: 20000
+    models:
+      - match: gpt-4o
+        rpm: 100
+      - match: \"o3*\"
+        rpm: 10
+        input_tpm: 10000
+        output_tpm: 10000
+    pool: research
+  - name: team-b
+    key: sk-test-tier-b
+    rpm: 60
+    input_tpm: 20000
+    output_tpm: 5000
+pools:
+  - name: research
+    input_tpm: 1000000
+    per_day:
+      output_tokens: 5000000
+";
+
+    #[test]
+    fn per_day_models_and_pools_parse_to_their_limits() {
+        let c = parse(LIMITED, "cfg.yaml").unwrap();
+        let a = c.key_by_name("team-a").unwrap();
+        let u = Config::UNLIMITED;
+        assert_eq!(
+            a.per_day,
+            Some(Limits {
+                requests: 20_000,
+                input_tokens: u,
+                output_tokens: u
+            })
+        );
+        assert_eq!(a.models.len(), 2);
+        assert_eq!(a.model_entry("gpt-4o").unwrap().limits.requests, 100);
+        assert!(a.model_entry("gpt-4o-mini").is_none());
+        assert_eq!(
+            a.model_entry("o3-mini").unwrap().limits.input_tokens,
+            10_000
+        );
+        assert_eq!(a.pool.as_ref().unwrap().as_str(), "research");
+        assert_eq!(a.tag().as_str(), "research");
+        let pool = c.pool_by_name("research").unwrap();
+        assert_eq!(pool.limits.unwrap().input_tokens, 1_000_000);
+        assert_eq!(pool.limits.unwrap().requests, u);
+        assert_eq!(pool.per_day.unwrap().output_tokens, 5_000_000);
+        // team-a on gpt-4o: own, per day, the model entry, the pool, the pool per day —
+        // all under the pool's hash tag.
+        let applied = c.limits_for(a, Some("gpt-4o"));
+        assert_eq!(applied.len(), 5);
+        assert!(applied
+            .iter()
+            .all(|x| x.bound.ring.tag.as_str() == "research"));
+        assert_eq!(c.limits_for(a, Some("gpt-3.5-turbo")).len(), 4);
+        let b = c.key_by_name("team-b").unwrap();
+        assert_eq!(c.limits_for(b, Some("gpt-4o")).len(), 1);
+        assert_eq!(c.limits_for(b, None)[0].bound.ring.tag.as_str(), "team-b");
+        assert_eq!(c.rings().len(), 1 + 1 + 2 + 2 + 1);
+    }
+
+    #[test]
+    fn limits_left_alone_keep_their_rings_across_reloads() {
+        let before = parse(LIMITED, "cfg.yaml").unwrap();
+        let after = parse(&LIMITED.replace("rpm: 100", "rpm: 150"), "cfg.yaml").unwrap();
+        // Same rings (their usage stays), other limits.
+        assert_eq!(before.rings(), after.rings());
+        let moved = parse(&LIMITED.replace("match: gpt-4o", "match: gpt-4o*"), "c").unwrap();
+        assert_eq!(before.rings().difference(&moved.rings()).count(), 1);
+    }
+
+    #[test]
+    fn model_and_pool_mistakes_are_located() {
+        assert_error(
+            &LIMITED.replace("pool: research", "pool: reserch"),
+            16,
+            11,
+            "key `team-a` names pool `reserch`, which `pools` does not define",
+        );
+        assert_error(
+            &LIMITED.replace("match: \"o3*\"", "match: \"gpt-4*\""),
+            12,
+            16,
+            "models match `gpt-4*` overlaps `gpt-4o`",
+        );
+        assert_error(
+            &LIMITED.replace("match: \"o3*\"", "match: gpt-4o"),
+            12,
+            16,
+            "overlaps `gpt-4o`",
+        );
+        assert_error(
+            &LIMITED.replace("match: \"o3*\"", "match: \"o*3\""),
+            12,
+            16,
+            "'*' may only end a match",
+        );
+        assert_error(
+            &LIMITED.replace("        rpm: 100\n", "        burst: 100\n"),
+            11,
+            9,
+            "unknown field `burst`",
+        );
+        assert_error(
+            &LIMITED.replace("      requests: 20000", "      requests: 0"),
+            8,
+            17,
+            "key `team-a` per_day: requests must be greater than 0",
+        );
+        assert_error(
+            &LIMITED.replace("      requests: 20000", "      minutes: 5"),
+            8,
+            7,
+            "unknown field `minutes`",
+        );
+        assert_error(
+            &format!("{LIMITED}  - name: research\n    rpm: 5\n"),
+            27,
+            11,
+            "duplicate pool name `research` (first defined at line 23)",
+        );
+        assert_error(
+            &format!("{LIMITED}  - name: empty\n"),
+            27,
+            5,
+            "pool `empty` sets no limit",
+        );
+        assert_error(
+            &LIMITED.replace("        rpm: 100\n", ""),
+            10,
+            9,
+            "models `gpt-4o` sets no limit",
+        );
+        let many: String = (0..65)
+            .map(|i| format!("      - match: m{i}\n        rpm: 1\n"))
+            .collect();
+        let text = LIMITED.replace("      - match: gpt-4o\n        rpm: 100\n", &many);
+        assert_error(&text, 10, 7, "at most 64 are allowed");
     }
 
     #[test]

@@ -28,10 +28,8 @@ use dashmap::DashMap;
 
 use super::memory::MemoryStore;
 use super::redis::RedisStore;
-use super::{
-    Charge, Decision, KeyName, Limits, Reservation, Settlement, Snapshot, StoreError, Usage,
-    WindowShape,
-};
+use super::rings::{Bound, Claim, RingRef, Verdict};
+use super::{Charge, Limits, Settlement, Snapshot, StoreError, Usage};
 
 /// Failed calls in a row that open the breaker.
 pub const OPEN_AFTER: u32 = 3;
@@ -122,7 +120,7 @@ struct Shared {
     local: MemoryStore,
     /// Markers of reservations made on `local`, until they expire: their settlement and
     /// refund go to `local`, not Redis.
-    local_markers: DashMap<(KeyName, WindowShape, u64), Instant>,
+    local_markers: DashMap<(RingRef, u64), Instant>,
     failures: AtomicU32,
     open: AtomicBool,
     /// The mode last reported, as [`Mode::ALL`]'s index.
@@ -195,18 +193,16 @@ impl FailoverStore {
         self.shared.nodes.load(Ordering::Relaxed)
     }
 
-    pub(super) async fn reserve(
+    pub(super) async fn reserve_all(
         &self,
-        key: &KeyName,
-        shape: WindowShape,
-        limits: &Limits,
+        set: &[Bound],
         want: &Usage,
         charge: Charge,
         marker: Option<u64>,
-    ) -> Result<Decision, StoreError> {
+    ) -> Result<Verdict, StoreError> {
         let s = &self.shared;
         let exact = s
-            .guarded(s.redis.reserve(key, shape, limits, want, charge, marker))
+            .guarded(s.redis.reserve_all(set, want, charge, marker))
             .await;
         let err = match exact {
             Ok(d) => return Ok(d),
@@ -214,75 +210,78 @@ impl FailoverStore {
         };
         match s.policy() {
             OnStoreError::Deny => Err(err),
-            OnStoreError::Allow => Ok(Decision::Admitted {
-                snapshot: Snapshot::empty(now_ms()),
-                reservation: None,
+            OnStoreError::Allow => Ok(Verdict::Admitted {
+                snapshots: vec![Snapshot::empty(now_ms()); set.len()],
+                claim: None,
             }),
             OnStoreError::Local => {
-                let share = shares(limits, s.nodes.load(Ordering::Relaxed));
-                let d = s.local.reserve(key, shape, &share, want, charge, marker);
-                if let Decision::Admitted {
-                    reservation: Some(r),
-                    ..
-                } = &d
-                {
-                    s.local_markers.insert(
-                        (r.key.clone(), r.shape, r.id),
-                        Instant::now() + Duration::from_millis(shape.ttl_ms()),
-                    );
+                let nodes = s.nodes.load(Ordering::Relaxed);
+                let shared: Vec<Bound> = set
+                    .iter()
+                    .map(|b| Bound {
+                        ring: b.ring.clone(),
+                        limits: shares(&b.limits, nodes),
+                    })
+                    .collect();
+                let d = s.local.reserve_all(&shared, want, charge, marker);
+                if let Verdict::Admitted { claim: Some(c), .. } = &d {
+                    for r in &c.rings {
+                        s.local_markers.insert(
+                            (r.clone(), c.id),
+                            Instant::now() + Duration::from_millis(r.shape.marker_ttl_ms()),
+                        );
+                    }
                 }
                 Ok(d)
             }
         }
     }
 
-    pub(super) async fn settle(
+    pub(super) async fn settle_all(
         &self,
-        reservation: &Reservation,
+        claim: &Claim,
         output_tokens: u64,
-    ) -> Result<Settlement, StoreError> {
+    ) -> Result<Vec<Settlement>, StoreError> {
         let s = &self.shared;
-        let id = (reservation.key.clone(), reservation.shape, reservation.id);
         // Kept until it expires: a second report of it is answered locally too (Unknown).
-        if s.local_markers.contains_key(&id) {
-            return Ok(s.local.settle(reservation, output_tokens));
+        let local = claim
+            .rings
+            .first()
+            .is_some_and(|r| s.local_markers.contains_key(&(r.clone(), claim.id)));
+        if local {
+            return Ok(s.local.settle_all(claim, output_tokens));
         }
         // A Redis reservation that cannot be settled stays counted as reserved and
         // expires with its bucket, whatever the policy.
-        s.guarded(s.redis.settle(reservation, output_tokens)).await
+        s.guarded(s.redis.settle_all(claim, output_tokens)).await
     }
 
-    pub(super) async fn usage(
-        &self,
-        key: &KeyName,
-        shape: WindowShape,
-    ) -> Result<Snapshot, StoreError> {
+    pub(super) async fn usage_all(&self, rings: &[RingRef]) -> Result<Vec<Snapshot>, StoreError> {
         let s = &self.shared;
-        let err = match s.guarded(s.redis.usage(key, shape)).await {
+        let err = match s.guarded(s.redis.usage_all(rings)).await {
             Ok(snap) => return Ok(snap),
             Err(e) => e,
         };
         match s.policy() {
             OnStoreError::Deny => Err(err),
-            OnStoreError::Allow => Ok(Snapshot::empty(now_ms())),
-            OnStoreError::Local => Ok(s.local.usage(key, shape)),
+            OnStoreError::Allow => Ok(vec![Snapshot::empty(now_ms()); rings.len()]),
+            OnStoreError::Local => Ok(s.local.usage_all(rings)),
         }
     }
 
-    pub(super) async fn refund(
+    pub(super) async fn refund_all(
         &self,
-        key: &KeyName,
-        shape: WindowShape,
+        rings: &[RingRef],
         amount: &Usage,
         marker: Option<u64>,
-    ) -> Result<Snapshot, StoreError> {
+    ) -> Result<Vec<Snapshot>, StoreError> {
         let s = &self.shared;
-        if let Some(id) = marker {
-            if s.local_markers.contains_key(&(key.clone(), shape, id)) {
-                return Ok(s.local.refund(key, shape, amount, marker));
+        if let (Some(id), Some(first)) = (marker, rings.first()) {
+            if s.local_markers.contains_key(&(first.clone(), id)) {
+                return Ok(s.local.refund_all(rings, amount, marker));
             }
         }
-        let err = match s.guarded(s.redis.refund(key, shape, amount, marker)).await {
+        let err = match s.guarded(s.redis.refund_all(rings, amount, marker)).await {
             Ok(snap) => return Ok(snap),
             Err(e) => e,
         };
@@ -290,14 +289,14 @@ impl FailoverStore {
             // A refund of a charge Redis holds cannot be made elsewhere: the charge stays,
             // on the safe side.
             (OnStoreError::Deny, _) | (_, Some(_)) => Err(err),
-            (OnStoreError::Allow, None) => Ok(Snapshot::empty(now_ms())),
-            (OnStoreError::Local, None) => Ok(s.local.refund(key, shape, amount, None)),
+            (OnStoreError::Allow, None) => Ok(vec![Snapshot::empty(now_ms()); rings.len()]),
+            (OnStoreError::Local, None) => Ok(s.local.refund_all(rings, amount, None)),
         }
     }
 
-    pub(super) fn retain(&self, keep: impl Fn(&KeyName, WindowShape) -> bool) {
+    pub(super) fn retain(&self, keep: impl Fn(&RingRef) -> bool) {
         self.shared.local.retain(&keep);
-        self.shared.local_markers.retain(|(k, s, _), _| keep(k, *s));
+        self.shared.local_markers.retain(|(r, _), _| keep(r));
     }
 
     /// Readiness: with `allow` or `local` the node decides without Redis, so it is ready;

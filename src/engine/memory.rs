@@ -18,10 +18,8 @@ use std::time::Instant;
 
 use dashmap::DashMap;
 
-use super::{
-    system_clock, Charge, Clock, Decision, KeyName, LimitKind, Limits, Reservation, Settlement,
-    Snapshot, Usage, WindowShape,
-};
+use super::rings::{Bound, Claim, RingRef, Verdict};
+use super::{system_clock, Charge, Clock, LimitKind, Settlement, Snapshot, Usage, WindowShape};
 
 /// Widths of a slot's counters, as in the Redis ring (u16 requests, u32 tokens).
 const SLOT_MAX: [u64; 3] = [u16::MAX as u64, u32::MAX as u64, u32::MAX as u64];
@@ -118,15 +116,15 @@ struct Marker {
 }
 
 /// Markers by ring and id, as Redis names them (`marker_key`).
-type MarkerId = (KeyName, WindowShape, u64);
+type MarkerId = (RingRef, u64);
 
-/// Rings by key and window shape (a changed shape starts a fresh ring, as in Redis).
+/// Rings by name (a changed shape starts a fresh ring, as in Redis).
 ///
 /// A caller clones a ring's `Arc` only while it holds the ring's shard lock, so a sweep,
 /// which holds that shard's write lock, knows from the count alone whether anyone is
 /// between looking a ring up and writing to it; it never drops such a ring, so no write
 /// lands in a ring that has left the map.
-type Rings = DashMap<(KeyName, WindowShape), Arc<Mutex<Ring>>>;
+type Rings = DashMap<RingRef, Arc<Mutex<Ring>>>;
 
 /// Reservations waiting for their settlement (and charges a refund may name), by ring and id.
 type Markers = DashMap<MarkerId, Marker>;
@@ -186,14 +184,14 @@ impl MemoryStore {
         }
     }
 
-    /// Drops the rings, and the reservations, of every key and window shape `keep` refuses:
-    /// the server calls it after each applied reload with the config now in force, so a
-    /// renamed key or a changed window frees its memory at once. A reservation dropped here
-    /// settles as unknown, as one whose key the config no longer has; a call already in
-    /// flight on a dropped ring finishes on it, and what it counts goes with the ring.
-    pub fn retain(&self, keep: impl Fn(&KeyName, WindowShape) -> bool) {
-        self.rings.retain(|(key, shape), _| keep(key, *shape));
-        self.markers.retain(|(key, shape, _), _| keep(key, *shape));
+    /// Drops the rings, and the reservations, of every ring `keep` refuses: the server
+    /// calls it after each applied reload with the config now in force, so a renamed key,
+    /// a removed model entry or pool, or a changed window frees its memory at once. A
+    /// reservation dropped here settles as unknown in that ring; a call already in flight
+    /// on a dropped ring finishes on it, and what it counts goes with the ring.
+    pub fn retain(&self, keep: impl Fn(&RingRef) -> bool) {
+        self.rings.retain(|ring, _| keep(ring));
+        self.markers.retain(|(ring, _), _| keep(ring));
     }
 
     /// How many rings the store holds (for tests and measurements).
@@ -228,9 +226,9 @@ impl MemoryStore {
         {
             return;
         }
-        self.rings.retain(|(_, shape), ring| {
+        self.rings.retain(|id, ring| {
             // Held elsewhere: a caller is about to use it (see `Rings`), so it stays.
-            Arc::strong_count(ring) > 1 || !lock(ring).is_idle(*shape, now)
+            Arc::strong_count(ring) > 1 || !lock(ring).is_idle(id.shape, now)
         });
         self.markers.retain(|_, marker| marker.expires_ms > now);
         let held = (self.rings.len() + self.markers.len()) as u64;
@@ -238,108 +236,133 @@ impl MemoryStore {
             .store(n + held.max(SWEEP_EVERY_AT_LEAST), Ordering::Relaxed);
     }
 
-    /// The key's ring, made if it has none.
-    fn ring(&self, key: &KeyName, shape: WindowShape) -> Arc<Mutex<Ring>> {
-        let id = (key.clone(), shape);
+    /// The ring, made if there is none.
+    fn ring(&self, id: &RingRef) -> Arc<Mutex<Ring>> {
         // The common case takes the shard's read lock only; the guard is gone before
         // `entry` takes the write lock of the same shard.
-        if let Some(ring) = self.rings.get(&id).map(|r| Arc::clone(r.value())) {
+        if let Some(ring) = self.rings.get(id).map(|r| Arc::clone(r.value())) {
             return ring;
         }
         self.rings
-            .entry(id)
-            .or_insert_with(|| Arc::new(Mutex::new(Ring::new(shape))))
+            .entry(id.clone())
+            .or_insert_with(|| Arc::new(Mutex::new(Ring::new(id.shape))))
             .value()
             .clone()
     }
 
-    /// The key's ring if it has one. A missing ring reads as an empty one, so calls that
-    /// only read or take back do not make one.
-    fn existing_ring(&self, key: &KeyName, shape: WindowShape) -> Option<Arc<Mutex<Ring>>> {
-        self.rings
-            .get(&(key.clone(), shape))
-            .map(|r| Arc::clone(r.value()))
+    /// The ring if there is one. A missing ring reads as an empty one, so calls that only
+    /// read or take back do not make one.
+    fn existing_ring(&self, id: &RingRef) -> Option<Arc<Mutex<Ring>>> {
+        self.rings.get(id).map(|r| Arc::clone(r.value()))
     }
 
-    pub(super) fn reserve(
+    /// Checks every ring of `set` and, only if the request fits them all, records `want`
+    /// in each one's current bucket (see lua/reserve.lua). The rings are locked together,
+    /// in the one order every caller uses, so no other call sees some recorded and others
+    /// not, and two calls never wait on each other in a cycle.
+    pub(super) fn reserve_all(
         &self,
-        key: &KeyName,
-        shape: WindowShape,
-        limits: &Limits,
+        set: &[Bound],
         want: &Usage,
         charge: Charge,
         marker: Option<u64>,
-    ) -> Decision {
+    ) -> Verdict {
         let now = (self.clock)();
         self.tick(now);
-        let ring = self.ring(key, shape);
-        let mut ring = lock(&ring);
-        let b = ring.advance(shape.bucket(now));
-        let (want_a, limit_a) = (
-            want.to_array(),
-            [limits.requests, limits.input_tokens, limits.output_tokens],
-        );
-        let cur = ring.slot(b);
-        let fits = charge == Charge::Force
-            || (0..3).all(|k| {
-                cur[k] + want_a[k] <= SLOT_MAX[k] && ring.totals[k] + want_a[k] <= limit_a[k]
-            });
-        if !fits {
+        let held: Vec<Arc<Mutex<Ring>>> = set.iter().map(|b| self.ring(&b.ring)).collect();
+        let mut order: Vec<usize> = (0..set.len()).collect();
+        order.sort_by(|a, b| set[*a].ring.order_key().cmp(&set[*b].ring.order_key()));
+        let mut guards: Vec<Option<MutexGuard<'_, Ring>>> = set.iter().map(|_| None).collect();
+        for i in order {
+            guards[i] = Some(lock(&held[i]));
+        }
+        let mut rings: Vec<MutexGuard<'_, Ring>> = guards.into_iter().flatten().collect();
+        let want_a = want.to_array();
+        let heads: Vec<i64> = rings
+            .iter_mut()
+            .zip(set)
+            .map(|(ring, b)| ring.advance(b.ring.shape.bucket(now)))
+            .collect();
+        let fits: Vec<bool> = rings
+            .iter()
+            .zip(set)
+            .zip(&heads)
+            .map(|((ring, b), &head)| {
+                let (cur, limits) = (ring.slot(head), b.limits.to_array());
+                charge == Charge::Force
+                    || (0..3).all(|k| {
+                        cur[k] + want_a[k] <= SLOT_MAX[k] && ring.totals[k] + want_a[k] <= limits[k]
+                    })
+            })
+            .collect();
+        if fits.contains(&false) {
+            let mut snapshots = Vec::with_capacity(set.len());
+            let mut waits = Vec::with_capacity(set.len());
+            for (i, b) in set.iter().enumerate() {
+                let (ring, shape, head) = (&rings[i], b.ring.shape, heads[i]);
+                let slot = |x| ring.slot(x);
+                snapshots.push(Snapshot {
+                    now_ms: now,
+                    usage: Usage::from_array(ring.totals),
+                    reset_ms: shape.resets(now, head, slot),
+                });
+                waits.push((!fits[i]).then(|| {
+                    let limits = b.limits.to_array();
+                    shape.retry_after(now, head, ring.totals, want_a, limits, slot)
+                }));
+            }
+            let (ring, retry) = longest_wait(&waits);
+            let limits = set[ring].limits.to_array();
+            let totals = rings[ring].totals;
             let limit = LimitKind::ALL
                 .into_iter()
-                .find(|k| ring.totals[k.index()] + want_a[k.index()] > limit_a[k.index()])
+                .find(|k| totals[k.index()] + want_a[k.index()] > limits[k.index()])
                 .unwrap_or(LimitKind::Requests);
-            let slot = |x| ring.slot(x);
-            let snapshot = Snapshot {
-                now_ms: now,
-                usage: Usage::from_array(ring.totals),
-                reset_ms: shape.resets(now, b, slot),
-            };
-            let retry = shape.retry_after(now, b, ring.totals, want_a, limit_a, slot);
-            return Decision::Denied {
-                snapshot,
+            return Verdict::Denied {
+                snapshots,
+                ring,
                 limit,
                 retry_after_ms: Some(retry),
             };
         }
-        let i = ring.index(b);
-        let mut added = [0; 3];
-        for k in 0..3 {
-            // Only what the slot can hold is added, so the totals stay the sums of the slots.
-            let add = want_a[k].min(SLOT_MAX[k] - ring.slots[i][k]);
-            ring.slots[i][k] += add;
-            ring.totals[k] += add;
-            added[k] = add;
+        let mut snapshots = Vec::with_capacity(set.len());
+        let mut charged = Vec::with_capacity(set.len());
+        for (i, b) in set.iter().enumerate() {
+            let ring = &mut rings[i];
+            let idx = ring.index(heads[i]);
+            let mut added = [0; 3];
+            for k in 0..3 {
+                // Only what the slot can hold is added, so the totals stay the sums of the
+                // slots.
+                let add = want_a[k].min(SLOT_MAX[k] - ring.slots[idx][k]);
+                ring.slots[idx][k] += add;
+                ring.totals[k] += add;
+                added[k] = add;
+            }
+            ring.settle_tail();
+            snapshots.push(Snapshot {
+                now_ms: now,
+                usage: Usage::from_array(ring.totals),
+                reset_ms: b.ring.shape.resets_from_tail(now, ring.tail, ring.totals),
+            });
+            charged.push(Marker {
+                bucket: heads[i],
+                epoch: ring.epoch,
+                amounts: added,
+                expires_ms: now + b.ring.shape.marker_ttl_ms(),
+            });
         }
-        let epoch = ring.epoch;
-        ring.settle_tail();
-        let snapshot = Snapshot {
-            now_ms: now,
-            usage: Usage::from_array(ring.totals),
-            reset_ms: shape.resets_from_tail(now, ring.tail, ring.totals),
-        };
-        drop(ring);
-        let reservation = marker.map(|id| {
-            self.open_marker(
-                (key.clone(), shape, id),
-                Marker {
-                    bucket: b,
-                    epoch,
-                    amounts: added,
-                    expires_ms: now + shape.ttl_ms(),
-                },
-                now,
-            );
-            Reservation {
-                key: key.clone(),
-                shape,
+        drop(rings);
+        let claim = marker.map(|id| {
+            for (b, m) in set.iter().zip(charged) {
+                self.open_marker((b.ring.clone(), id), m, now);
+            }
+            Claim {
+                rings: set.iter().map(|b| b.ring.clone()).collect(),
                 id,
             }
         });
-        Decision::Admitted {
-            snapshot,
-            reservation,
-        }
+        Verdict::Admitted { snapshots, claim }
     }
 
     fn open_marker(&self, id: MarkerId, marker: Marker, now: u64) {
@@ -348,17 +371,25 @@ impl MemoryStore {
         self.markers.insert(id, marker);
     }
 
-    pub(super) fn settle(&self, reservation: &Reservation, output_tokens: u64) -> Settlement {
+    /// Corrects the claim's bucket in each of its rings to the real output tokens, once.
+    pub(super) fn settle_all(&self, claim: &Claim, output_tokens: u64) -> Vec<Settlement> {
         let now = (self.clock)();
-        let id = (reservation.key.clone(), reservation.shape, reservation.id);
-        let Some((_, marker)) = self.markers.remove(&id) else {
+        claim
+            .rings
+            .iter()
+            .map(|ring| self.settle_ring(ring, claim.id, output_tokens, now))
+            .collect()
+    }
+
+    fn settle_ring(&self, id: &RingRef, marker: u64, output_tokens: u64, now: u64) -> Settlement {
+        let Some((_, marker)) = self.markers.remove(&(id.clone(), marker)) else {
             return Settlement::Unknown;
         };
         if marker.expires_ms <= now {
             return Settlement::Unknown;
         }
-        let shape = reservation.shape;
-        let Some(ring) = self.existing_ring(&reservation.key, shape) else {
+        let shape = id.shape;
+        let Some(ring) = self.existing_ring(id) else {
             return Settlement::Expired;
         };
         let mut ring = lock(&ring);
@@ -385,17 +416,24 @@ impl MemoryStore {
         }
     }
 
-    /// Takes `amount` back from a marker's bucket, or from the newest buckets (see
-    /// lua/refund.lua).
-    pub(super) fn refund(
+    /// Takes `amount` back from each ring: from its marker's bucket, or from the newest
+    /// buckets (see lua/refund.lua).
+    pub(super) fn refund_all(
         &self,
-        key: &KeyName,
-        shape: WindowShape,
+        rings: &[RingRef],
         amount: &Usage,
         marker: Option<u64>,
-    ) -> Snapshot {
+    ) -> Vec<Snapshot> {
         let now = (self.clock)();
-        let Some(ring) = self.existing_ring(key, shape) else {
+        rings
+            .iter()
+            .map(|ring| self.refund_ring(ring, amount, marker, now))
+            .collect()
+    }
+
+    fn refund_ring(&self, id: &RingRef, amount: &Usage, marker: Option<u64>, now: u64) -> Snapshot {
+        let shape = id.shape;
+        let Some(ring) = self.existing_ring(id) else {
             return Snapshot::empty(now);
         };
         let mut ring = lock(&ring);
@@ -404,10 +442,10 @@ impl MemoryStore {
         }
         let b = ring.advance(shape.bucket(now));
         let mut left = amount.to_array();
-        if let Some(id) = marker.map(|id| (key.clone(), shape, id)) {
-            self.markers.remove_if(&id, |_, m| m.expires_ms <= now);
+        if let Some(mid) = marker.map(|m| (id.clone(), m)) {
+            self.markers.remove_if(&mid, |_, m| m.expires_ms <= now);
             let mut used_up = false;
-            if let Some(mut m) = self.markers.get_mut(&id) {
+            if let Some(mut m) = self.markers.get_mut(&mid) {
                 // Only the charged bucket, and at most what the marker still holds.
                 if m.epoch == ring.epoch && m.bucket > b - shape.slots() {
                     let i = ring.index(m.bucket);
@@ -423,7 +461,7 @@ impl MemoryStore {
             }
             // The entry guard is gone: removing from the same shard cannot deadlock.
             if used_up {
-                self.markers.remove(&id);
+                self.markers.remove(&mid);
             }
         }
         let mut x = b;
@@ -445,23 +483,48 @@ impl MemoryStore {
         }
     }
 
-    pub(super) fn usage(&self, key: &KeyName, shape: WindowShape) -> Snapshot {
+    /// Each ring's current window.
+    pub(super) fn usage_all(&self, rings: &[RingRef]) -> Vec<Snapshot> {
         let now = (self.clock)();
-        let Some(ring) = self.existing_ring(key, shape) else {
+        rings
+            .iter()
+            .map(|ring| self.usage_ring(ring, now))
+            .collect()
+    }
+
+    fn usage_ring(&self, id: &RingRef, now: u64) -> Snapshot {
+        let Some(ring) = self.existing_ring(id) else {
             return Snapshot::empty(now);
         };
         let mut ring = lock(&ring);
         if ring.head == 0 {
             return Snapshot::empty(now);
         }
-        let b = ring.advance(shape.bucket(now));
+        let b = ring.advance(id.shape.bucket(now));
         ring.settle_tail();
         Snapshot {
             now_ms: now,
             usage: Usage::from_array(ring.totals),
-            reset_ms: shape.resets(now, b, |x| ring.slot(x)),
+            reset_ms: id.shape.resets(now, b, |x| ring.slot(x)),
         }
     }
+}
+
+/// Of the rings that do not fit (`Some` wait), the one with the longest wait, the first on
+/// a tie, and that wait: the first instant every ring has room, since each ring's room
+/// only grows while nothing arrives.
+pub(crate) fn longest_wait(waits: &[Option<u64>]) -> (usize, u64) {
+    let mut best = (0, 0);
+    let mut found = false;
+    for (i, w) in waits.iter().enumerate() {
+        if let Some(w) = *w {
+            if !found || w > best.1 {
+                best = (i, w);
+                found = true;
+            }
+        }
+    }
+    best
 }
 
 #[cfg(test)]
@@ -470,6 +533,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::engine::{Decision, KeyName, Limits, Reservation};
 
     const LIMITS: Limits = Limits {
         requests: 1_000_000,
@@ -502,6 +566,53 @@ mod tests {
         KeyName::new(name).expect("a valid key name")
     }
 
+    impl MemoryStore {
+        /// The one-ring calls, as `Store` makes them.
+        fn reserve(
+            &self,
+            key: &KeyName,
+            shape: WindowShape,
+            limits: &Limits,
+            want: &Usage,
+            charge: Charge,
+            marker: Option<u64>,
+        ) -> Decision {
+            let set = [Bound {
+                ring: RingRef::own(key, shape),
+                limits: *limits,
+            }];
+            match self.reserve_all(&set, want, charge, marker) {
+                Verdict::Admitted { snapshots, claim } => Decision::Admitted {
+                    snapshot: snapshots[0],
+                    reservation: claim.map(|c| Reservation {
+                        key: key.clone(),
+                        shape,
+                        id: c.id,
+                    }),
+                },
+                Verdict::Denied {
+                    snapshots,
+                    limit,
+                    retry_after_ms,
+                    ..
+                } => Decision::Denied {
+                    snapshot: snapshots[0],
+                    limit,
+                    retry_after_ms,
+                },
+            }
+        }
+
+        fn settle(&self, r: &Reservation, output_tokens: u64) -> Settlement {
+            let (now, ring) = ((self.clock)(), RingRef::own(&r.key, r.shape));
+            self.settle_ring(&ring, r.id, output_tokens, now)
+        }
+
+        fn usage(&self, key: &KeyName, shape: WindowShape) -> Snapshot {
+            self.usage_ring(&RingRef::own(key, shape), (self.clock)())
+        }
+    }
+
     /// Reserves `WANT` with a reservation to settle later, and returns it.
     fn reserve(store: &MemoryStore, key: &KeyName, shape: WindowShape, id: u64) -> Reservation {
         match store.reserve(key, shape, &LIMITS, &WANT, Charge::Check, Some(id)) {
@@ -523,7 +634,7 @@ mod tests {
         let r_reshaped = reserve(&store, &kept, new, 3);
         assert_eq!((store.rings_held(), store.markers_held()), (3, 3));
 
-        store.retain(|k, s| *k == kept && s == old);
+        store.retain(|r| r.tag == kept && r.shape == old);
 
         assert_eq!((store.rings_held(), store.markers_held()), (1, 1));
         // What stays is untouched: its usage and its reservation.
@@ -615,7 +726,7 @@ mod tests {
                 .map(|i| key(&format!("k{}", batch * 1_000 + i)))
                 .collect();
             let config: std::collections::HashSet<&KeyName> = keys.iter().collect();
-            store.retain(|k, _| config.contains(k));
+            store.retain(|r| config.contains(&r.tag));
             for (i, k) in keys.iter().enumerate() {
                 reserve(&store, k, s, batch * 10_000 + i as u64);
                 most_rings = most_rings.max(store.rings_held());
@@ -632,7 +743,7 @@ mod tests {
         let (store, now) = store_at(1_000_000);
         let s = shape(1_000, 100);
         let k = key("held");
-        let held = store.ring(&k, s);
+        let held = store.ring(&RingRef::own(&k, s));
         now.fetch_add(10_000, Ordering::SeqCst);
         let sweep = || {
             for _ in 0..SWEEP_EVERY_AT_LEAST {

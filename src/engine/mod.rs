@@ -9,12 +9,14 @@
 pub mod failover;
 pub mod memory;
 pub mod redis;
+pub mod rings;
 mod window;
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use rings::{Bound, Claim, ModelMatch, RingRef, Scope, Verdict};
 pub use window::WindowShape;
 
 /// The three per-key limits, each per window.
@@ -70,7 +72,11 @@ impl LimitKind {
 
 impl Limits {
     pub fn of(&self, kind: LimitKind) -> u64 {
-        [self.requests, self.input_tokens, self.output_tokens][kind.index()]
+        self.to_array()[kind.index()]
+    }
+
+    fn to_array(self) -> [u64; 3] {
+        [self.requests, self.input_tokens, self.output_tokens]
     }
 }
 
@@ -287,14 +293,53 @@ pub enum Store {
     Failover(failover::FailoverStore),
 }
 
+/// The first of a store's per-ring answers (a one-ring call has exactly one).
+fn first<T>(answers: Vec<T>) -> Result<T, StoreError> {
+    answers
+        .into_iter()
+        .next()
+        .ok_or_else(|| StoreError::Protocol("a store call answered for no ring".into()))
+}
+
+impl Decision {
+    /// A one-ring verdict as the one-ring API answers it.
+    fn from_verdict(
+        verdict: Verdict,
+        key: &KeyName,
+        shape: WindowShape,
+    ) -> Result<Decision, StoreError> {
+        Ok(match verdict {
+            Verdict::Admitted { snapshots, claim } => Decision::Admitted {
+                snapshot: first(snapshots)?,
+                reservation: claim.map(|c| Reservation {
+                    key: key.clone(),
+                    shape,
+                    id: c.id,
+                }),
+            },
+            Verdict::Denied {
+                snapshots,
+                limit,
+                retry_after_ms,
+                ..
+            } => Decision::Denied {
+                snapshot: first(snapshots)?,
+                limit,
+                retry_after_ms,
+            },
+        })
+    }
+}
+
 impl Store {
-    /// Checks every limit and, only if all fit, records `want` in the current bucket.
+    /// Checks every limit of one key's own ring and, only if all fit, records `want` in
+    /// the current bucket: [`Store::reserve_all`] with that one ring.
     ///
-    /// With `marker: Some(id)` the charge leaves a marker under `id` (per key and window
-    /// shape) naming its bucket, the ring's epoch and the amounts actually added; then, and
-    /// only then, `Decision::Admitted.reservation` is `Some`. [`Store::settle`] corrects the
-    /// output against it, and [`Store::refund`] with the same id gives back to that bucket.
-    /// A marker under an id already in use replaces the older one.
+    /// With `marker: Some(id)` the charge leaves a marker under `id` (per ring) naming its
+    /// bucket, the ring's epoch and the amounts actually added; then, and only then,
+    /// `Decision::Admitted.reservation` is `Some`. [`Store::settle`] corrects the output
+    /// against it, and [`Store::refund`] with the same id gives back to that bucket. A
+    /// marker under an id already in use replaces the older one.
     pub async fn reserve(
         &self,
         key: &KeyName,
@@ -304,24 +349,52 @@ impl Store {
         charge: Charge,
         marker: Option<u64>,
     ) -> Result<Decision, StoreError> {
+        let set = [Bound {
+            ring: RingRef::own(key, shape),
+            limits: *limits,
+        }];
+        let verdict = self.reserve_all(&set, want, charge, marker).await?;
+        Decision::from_verdict(verdict, key, shape)
+    }
+
+    /// Checks every limit of every ring in `set` and, only if the request fits them all,
+    /// records `want` in each one's current bucket: one atomic step (one script call on
+    /// one Redis hash slot; the rings' locks held together in process). A denial records
+    /// nothing. The rings must share one hash tag and be at most [`rings::MAX_RINGS`].
+    ///
+    /// With `marker: Some(id)` each ring keeps a marker under `id`, and the verdict's
+    /// [`Claim`] names them for [`Store::settle_all`] and [`Store::refund_all`].
+    pub async fn reserve_all(
+        &self,
+        set: &[Bound],
+        want: &Usage,
+        charge: Charge,
+        marker: Option<u64>,
+    ) -> Result<Verdict, StoreError> {
+        let refs: Vec<&RingRef> = set.iter().map(|b| &b.ring).collect();
+        rings::check_set(&refs).map_err(StoreError::Protocol)?;
         if charge == Charge::Check {
-            if let Some(limit) = LimitKind::ALL
-                .into_iter()
-                .find(|k| want.of(*k) > limits.of(*k))
-            {
+            let alone_too_large = set.iter().enumerate().find_map(|(i, b)| {
+                LimitKind::ALL
+                    .into_iter()
+                    .find(|k| want.of(*k) > b.limits.of(*k))
+                    .map(|k| (i, k))
+            });
+            if let Some((ring, limit)) = alone_too_large {
                 // It can never fit: answer without touching the store's counters.
-                let snapshot = self.usage(key, shape).await?;
-                return Ok(Decision::Denied {
-                    snapshot,
+                let rings: Vec<RingRef> = set.iter().map(|b| b.ring.clone()).collect();
+                return Ok(Verdict::Denied {
+                    snapshots: self.usage_all(&rings).await?,
+                    ring,
                     limit,
                     retry_after_ms: None,
                 });
             }
         }
         match self {
-            Store::Memory(s) => Ok(s.reserve(key, shape, limits, want, charge, marker)),
-            Store::Redis(s) => s.reserve(key, shape, limits, want, charge, marker).await,
-            Store::Failover(s) => s.reserve(key, shape, limits, want, charge, marker).await,
+            Store::Memory(s) => Ok(s.reserve_all(set, want, charge, marker)),
+            Store::Redis(s) => s.reserve_all(set, want, charge, marker).await,
+            Store::Failover(s) => s.reserve_all(set, want, charge, marker).await,
         }
     }
 
@@ -332,19 +405,41 @@ impl Store {
         reservation: &Reservation,
         output_tokens: u64,
     ) -> Result<Settlement, StoreError> {
+        let claim = Claim {
+            rings: vec![RingRef::own(&reservation.key, reservation.shape)],
+            id: reservation.id,
+        };
+        first(self.settle_all(&claim, output_tokens).await?)
+    }
+
+    /// [`Store::settle`] in every ring of the claim, in one step; one answer per ring.
+    pub async fn settle_all(
+        &self,
+        claim: &Claim,
+        output_tokens: u64,
+    ) -> Result<Vec<Settlement>, StoreError> {
+        let refs: Vec<&RingRef> = claim.rings.iter().collect();
+        rings::check_set(&refs).map_err(StoreError::Protocol)?;
         match self {
-            Store::Memory(s) => Ok(s.settle(reservation, output_tokens)),
-            Store::Redis(s) => s.settle(reservation, output_tokens).await,
-            Store::Failover(s) => s.settle(reservation, output_tokens).await,
+            Store::Memory(s) => Ok(s.settle_all(claim, output_tokens)),
+            Store::Redis(s) => s.settle_all(claim, output_tokens).await,
+            Store::Failover(s) => s.settle_all(claim, output_tokens).await,
         }
     }
 
     /// The key's current window.
     pub async fn usage(&self, key: &KeyName, shape: WindowShape) -> Result<Snapshot, StoreError> {
+        first(self.usage_all(&[RingRef::own(key, shape)]).await?)
+    }
+
+    /// Each ring's current window.
+    pub async fn usage_all(&self, rings: &[RingRef]) -> Result<Vec<Snapshot>, StoreError> {
+        let refs: Vec<&RingRef> = rings.iter().collect();
+        rings::check_set(&refs).map_err(StoreError::Protocol)?;
         match self {
-            Store::Memory(s) => Ok(s.usage(key, shape)),
-            Store::Redis(s) => s.usage(key, shape).await,
-            Store::Failover(s) => s.usage(key, shape).await,
+            Store::Memory(s) => Ok(s.usage_all(rings)),
+            Store::Redis(s) => s.usage_all(rings).await,
+            Store::Failover(s) => s.usage_all(rings).await,
         }
     }
 
@@ -363,17 +458,32 @@ impl Store {
         amount: &Usage,
         marker: Option<u64>,
     ) -> Result<Snapshot, StoreError> {
+        first(
+            self.refund_all(&[RingRef::own(key, shape)], amount, marker)
+                .await?,
+        )
+    }
+
+    /// [`Store::refund`] in every ring, each by its own marker under `marker`, in one step.
+    pub async fn refund_all(
+        &self,
+        rings: &[RingRef],
+        amount: &Usage,
+        marker: Option<u64>,
+    ) -> Result<Vec<Snapshot>, StoreError> {
+        let refs: Vec<&RingRef> = rings.iter().collect();
+        rings::check_set(&refs).map_err(StoreError::Protocol)?;
         match self {
-            Store::Memory(s) => Ok(s.refund(key, shape, amount, marker)),
-            Store::Redis(s) => s.refund(key, shape, amount, marker).await,
-            Store::Failover(s) => s.refund(key, shape, amount, marker).await,
+            Store::Memory(s) => Ok(s.refund_all(rings, amount, marker)),
+            Store::Redis(s) => s.refund_all(rings, amount, marker).await,
+            Store::Failover(s) => s.refund_all(rings, amount, marker).await,
         }
     }
 
-    /// Frees what the store holds for keys and window shapes `keep` refuses; called after
-    /// each applied reload with the config in force. Redis needs nothing: its rings and
-    /// markers expire by themselves.
-    pub fn retain(&self, keep: impl Fn(&KeyName, WindowShape) -> bool) {
+    /// Frees what the store holds for rings `keep` refuses; called after each applied
+    /// reload with the config in force. Redis needs nothing: its rings and markers expire
+    /// by themselves.
+    pub fn retain(&self, keep: impl Fn(&RingRef) -> bool) {
         match self {
             Store::Memory(s) => s.retain(keep),
             Store::Redis(_) => {}

@@ -12,9 +12,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Script, ScriptInvocation, Value};
 
+use super::rings::{Bound, Claim, RingRef, Verdict};
 use super::{
-    Charge, Clock, Decision, KeyName, LimitKind, Limits, Reservation, Settlement, Snapshot,
-    StoreError, Usage, WindowShape,
+    Charge, Clock, KeyName, LimitKind, Settlement, Snapshot, StoreError, Usage, WindowShape,
 };
 
 const WINDOW_LUA: &str = include_str!("../../lua/window.lua");
@@ -431,49 +431,67 @@ impl RedisStore {
         }
     }
 
-    pub(super) async fn reserve(
+    /// One `reserve.lua` call over every ring of `set` (see the script for its layout).
+    pub(super) async fn reserve_all(
         &self,
-        key: &KeyName,
-        shape: WindowShape,
-        limits: &Limits,
+        set: &[Bound],
         want: &Usage,
         charge: Charge,
         marker: Option<u64>,
-    ) -> Result<Decision, StoreError> {
-        let mut inv = self.scripts.reserve.key(ring_key(key, shape));
-        inv.key(marker_key(key, shape, marker.unwrap_or(0)))
-            .arg(self.now_arg())
-            .arg(shape.precision_ms())
-            .arg(shape.slots())
+    ) -> Result<Verdict, StoreError> {
+        let mut inv = self.scripts.reserve.prepare_invoke();
+        for b in set {
+            inv.key(ring_key_of(&b.ring));
+        }
+        for b in set {
+            inv.key(marker_key_of(&b.ring, marker.unwrap_or(0)));
+        }
+        inv.arg(self.now_arg())
+            .arg(set.len())
             .arg(want.requests)
             .arg(want.input_tokens)
             .arg(want.output_tokens)
-            .arg(limits.requests)
-            .arg(limits.input_tokens)
-            .arg(limits.output_tokens)
-            .arg(shape.ttl_ms())
             .arg(u8::from(marker.is_some()))
             .arg(u8::from(charge == Charge::Force));
+        for b in set {
+            let shape = b.ring.shape;
+            inv.arg(shape.precision_ms())
+                .arg(shape.slots())
+                .arg(b.limits.requests)
+                .arg(b.limits.input_tokens)
+                .arg(b.limits.output_tokens)
+                .arg(shape.ttl_ms())
+                .arg(shape.marker_ttl_ms());
+        }
         let reply = Reply::new(self.call(&inv).await?)?;
         let now = reply.int(1)?;
-        let totals = [reply.int(2)?, reply.int(3)?, reply.int(4)?];
         if reply.int(0)? == 1 {
-            let tail = reply.int(5)? as i64;
-            return Ok(Decision::Admitted {
-                snapshot: Snapshot {
+            // Per ring: totals ×3, tail.
+            let mut snapshots = Vec::with_capacity(set.len());
+            for (i, b) in set.iter().enumerate() {
+                let at = 2 + 4 * i;
+                let totals = [reply.int(at)?, reply.int(at + 1)?, reply.int(at + 2)?];
+                let tail = reply.int(at + 3)? as i64;
+                snapshots.push(Snapshot {
                     now_ms: now,
                     usage: Usage::from_array(totals),
-                    reset_ms: shape.resets_from_tail(now, tail, totals),
-                },
-                reservation: marker.map(|id| Reservation {
-                    key: key.clone(),
-                    shape,
+                    reset_ms: b.ring.shape.resets_from_tail(now, tail, totals),
+                });
+            }
+            return Ok(Verdict::Admitted {
+                snapshots,
+                claim: marker.map(|id| Claim {
+                    rings: set.iter().map(|b| b.ring.clone()).collect(),
                     id,
                 }),
             });
         }
-        // The script found the answers where the ring is (see scan_window in window.lua).
-        let limit = match reply.int(5)? {
+        // The script found the answers where the rings are (see scan_window in window.lua).
+        let ring = (reply.int(2)? as usize)
+            .checked_sub(1)
+            .filter(|r| *r < set.len())
+            .ok_or_else(|| StoreError::Protocol("reserve.lua named no ring".into()))?;
+        let limit = match reply.int(3)? {
             1 => LimitKind::Requests,
             2 => LimitKind::InputTokens,
             3 => LimitKind::OutputTokens,
@@ -483,82 +501,109 @@ impl RedisStore {
                 )))
             }
         };
-        Ok(Decision::Denied {
-            snapshot: Snapshot {
-                now_ms: now,
-                usage: Usage::from_array(totals),
-                reset_ms: [reply.int(7)?, reply.int(8)?, reply.int(9)?],
-            },
+        let retry = reply.int(4)?;
+        let snapshots = (0..set.len())
+            .map(|i| reply.snapshot(now, 5 + 6 * i))
+            .collect::<Result<_, _>>()?;
+        Ok(Verdict::Denied {
+            snapshots,
+            ring,
             limit,
-            retry_after_ms: Some(reply.int(6)?),
+            retry_after_ms: Some(retry),
         })
     }
 
-    pub(super) async fn settle(
+    pub(super) async fn settle_all(
         &self,
-        reservation: &Reservation,
+        claim: &Claim,
         output_tokens: u64,
-    ) -> Result<Settlement, StoreError> {
-        let shape = reservation.shape;
-        let mut inv = self.scripts.settle.key(ring_key(&reservation.key, shape));
-        inv.key(marker_key(&reservation.key, shape, reservation.id))
-            .arg(self.now_arg())
-            .arg(shape.precision_ms())
-            .arg(shape.slots())
-            .arg(output_tokens);
-        let reply = Reply::new(self.call(&inv).await?)?;
-        Ok(match reply.int(0)? {
-            1 => Settlement::Applied {
-                delta: reply.signed(1)?,
-            },
-            2 => Settlement::Expired,
-            _ => Settlement::Unknown,
-        })
-    }
-
-    pub(super) async fn usage(
-        &self,
-        key: &KeyName,
-        shape: WindowShape,
-    ) -> Result<Snapshot, StoreError> {
-        let mut inv = self.scripts.usage.key(ring_key(key, shape));
+    ) -> Result<Vec<Settlement>, StoreError> {
+        let mut inv = self.scripts.settle.prepare_invoke();
+        for r in &claim.rings {
+            inv.key(ring_key_of(r));
+        }
+        for r in &claim.rings {
+            inv.key(marker_key_of(r, claim.id));
+        }
         inv.arg(self.now_arg())
-            .arg(shape.precision_ms())
-            .arg(shape.slots())
-            .arg(shape.ttl_ms());
+            .arg(claim.rings.len())
+            .arg(output_tokens);
+        for r in &claim.rings {
+            inv.arg(r.shape.precision_ms()).arg(r.shape.slots());
+        }
         let reply = Reply::new(self.call(&inv).await?)?;
-        Ok(Snapshot {
-            now_ms: reply.int(0)?,
-            usage: Usage::from_array([reply.int(1)?, reply.int(2)?, reply.int(3)?]),
-            reset_ms: [reply.int(4)?, reply.int(5)?, reply.int(6)?],
-        })
+        (0..claim.rings.len())
+            .map(|i| {
+                Ok(match reply.int(2 * i)? {
+                    1 => Settlement::Applied {
+                        delta: reply.signed(2 * i + 1)?,
+                    },
+                    2 => Settlement::Expired,
+                    _ => Settlement::Unknown,
+                })
+            })
+            .collect()
     }
 
-    pub(super) async fn refund(
+    pub(super) async fn usage_all(&self, rings: &[RingRef]) -> Result<Vec<Snapshot>, StoreError> {
+        let mut inv = self.scripts.usage.prepare_invoke();
+        for r in rings {
+            inv.key(ring_key_of(r));
+        }
+        inv.arg(self.now_arg()).arg(rings.len());
+        for r in rings {
+            inv.arg(r.shape.precision_ms())
+                .arg(r.shape.slots())
+                .arg(r.shape.ttl_ms());
+        }
+        let reply = Reply::new(self.call(&inv).await?)?;
+        let now = reply.int(0)?;
+        (0..rings.len())
+            .map(|i| reply.snapshot(now, 1 + 6 * i))
+            .collect()
+    }
+
+    pub(super) async fn refund_all(
         &self,
-        key: &KeyName,
-        shape: WindowShape,
+        rings: &[RingRef],
         amount: &Usage,
         marker: Option<u64>,
-    ) -> Result<Snapshot, StoreError> {
-        let mut inv = self.scripts.refund.key(ring_key(key, shape));
-        inv.key(marker_key(key, shape, marker.unwrap_or(0)))
-            .arg(self.now_arg())
-            .arg(shape.precision_ms())
-            .arg(shape.slots())
+    ) -> Result<Vec<Snapshot>, StoreError> {
+        let mut inv = self.scripts.refund.prepare_invoke();
+        for r in rings {
+            inv.key(ring_key_of(r));
+        }
+        for r in rings {
+            inv.key(marker_key_of(r, marker.unwrap_or(0)));
+        }
+        inv.arg(self.now_arg())
+            .arg(rings.len())
             .arg(amount.requests)
             .arg(amount.input_tokens)
             .arg(amount.output_tokens)
-            .arg(shape.ttl_ms())
             .arg(u8::from(marker.is_some()));
+        for r in rings {
+            inv.arg(r.shape.precision_ms())
+                .arg(r.shape.slots())
+                .arg(r.shape.ttl_ms());
+        }
         let reply = Reply::new(self.call(&inv).await?)?;
         let now = reply.int(0)?;
-        let totals = [reply.int(1)?, reply.int(2)?, reply.int(3)?];
-        Ok(Snapshot {
-            now_ms: now,
-            usage: Usage::from_array(totals),
-            reset_ms: shape.resets_from_tail(now, reply.int(4)? as i64, totals),
-        })
+        rings
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let at = 1 + 4 * i;
+                let totals = [reply.int(at)?, reply.int(at + 1)?, reply.int(at + 2)?];
+                Ok(Snapshot {
+                    now_ms: now,
+                    usage: Usage::from_array(totals),
+                    reset_ms: r
+                        .shape
+                        .resets_from_tail(now, reply.int(at + 3)? as i64, totals),
+                })
+            })
+            .collect()
     }
 
     pub(super) async fn ping(&self) -> Result<(), StoreError> {
@@ -621,26 +666,42 @@ impl RedisStore {
 /// The ZSET of live nodes (node id → last seen, ms of Redis `TIME`); one Cluster slot.
 pub const NODES_KEY: &str = "llmrl:{nodes}:alive";
 
-/// The ring of one key and window shape. The hash tag keeps a key's data in one slot.
+/// A ring's Redis key: `llmrl:{<tag>}:v3:<scope>w<window_ms>:p<precision_ms>`. The hash tag
+/// keeps every ring of one decision (a key's, its model entries', its pool's) in one slot.
+/// A key's own ring under its own tag has an empty scope: the name rings had before scopes.
 /// `v3` is the ring layout with an epoch in the header and block sums after the slots
 /// (`lua/window.lua`): rings of older layouts live under other names, so nodes of both
 /// versions never misread a ring.
-pub fn ring_key(key: &KeyName, shape: WindowShape) -> String {
+pub fn ring_key_of(ring: &RingRef) -> String {
     format!(
-        "llmrl:{{{key}}}:v3:w{}:p{}",
-        shape.window_ms(),
-        shape.precision_ms()
+        "llmrl:{{{}}}:v3:{}w{}:p{}",
+        ring.tag,
+        ring.scope_text(),
+        ring.shape.window_ms(),
+        ring.shape.precision_ms()
     )
 }
 
-/// A charge's marker: per ring, so one id (say, a hash of `x-request-id`) may mark the
-/// charges of one request in several rings.
-pub fn marker_key(key: &KeyName, shape: WindowShape, id: u64) -> String {
+/// A charge's marker in one ring: per ring, so one id (say, a hash of `x-request-id`)
+/// marks the charges of one request in each of its rings.
+pub fn marker_key_of(ring: &RingRef, id: u64) -> String {
     format!(
-        "llmrl:{{{key}}}:r:{}.{}.{id:016x}",
-        shape.window_ms(),
-        shape.precision_ms()
+        "llmrl:{{{}}}:r:{}{}.{}.{id:016x}",
+        ring.tag,
+        ring.scope_text(),
+        ring.shape.window_ms(),
+        ring.shape.precision_ms()
     )
+}
+
+/// A key's own ring (see [`ring_key_of`]).
+pub fn ring_key(key: &KeyName, shape: WindowShape) -> String {
+    ring_key_of(&RingRef::own(key, shape))
+}
+
+/// A key's own marker (see [`marker_key_of`]).
+pub fn marker_key(key: &KeyName, shape: WindowShape, id: u64) -> String {
+    marker_key_of(&RingRef::own(key, shape), id)
 }
 
 /// A script's array reply.
@@ -667,6 +728,15 @@ impl Reply {
 
     fn int(&self, i: usize) -> Result<u64, StoreError> {
         self.signed(i).map(|n| n.max(0) as u64)
+    }
+
+    /// A ring's totals ×3 and resets ×3 from `at` on.
+    fn snapshot(&self, now_ms: u64, at: usize) -> Result<Snapshot, StoreError> {
+        Ok(Snapshot {
+            now_ms,
+            usage: Usage::from_array([self.int(at)?, self.int(at + 1)?, self.int(at + 2)?]),
+            reset_ms: [self.int(at + 3)?, self.int(at + 4)?, self.int(at + 5)?],
+        })
     }
 }
 

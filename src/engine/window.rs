@@ -15,13 +15,35 @@ pub struct WindowShape {
 }
 
 impl WindowShape {
+    /// The `per_day` limits' window: 24 hours in buckets of one minute (1,441 slots).
+    pub const DAY: WindowShape = WindowShape {
+        window_ms: 86_400_000,
+        precision_ms: 60_000,
+    };
+
+    /// Most buckets a window may have (the config's bound): bounds a ring's memory and work.
+    pub const MAX_BUCKETS: u64 = 36_000;
+
+    /// Longest a reservation marker is kept: a day ring's marker would otherwise live a
+    /// day; a response is settled within minutes, and one never settled keeps its
+    /// reservation counted (the safe side).
+    pub const MAX_MARKER_TTL_MS: u64 = 3_600_000;
+
     pub fn new(window: Duration, precision: Duration) -> Result<WindowShape, String> {
         let (window_ms, precision_ms) = (window.as_millis() as u64, precision.as_millis() as u64);
-        if precision_ms == 0 || precision_ms >= 1000 {
-            return Err("precision must be at least 1ms and under 1s".into());
+        // The config allows only precisions under 1s; the stores take any shape of at most
+        // MAX_BUCKETS whole-millisecond buckets, so the day window's minutes too.
+        if precision_ms == 0 {
+            return Err("precision must be at least 1ms".into());
         }
         if window_ms < precision_ms || window_ms % precision_ms != 0 {
             return Err("window must be a whole multiple of precision".into());
+        }
+        if window_ms / precision_ms > Self::MAX_BUCKETS {
+            return Err(format!(
+                "a window has at most {} buckets",
+                Self::MAX_BUCKETS
+            ));
         }
         Ok(WindowShape {
             window_ms,
@@ -55,6 +77,12 @@ impl WindowShape {
     /// of it has left the window.
     pub fn ttl_ms(&self) -> u64 {
         self.window_ms + 2 * self.precision_ms
+    }
+
+    /// How long a reservation's marker is kept: until its bucket leaves the window, at
+    /// most [`WindowShape::MAX_MARKER_TTL_MS`].
+    pub fn marker_ttl_ms(&self) -> u64 {
+        self.ttl_ms().min(Self::MAX_MARKER_TTL_MS)
     }
 
     /// Per limit, the wait until the oldest bucket holding usage leaves the window.

@@ -84,6 +84,9 @@ fn metadata(admitted: &Admitted) -> Struct {
     if let Some(handle) = &admitted.reservation {
         fields.insert(RESERVATION_FIELD.to_string(), string(handle.clone()));
     }
+    if !admitted.model.is_empty() {
+        fields.insert("model".to_string(), string(admitted.model.clone()));
+    }
     Struct { fields }
 }
 

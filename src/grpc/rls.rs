@@ -63,6 +63,8 @@ struct Ask {
     /// The request's `x-request-id` (descriptor entry `request_id`), when Envoy sends it:
     /// it names the charge a later refund gives back to.
     request_id: Option<String>,
+    /// The request's model (descriptor entry `model`): picks the key's `models` entry.
+    model: Option<String>,
 }
 
 /// The store marker of a charge made for `request_id` in one phase. A refund names the
@@ -85,9 +87,11 @@ fn read(d: &RateLimitDescriptor, request_hits: u32) -> Result<Option<Ask>, Unkno
     let mut after_response = false;
     let mut admitted = false;
     let mut request_id = None;
+    let mut model = None;
     for e in &d.entries {
         match e.key.as_str() {
             "api_key" => secret = Some(e.value.clone()),
+            "model" if !e.value.is_empty() => model = Some(e.value.clone()),
             "request_id" if !e.value.is_empty() => request_id = Some(e.value.clone()),
             "limit" => {
                 kind = LimitKind::parse(&e.value)
@@ -115,6 +119,7 @@ fn read(d: &RateLimitDescriptor, request_hits: u32) -> Result<Option<Ask>, Unkno
         after_response,
         refund: d.is_negative_hits,
         request_id,
+        model,
     }))
 }
 
@@ -138,6 +143,7 @@ fn header(key: &str, value: &str) -> HeaderValue {
 /// A group: one key, one way of charging, the descriptors it covers.
 struct Group {
     secret: String,
+    model: Option<String>,
     after_response: bool,
     refund: bool,
     request_id: Option<String>,
@@ -233,6 +239,7 @@ impl RateLimiter {
             let Some(ask) = ask else { continue };
             let g = match groups.iter().position(|g| {
                 g.secret == ask.secret
+                    && g.model == ask.model
                     && g.after_response == ask.after_response
                     && g.refund == ask.refund
             }) {
@@ -240,6 +247,7 @@ impl RateLimiter {
                 None => {
                     groups.push(Group {
                         secret: ask.secret.clone(),
+                        model: ask.model.clone(),
                         after_response: ask.after_response,
                         refund: ask.refund,
                         request_id: None,
@@ -280,7 +288,7 @@ impl RateLimiter {
                 // Back to the bucket the request's admission charged, when we know it.
                 let marker = group.request_id.as_deref().map(|r| marker_of(r, "request"));
                 self.limiter
-                    .refund(&group.secret, &group.want, marker)
+                    .refund(&group.secret, group.model.as_deref(), &group.want, marker)
                     .await
             } else {
                 let charge = if group.after_response {
@@ -294,7 +302,13 @@ impl RateLimiter {
                 };
                 let result = self
                     .limiter
-                    .charge(&group.secret, &group.want, charge, Some(marker))
+                    .charge(
+                        &group.secret,
+                        group.model.as_deref(),
+                        &group.want,
+                        charge,
+                        Some(marker),
+                    )
                     .await;
                 if matches!(result, Charged::Admitted { .. }) {
                     charged.push((g, marker));
@@ -328,7 +342,12 @@ impl RateLimiter {
                 let group = &groups[g];
                 if let Charged::Failed(_) = self
                     .limiter
-                    .refund(&group.secret, &group.want, Some(marker))
+                    .refund(
+                        &group.secret,
+                        group.model.as_deref(),
+                        &group.want,
+                        Some(marker),
+                    )
                     .await
                 {
                     // The store is down for this key too: its charge stays, on the safe

@@ -78,6 +78,11 @@ impl Reference {
         self.window_ms + 2 * self.precision_ms
     }
 
+    /// How long a marker counts: until its bucket leaves, at most an hour (a day ring's).
+    pub fn marker_ttl_ms(&self) -> u64 {
+        self.ttl_ms().min(3_600_000)
+    }
+
     /// The exact sliding sum over the instants (now - span, now].
     pub fn exact(&self, now: u64, span: u64) -> [u64; 3] {
         let mut sum = [0; 3];
@@ -211,7 +216,7 @@ impl Reference {
                     event: self.events.len() - 1,
                     bucket,
                     amounts,
-                    expires_ms: now + self.ttl_ms(),
+                    expires_ms: now + self.marker_ttl_ms(),
                 },
             );
         }

@@ -1,0 +1,778 @@
+//! Several limits per request (a key's own per window and per day, a model entry's, a
+//! pool's shared by keys): checked and recorded in one atomic step by both stores, and
+//! checked against the brute-force reference model, one reference per ring.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::reference::{Reference, Settled};
+use common::{RedisCluster, RedisServer};
+use llm_ratelimit::engine::memory::MemoryStore;
+use llm_ratelimit::engine::redis::{ring_key_of, RedisStore};
+use llm_ratelimit::engine::{
+    Bound, Charge, Claim, Clock, KeyName, LimitKind, Limits, ModelMatch, RingRef, Scope,
+    Settlement, Store, Usage, Verdict, WindowShape,
+};
+use proptest::prelude::*;
+use proptest::test_runner::TestRunner;
+
+const T0: u64 = 1_700_000_000_000;
+
+fn shape(window_ms: u64, precision_ms: u64) -> WindowShape {
+    WindowShape::new(
+        Duration::from_millis(window_ms),
+        Duration::from_millis(precision_ms),
+    )
+    .unwrap()
+}
+
+fn key(name: &str) -> KeyName {
+    KeyName::new(name).unwrap()
+}
+
+fn unique(prefix: &str) -> KeyName {
+    static N: AtomicU64 = AtomicU64::new(0);
+    key(&format!("{prefix}-{}", N.fetch_add(1, Ordering::SeqCst)))
+}
+
+fn usage(a: [u64; 3]) -> Usage {
+    Usage {
+        requests: a[0],
+        input_tokens: a[1],
+        output_tokens: a[2],
+    }
+}
+
+fn limits(a: [u64; 3]) -> Limits {
+    Limits {
+        requests: a[0],
+        input_tokens: a[1],
+        output_tokens: a[2],
+    }
+}
+
+fn arr(l: &Limits) -> [u64; 3] {
+    [l.requests, l.input_tokens, l.output_tokens]
+}
+
+/// Two keys, `a` and `b`, in one pool: `a` has a per-window limit of its own, a coarser
+/// "per day" one and a model entry; `b` its own per-window limit; the pool has a
+/// per-window limit and a coarser one. All under the pool's hash tag.
+struct World {
+    a_own: Bound,
+    a_day: Bound,
+    a_model: Bound,
+    b_own: Bound,
+    pool: Bound,
+    pool_day: Bound,
+}
+
+impl World {
+    fn new(minute: WindowShape, day: WindowShape, l: [[u64; 3]; 6]) -> World {
+        let tag = unique("pool");
+        let (a, b) = (unique("a"), unique("b"));
+        let ring = |scope: Scope, shape: WindowShape, lim: [u64; 3]| Bound {
+            ring: RingRef {
+                tag: tag.clone(),
+                scope,
+                shape,
+            },
+            limits: limits(lim),
+        };
+        let model = ModelMatch::new("gpt-4o*").unwrap();
+        World {
+            a_own: ring(Scope::Key(a.clone()), minute, l[0]),
+            a_day: ring(Scope::Key(a.clone()), day, l[1]),
+            a_model: ring(Scope::Model(a, model), minute, l[2]),
+            b_own: ring(Scope::Key(b), minute, l[3]),
+            pool: ring(Scope::Pool, minute, l[4]),
+            pool_day: ring(Scope::Pool, day, l[5]),
+        }
+    }
+
+    /// The rings a request of key `who` (0 = a, 1 = b) is held to; `a` with the model
+    /// entry when `model`.
+    fn set(&self, who: usize, model: bool) -> Vec<Bound> {
+        if who == 0 {
+            let mut s = vec![self.a_own.clone(), self.a_day.clone()];
+            if model {
+                s.push(self.a_model.clone());
+            }
+            s.push(self.pool.clone());
+            s
+        } else {
+            vec![self.b_own.clone(), self.pool.clone(), self.pool_day.clone()]
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Reserve {
+        who: usize,
+        model: bool,
+        want: [u64; 3],
+        marker: bool,
+        force: bool,
+    },
+    Settle {
+        pick: usize,
+        actual: u64,
+    },
+    Refund {
+        who: usize,
+        amount: [u64; 3],
+        pick: Option<usize>,
+    },
+    Usage {
+        who: usize,
+    },
+    Wait {
+        ms: u64,
+    },
+    Back {
+        ms: u64,
+    },
+}
+
+fn tokens() -> impl Strategy<Value = u64> {
+    prop_oneof![1 => Just(0u64), 3 => 0u64..60]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (0usize..2, any::<bool>(), (0u64..3, tokens(), tokens()), any::<bool>(),
+              prop::bool::weighted(0.1))
+            .prop_map(|(who, model, (r, i, o), marker, force)| Op::Reserve {
+                who,
+                model,
+                want: [r, i, o],
+                marker,
+                force,
+            }),
+        2 => (any::<usize>(), 0u64..90).prop_map(|(pick, actual)| Op::Settle { pick, actual }),
+        1 => (0usize..2, (0u64..3, 0u64..80, 0u64..80),
+              prop::option::weighted(0.6, any::<usize>()))
+            .prop_map(|(who, (r, i, o), pick)| Op::Refund {
+                who,
+                amount: [r, i, o],
+                pick,
+            }),
+        1 => (0usize..2).prop_map(|who| Op::Usage { who }),
+        4 => prop_oneof![0u64..150, 0u64..1200, 1000u64..5000, 20_000u64..130_000]
+            .prop_map(|ms| Op::Wait { ms }),
+        1 => (1u64..1500).prop_map(|ms| Op::Back { ms }),
+    ]
+}
+
+fn settled(s: Settlement) -> Settled {
+    match s {
+        Settlement::Applied { delta } => Settled::Applied(delta),
+        Settlement::Expired => Settled::Expired,
+        Settlement::Unknown => Settled::Unknown,
+    }
+}
+
+/// The reference of each ring, made on first use.
+struct Model(HashMap<RingRef, Reference>);
+
+impl Model {
+    fn of(&mut self, r: &RingRef) -> &mut Reference {
+        self.0
+            .entry(r.clone())
+            .or_insert_with(|| Reference::new(r.shape.window_ms(), r.shape.precision_ms()))
+    }
+}
+
+/// Runs one sequence on both stores and the references, checking after every step that
+/// the stores agree with each other exactly and with every ring's reference exactly.
+async fn run_sequence(redis_url: &str, world: World, ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let start = T0 + 37;
+    let now_cell = Arc::new(AtomicU64::new(start));
+    let read = now_cell.clone();
+    let clock: Clock = Arc::new(move || read.load(Ordering::SeqCst));
+    let memory = Store::Memory(MemoryStore::with_clock(clock.clone()));
+    let redis = Store::Redis(
+        RedisStore::connect_with_clock(redis_url, Duration::from_secs(2), clock)
+            .await
+            .unwrap(),
+    );
+    let mut model = Model(HashMap::new());
+    // Each marker id left so far, with the rings it was left in.
+    let mut claims: Vec<Claim> = Vec::new();
+    let mut next_id = 1u64;
+    for op in ops {
+        let now = now_cell.load(Ordering::SeqCst);
+        match op {
+            Op::Wait { ms } => {
+                now_cell.fetch_add(ms, Ordering::SeqCst);
+            }
+            Op::Back { ms } => {
+                now_cell.fetch_sub(ms, Ordering::SeqCst);
+            }
+            Op::Usage { who } => {
+                let rings: Vec<RingRef> =
+                    world.set(who, true).into_iter().map(|b| b.ring).collect();
+                let m = memory.usage_all(&rings).await.unwrap();
+                let r = redis.usage_all(&rings).await.unwrap();
+                prop_assert_eq!(&m, &r);
+                for (ring, snap) in rings.iter().zip(&m) {
+                    let reference = model.of(ring);
+                    reference.touch(now, false);
+                    prop_assert_eq!(snap.usage, usage(reference.bucketed(now)));
+                    prop_assert_eq!(snap.reset_ms, reference.resets(now));
+                }
+            }
+            Op::Refund { who, amount, pick } => {
+                let rings: Vec<RingRef> =
+                    world.set(who, false).into_iter().map(|b| b.ring).collect();
+                let id =
+                    pick.and_then(|p| (!claims.is_empty()).then(|| claims[p % claims.len()].id));
+                let a = usage(amount);
+                let m = memory.refund_all(&rings, &a, id).await.unwrap();
+                let r = redis.refund_all(&rings, &a, id).await.unwrap();
+                prop_assert_eq!(&m, &r);
+                for (ring, snap) in rings.iter().zip(&m) {
+                    let reference = model.of(ring);
+                    reference.touch(now, false);
+                    reference.refund(now, amount, id);
+                    prop_assert_eq!(snap.usage, usage(reference.bucketed(now)));
+                    prop_assert_eq!(snap.reset_ms, reference.tail_resets(now));
+                }
+            }
+            Op::Settle { pick, actual } => {
+                if claims.is_empty() {
+                    continue;
+                }
+                let claim = claims[pick % claims.len()].clone();
+                let m = memory.settle_all(&claim, actual).await.unwrap();
+                let r = redis.settle_all(&claim, actual).await.unwrap();
+                prop_assert_eq!(&m, &r);
+                for (ring, s) in claim.rings.iter().zip(m) {
+                    prop_assert_eq!(settled(s), model.of(ring).settle(claim.id, now, actual));
+                }
+            }
+            Op::Reserve {
+                who,
+                model: with_model,
+                want,
+                marker,
+                force,
+            } => {
+                let set = world.set(who, with_model);
+                let id = marker.then(|| {
+                    next_id += 1;
+                    next_id
+                });
+                let charge = if force { Charge::Force } else { Charge::Check };
+                let w = usage(want);
+                let m = memory.reserve_all(&set, &w, charge, id).await.unwrap();
+                let r = redis.reserve_all(&set, &w, charge, id).await.unwrap();
+                prop_assert_eq!(&m, &r);
+                let too_large = !force
+                    && set
+                        .iter()
+                        .any(|b| (0..3).any(|k| want[k] > arr(&b.limits)[k]));
+                for b in &set {
+                    model.of(&b.ring).touch(now, !too_large);
+                }
+                let fits: Vec<bool> = set
+                    .iter()
+                    .map(|b| force || model.of(&b.ring).fits(now, want, arr(&b.limits)))
+                    .collect();
+                match m {
+                    Verdict::Admitted { snapshots, claim } => {
+                        prop_assert!(fits.iter().all(|f| *f), "admitted but a ring is full");
+                        for (b, snap) in set.iter().zip(&snapshots) {
+                            let reference = model.of(&b.ring);
+                            reference.admit(now, want, id);
+                            prop_assert_eq!(snap.usage, usage(reference.bucketed(now)));
+                            prop_assert_eq!(snap.reset_ms, reference.tail_resets(now));
+                        }
+                        prop_assert_eq!(claim.as_ref().map(|c| c.id), id);
+                        if let Some(c) = claim {
+                            let rings: Vec<RingRef> = set.iter().map(|b| b.ring.clone()).collect();
+                            prop_assert_eq!(&c.rings, &rings);
+                            claims.push(c);
+                        }
+                    }
+                    Verdict::Denied {
+                        snapshots,
+                        ring,
+                        limit,
+                        retry_after_ms,
+                    } => {
+                        prop_assert!(!fits.iter().all(|f| *f), "denied but every ring fits");
+                        for (b, snap) in set.iter().zip(&snapshots) {
+                            let reference = model.of(&b.ring);
+                            prop_assert_eq!(snap.usage, usage(reference.bucketed(now)));
+                            prop_assert_eq!(snap.reset_ms, reference.resets(now));
+                        }
+                        if too_large {
+                            prop_assert_eq!(retry_after_ms, None);
+                            let first = set
+                                .iter()
+                                .position(|b| (0..3).any(|k| want[k] > arr(&b.limits)[k]));
+                            prop_assert_eq!(Some(ring), first);
+                            continue;
+                        }
+                        // Each full ring's first fit; the answer is the latest of them.
+                        let mut expected: Option<(usize, u64)> = None;
+                        for (i, b) in set.iter().enumerate() {
+                            if fits[i] {
+                                continue;
+                            }
+                            let at = model.of(&b.ring).first_fit(now, want, arr(&b.limits));
+                            let at = at.expect("a request that fits alone fits some time");
+                            if expected.is_none_or(|(_, t)| at > t) {
+                                expected = Some((i, at));
+                            }
+                        }
+                        let (i, at) = expected.expect("a full ring");
+                        prop_assert_eq!(ring, i);
+                        prop_assert_eq!(retry_after_ms.map(|ms| now + ms), Some(at));
+                        let used = model.of(&set[i].ring).bucketed(now);
+                        let l = arr(&set[i].limits);
+                        let first = (0..3).find(|k| used[*k] + want[*k] > l[*k]);
+                        prop_assert_eq!(LimitKind::ALL.iter().position(|k| *k == limit), first);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn stores_agree_with_the_reference_over_several_rings() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // A per-window ring beside a coarser one: the real day shape (1,441 one-minute
+    // buckets) or small ones that wrap within a sequence.
+    let shapes = prop_oneof![
+        Just(((2000u64, 100u64), None)),
+        Just(((1000, 250), Some((6000u64, 500u64)))),
+        Just(((60_000, 100), Some((120_000, 1000)))),
+    ];
+    let lim = || (1u64..8, 1u64..200, 1u64..200).prop_map(|(r, i, o)| [r, i, o]);
+    let strategy = (
+        shapes,
+        prop::array::uniform6(lim()),
+        prop::collection::vec(op(), 1..60),
+    );
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases: 96,
+        ..ProptestConfig::default()
+    });
+    let result = runner.run(&strategy, |(((w, p), day), l, ops)| {
+        let day = day.map_or(WindowShape::DAY, |(w, p)| shape(w, p));
+        rt.block_on(run_sequence(&url, World::new(shape(w, p), day, l), ops))
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+/// Each of `nodes` connections fires `per_node` concurrent reservations, spread over the
+/// sets given (keys sharing a pool); returns how many each set had admitted.
+async fn race(
+    url: &str,
+    nodes: usize,
+    per_node: usize,
+    sets: Vec<Vec<Bound>>,
+    want: Usage,
+) -> Vec<usize> {
+    let mut stores = Vec::new();
+    for _ in 0..nodes {
+        let store = Arc::new(Store::Redis(
+            RedisStore::connect(url, Duration::from_secs(2)).unwrap(),
+        ));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while store.ping().await.is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "store did not connect"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stores.push(store);
+    }
+    let sets = Arc::new(sets);
+    let mut tasks = Vec::new();
+    for (n, store) in stores.iter().enumerate() {
+        for j in 0..per_node {
+            let (store, sets) = (store.clone(), sets.clone());
+            let which = (n + j) % sets.len();
+            tasks.push(tokio::spawn(async move {
+                let v = store
+                    .reserve_all(&sets[which], &want, Charge::Check, Some(rand::random()))
+                    .await
+                    .unwrap();
+                (which, matches!(v, Verdict::Admitted { .. }))
+            }));
+        }
+    }
+    let mut admitted = vec![0; sets.len()];
+    for t in tasks {
+        let (which, ok) = t.await.unwrap();
+        admitted[which] += usize::from(ok);
+    }
+    admitted
+}
+
+/// Keys sharing a pool, hit at once from three nodes, admit exactly the pool's limit; a
+/// model entry's limit holds while the key's own has room. Returns the rings to look for.
+async fn races_hold_every_limit(url: &str) -> Vec<RingRef> {
+    let minute = shape(60_000, 100);
+    let big = limits([1_000_000, 1_000_000, 1_000_000]);
+    let tag = unique("research");
+    let ring = |scope: Scope, lim: Limits| Bound {
+        ring: RingRef {
+            tag: tag.clone(),
+            scope,
+            shape: minute,
+        },
+        limits: lim,
+    };
+    let pool = ring(Scope::Pool, limits([100, 1_000_000, 1_000_000]));
+    let keys: Vec<KeyName> = (0..3).map(|_| unique("member")).collect();
+    let sets: Vec<Vec<Bound>> = keys
+        .iter()
+        .map(|k| vec![ring(Scope::Key(k.clone()), big), pool.clone()])
+        .collect();
+    let admitted = race(url, 3, 150, sets, usage([1, 7, 3])).await;
+    assert_eq!(admitted.iter().sum::<usize>(), 100, "{admitted:?}");
+    let store = Store::Redis(RedisStore::connect(url, Duration::from_secs(2)).unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while store.ping().await.is_err() {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let used = store
+        .usage_all(std::slice::from_ref(&pool.ring))
+        .await
+        .unwrap();
+    assert_eq!(used[0].usage.requests, 100);
+
+    // A model entry of 40 requests under a key that allows 1,000.
+    let key_name = unique("modelled");
+    let model = ring(
+        Scope::Model(key_name.clone(), ModelMatch::new("gpt-4o").unwrap()),
+        limits([40, 1_000_000, 1_000_000]),
+    );
+    let own = ring(Scope::Key(key_name), limits([1000, 1_000_000, 1_000_000]));
+    let with_model = vec![own.clone(), model.clone()];
+    let without = vec![own.clone()];
+    let admitted = race(url, 3, 100, vec![with_model, without], usage([1, 1, 1])).await;
+    assert_eq!(
+        admitted,
+        vec![40, 150],
+        "the model's 40, and every other request"
+    );
+    let used = store
+        .usage_all(&[own.ring.clone(), model.ring.clone()])
+        .await
+        .unwrap();
+    assert_eq!((used[0].usage.requests, used[1].usage.requests), (190, 40));
+    vec![pool.ring, own.ring, model.ring]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_nodes_hold_pool_and_model_limits() {
+    let redis = RedisServer::start();
+    races_hold_every_limit(&redis.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_nodes_hold_pool_and_model_limits_on_a_cluster() {
+    let cluster = RedisCluster::start(3);
+    let rings = races_hold_every_limit(&cluster.url()).await;
+    // Every ring of one tag is in the slot of that tag, on one master.
+    for ring in rings {
+        let name = ring_key_of(&ring);
+        let node = &cluster.nodes[0];
+        assert_eq!(
+            node.cli(&["CLUSTER", "KEYSLOT", &name]),
+            node.cli(&["CLUSTER", "KEYSLOT", ring.tag.as_str()]),
+            "{name}"
+        );
+        let holders = cluster
+            .nodes
+            .iter()
+            .filter(|n| n.cli(&["EXISTS", &name]) == "1")
+            .count();
+        assert_eq!(holders, 1, "{name} should be on exactly one master");
+    }
+}
+
+#[tokio::test]
+async fn a_set_of_rings_under_two_tags_is_refused() {
+    let store = Store::Memory(MemoryStore::new());
+    let s = shape(60_000, 100);
+    let set = vec![
+        Bound {
+            ring: RingRef::own(&key("x"), s),
+            limits: limits([1, 1, 1]),
+        },
+        Bound {
+            ring: RingRef::own(&key("y"), s),
+            limits: limits([1, 1, 1]),
+        },
+    ];
+    assert!(store
+        .reserve_all(&set, &usage([1, 0, 0]), Charge::Check, None)
+        .await
+        .is_err());
+}
+
+// ---- The HTTP surface with per-model, per-day and pool limits ----
+
+const TEAM_A: &str = "sk-test-limits-team-a";
+const TEAM_B: &str = "sk-test-limits-team-b";
+
+/// team-a: 3 requests a window on gpt-4o, 20 a day; team-a and team-b share pool
+/// `research` of 5 requests a window.
+fn pooled_config() -> llm_ratelimit::config::Config {
+    llm_ratelimit::config::Config::parse(
+        &format!(
+            "window: 60s\nprecision: 100ms\ndefault_max_output_tokens: 50\nkeys:
+  - name: team-a
+    key: {TEAM_A}
+    rpm: 100
+    input_tpm: 100000
+    output_tpm: 100000
+    per_day:
+      requests: 20
+    models:
+      - match: gpt-4o
+        rpm: 3
+      - match: \"o3*\"
+        output_tpm: 120
+    pool: research
+  - name: team-b
+    key: {TEAM_B}
+    rpm: 100
+    input_tpm: 100000
+    output_tpm: 100000
+    pool: research
+pools:
+  - name: research
+    rpm: 5
+"
+        ),
+        "limits.yaml",
+    )
+    .unwrap()
+}
+
+async fn check_as(base: &str, secret: &str, model: &str) -> reqwest::Response {
+    let body = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "hello"}],
+    });
+    reqwest::Client::new()
+        .post(format!("{base}/v1/check"))
+        .header("x-original-uri", "/v1/chat/completions")
+        .header("authorization", format!("Bearer {secret}"))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn json_at(base: &str, path: &str) -> serde_json::Value {
+    reqwest::get(format!("{base}{path}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn per_model_and_pool_limits_hold_over_http(store: Store) {
+    let base = common::http_node(pooled_config(), store).await;
+    // gpt-4o: 3 for team-a, while the key's own 100 have room.
+    for _ in 0..3 {
+        assert_eq!(check_as(&base, TEAM_A, "gpt-4o").await.status(), 200);
+    }
+    let denied = check_as(&base, TEAM_A, "gpt-4o").await;
+    assert_eq!(denied.status(), 429);
+    let remaining = denied.headers()["x-ratelimit-remaining-requests"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body: serde_json::Value = denied.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(
+            "Rate limit reached for team-a (model gpt-4o) on requests: Limit 3, Used 3, Requested 1."
+        ),
+        "{message}"
+    );
+    assert_eq!(body["error"]["type"], "requests");
+    // The headers describe the per-window limit with least room: the model's 0.
+    assert_eq!(remaining, "0");
+    // Another model is held by the pool only: 2 more fit (5 in all), team-b's too.
+    assert_eq!(check_as(&base, TEAM_A, "gpt-4o-mini").await.status(), 200);
+    assert_eq!(check_as(&base, TEAM_B, "gpt-4o-mini").await.status(), 200);
+    let denied = check_as(&base, TEAM_B, "gpt-4o-mini").await;
+    assert_eq!(denied.status(), 429);
+    let body: serde_json::Value = denied.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(
+            "Rate limit reached for team-b (pool research) on requests: Limit 5, Used 5,"
+        ),
+        "{message}"
+    );
+    // Usage shows every limit.
+    let u = json_at(&base, "/v1/usage/team-a").await;
+    assert_eq!(u["requests"]["used"], 4);
+    assert_eq!(u["per_day"]["requests"]["used"], 4);
+    assert_eq!(u["per_day"]["requests"]["limit"], 20);
+    assert!(u["per_day"]["input_tokens"]["limit"].is_null());
+    assert_eq!(u["models"][0]["match"], "gpt-4o");
+    assert_eq!(u["models"][0]["requests"]["used"], 3);
+    assert_eq!(u["models"][1]["match"], "o3*");
+    assert_eq!(u["models"][1]["output_tokens"]["limit"], 120);
+    assert_eq!(u["pool"]["name"], "research");
+    assert_eq!(u["pool"]["requests"]["used"], 5);
+    let p = json_at(&base, "/v1/usage/pools/research").await;
+    assert_eq!(p["requests"]["used"], 5);
+    assert_eq!(p["requests"]["remaining"], 0);
+    assert_eq!(p["keys"], serde_json::json!(["team-a", "team-b"]));
+    let missing = reqwest::get(format!("{base}/v1/usage/pools/nope"))
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+}
+
+#[tokio::test]
+async fn per_model_and_pool_limits_hold_over_http_in_process() {
+    per_model_and_pool_limits_hold_over_http(Store::Memory(MemoryStore::new())).await;
+}
+
+#[tokio::test]
+async fn per_model_and_pool_limits_hold_over_http_on_redis() {
+    let redis = RedisServer::start();
+    let store = Store::Redis(RedisStore::connect(&redis.url(), Duration::from_secs(1)).unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while store.ping().await.is_err() {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    per_model_and_pool_limits_hold_over_http(store).await;
+}
+
+#[tokio::test]
+async fn settlement_corrects_every_limit_the_reservation_touched_once() {
+    let base = common::http_node(pooled_config(), Store::Memory(MemoryStore::new())).await;
+    // o3-mini: own, per day, the o3* entry, the pool: 50 output tokens reserved in each.
+    let admitted = check_as(&base, TEAM_A, "o3-mini").await;
+    assert_eq!(admitted.status(), 200);
+    let handle = admitted.headers()["x-llm-ratelimit-reservation"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let outputs = |u: &serde_json::Value| {
+        [
+            u["output_tokens"]["used"].as_u64().unwrap(),
+            u["per_day"]["output_tokens"]["used"].as_u64().unwrap(),
+            u["models"][1]["output_tokens"]["used"].as_u64().unwrap(),
+            u["pool"]["output_tokens"]["used"].as_u64().unwrap(),
+        ]
+    };
+    assert_eq!(outputs(&json_at(&base, "/v1/usage/team-a").await), [50; 4]);
+    let report = || async {
+        reqwest::Client::new()
+            .post(format!("{base}/v1/report"))
+            .header("x-llm-ratelimit-reservation", &handle)
+            .body(r#"{"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}"#)
+            .send()
+            .await
+            .unwrap()
+    };
+    assert_eq!(report().await.status(), 200);
+    assert_eq!(outputs(&json_at(&base, "/v1/usage/team-a").await), [7; 4]);
+    // Delivered twice: nothing changes.
+    assert_eq!(report().await.status(), 200);
+    assert_eq!(outputs(&json_at(&base, "/v1/usage/team-a").await), [7; 4]);
+}
+
+#[tokio::test]
+async fn should_rate_limit_holds_the_models_entry_its_descriptors_name() {
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
+    use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+
+    let limiter = Arc::new(llm_ratelimit::admission::Limiter::new(
+        Arc::new(arc_swap::ArcSwap::from_pointee(pooled_config())),
+        Store::Memory(MemoryStore::new()),
+        Arc::new(llm_ratelimit::metrics::Metrics::default()),
+    ));
+    let rls = llm_ratelimit::grpc::RateLimiter::new(limiter);
+    let call = |model: Option<&str>| {
+        let mut entries = vec![
+            ("api_key", format!("Bearer {TEAM_A}")),
+            ("limit", "requests".into()),
+        ];
+        if let Some(m) = model {
+            entries.push(("model", m.to_string()));
+        }
+        tonic::Request::new(RateLimitRequest {
+            domain: "llm".into(),
+            descriptors: vec![RateLimitDescriptor {
+                entries: entries
+                    .into_iter()
+                    .map(|(key, value)| Entry {
+                        key: key.into(),
+                        value,
+                    })
+                    .collect(),
+                ..Default::default()
+            }],
+            hits_addend: 1,
+        })
+    };
+    let code = |r: tonic::Response<_>| {
+        let r: envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse = r.into_inner();
+        (
+            Code::try_from(r.overall_code).unwrap(),
+            String::from_utf8_lossy(&r.raw_body).into_owned(),
+        )
+    };
+    // team-a's gpt-4o entry allows 3.
+    for _ in 0..3 {
+        let (c, _) = code(rls.should_rate_limit(call(Some("gpt-4o"))).await.unwrap());
+        assert_eq!(c, Code::Ok);
+    }
+    let (c, body) = code(rls.should_rate_limit(call(Some("gpt-4o"))).await.unwrap());
+    assert_eq!(c, Code::OverLimit);
+    assert!(body.contains("team-a (model gpt-4o) on requests"), "{body}");
+    // Without a model the entry does not apply; the pool (5) still counts every charge.
+    let (c, _) = code(rls.should_rate_limit(call(None)).await.unwrap());
+    assert_eq!(c, Code::Ok);
+    let (c, _) = code(
+        rls.should_rate_limit(call(Some("gpt-4o-mini")))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(c, Code::Ok);
+    let (c, body) = code(rls.should_rate_limit(call(None)).await.unwrap());
+    assert_eq!(c, Code::OverLimit);
+    assert!(
+        body.contains("team-a (pool research) on requests"),
+        "{body}"
+    );
+}
