@@ -84,7 +84,9 @@ for i = 1, n do
     'INCRBY', 'u16', bit, add[1], 'INCRBY', 'u32', bit + 16, add[2], 'INCRBY', 'u32', bit + 48, add[3],
     'SET', 'i64', 0, h[1], 'SET', 'i64', 64, h[2], 'SET', 'i64', 128, h[3], 'SET', 'i64', 192, h[4],
     'SET', 'i64', 256, h[5]}, r.b, r.slots, add)))
-  redis.call('PEXPIRE', r.key, r.ttl)
+  -- The TTL is set once per bucket: set anywhere in bucket b, a window and two buckets
+  -- outlast everything b holds, so a later write in the same bucket need not renew it.
+  if r.moved then redis.call('PEXPIRE', r.key, r.ttl) end
   if marker then
     -- What was actually added (a forced charge may saturate), so a refund or settlement
     -- by this marker never takes back more than this charge put in.
