@@ -6,11 +6,10 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{counter, free_port, RedisServer};
+use common::{counter, envoy_bin, free_port, spawn, wait_ready, Proc, RedisServer};
 use serde_json::{json, Value};
 
 const LIMITER: &str = env!("CARGO_BIN_EXE_llm-ratelimit");
@@ -26,44 +25,6 @@ fn shares_the_cpu() -> std::sync::RwLockReadGuard<'static, ()> {
 
 fn takes_the_cpu() -> std::sync::RwLockWriteGuard<'static, ()> {
     CPU.write().unwrap_or_else(|e| e.into_inner())
-}
-
-fn envoy_bin() -> PathBuf {
-    std::env::var_os("ENVOY_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/envoy"))
-}
-
-/// A child process killed by pid when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(cmd: &mut Command) -> Proc {
-    Proc(
-        cmd.stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn"),
-    )
-}
-
-fn wait_ready(url: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(r) = reqwest::blocking::get(url) {
-            if r.status().is_success() {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "{url} never became ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 const KEYS: &str = "\
@@ -135,7 +96,10 @@ fn cluster(
             .args(["--addr", &format!("127.0.0.1:{mock_port}")])
             .args(mock_args),
     );
-    wait_ready(&format!("http://127.0.0.1:{mock_port}/healthz"));
+    wait_ready(
+        &format!("http://127.0.0.1:{mock_port}/healthz"),
+        Duration::from_secs(20),
+    );
     let nodes = (0..nodes)
         .map(|i| {
             let (listener, grpc, http, admin) =
@@ -163,7 +127,7 @@ fn cluster(
                     .arg(&keys),
             );
             let limiter_http = format!("http://127.0.0.1:{http}");
-            wait_ready(&format!("{limiter_http}/readyz"));
+            wait_ready(&format!("{limiter_http}/readyz"), Duration::from_secs(20));
             let config = dir.path().join(format!("envoy-{i}.yaml"));
             // Likewise a call to the limiter can outlast the shipped 0.25 s deadline.
             let config_text = envoy_config(envoy_file, listener, grpc, mock_port, admin)
@@ -181,7 +145,10 @@ fn cluster(
                 "-l",
                 "error",
             ]));
-            wait_ready(&format!("http://127.0.0.1:{admin}/ready"));
+            wait_ready(
+                &format!("http://127.0.0.1:{admin}/ready"),
+                Duration::from_secs(20),
+            );
             Node {
                 url: format!("http://127.0.0.1:{listener}"),
                 limiter_http,
@@ -759,7 +726,10 @@ fn envoy_hands_limiter_and_upstream_the_same_path(envoy_file: &str) {
         "-l",
         "error",
     ]));
-    wait_ready(&format!("http://127.0.0.1:{admin}/ready"));
+    wait_ready(
+        &format!("http://127.0.0.1:{admin}/ready"),
+        Duration::from_secs(20),
+    );
     let addr = format!("127.0.0.1:{listener}");
     let seen = || recorder.0.lock().unwrap();
 

@@ -6,11 +6,11 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{counter, free_port, RedisServer};
+use common::{counter, envoy_bin, free_port, spawn, wait_ready, Proc, RedisServer};
 
 /// The binaries: these tests' debug build, or `FAILOVER_BIN_DIR`'s (a release build, for
 /// the figures in docs/performance.md).
@@ -55,44 +55,6 @@ fn deadline() -> Duration {
     Duration::from_millis(tuned("FAILOVER_DEADLINE_MS", 250))
 }
 
-fn envoy_bin() -> PathBuf {
-    std::env::var_os("ENVOY_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/envoy"))
-}
-
-/// A child process killed by pid when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(cmd: &mut Command) -> Proc {
-    Proc(
-        cmd.stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn"),
-    )
-}
-
-fn wait_ready(url: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(r) = reqwest::blocking::get(url) {
-            if r.status().is_success() {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "{url} never became ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn metrics(limiter_http: &str) -> String {
     reqwest::blocking::get(format!("{limiter_http}/metrics"))
         .and_then(|r| r.text())
@@ -125,7 +87,10 @@ fn three_nodes(redis_url: &str, policy: &str) -> Nodes {
     std::fs::write(&keys_file, keys(policy)).unwrap();
     let mock_port = free_port();
     let mock = spawn(Command::new(mock_bin()).args(["--addr", &format!("127.0.0.1:{mock_port}")]));
-    wait_ready(&format!("http://127.0.0.1:{mock_port}/healthz"));
+    wait_ready(
+        &format!("http://127.0.0.1:{mock_port}/healthz"),
+        Duration::from_secs(30),
+    );
     let nodes = (0..3)
         .map(|i| {
             let (listener, grpc, http, admin) =
@@ -141,7 +106,7 @@ fn three_nodes(redis_url: &str, policy: &str) -> Nodes {
                     .arg(&keys_file),
             );
             let limiter_http = format!("http://127.0.0.1:{http}");
-            wait_ready(&format!("{limiter_http}/readyz"));
+            wait_ready(&format!("{limiter_http}/readyz"), Duration::from_secs(30));
             let text =
                 std::fs::read_to_string(format!("{}/envoy/envoy.yaml", env!("CARGO_MANIFEST_DIR")))
                     .unwrap()
@@ -162,7 +127,10 @@ fn three_nodes(redis_url: &str, policy: &str) -> Nodes {
                 "-l",
                 "error",
             ]));
-            wait_ready(&format!("http://127.0.0.1:{admin}/ready"));
+            wait_ready(
+                &format!("http://127.0.0.1:{admin}/ready"),
+                Duration::from_secs(30),
+            );
             Node {
                 url: format!("http://127.0.0.1:{listener}"),
                 limiter_http,

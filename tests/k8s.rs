@@ -29,22 +29,16 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, RedisServer};
+use common::{envoy_bin, free_port, Proc, RedisServer};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 const LIMITER: &str = env!("CARGO_BIN_EXE_llm-ratelimit");
 const MOCK: &str = env!("CARGO_BIN_EXE_mock-upstream");
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-
-fn envoy_bin() -> PathBuf {
-    std::env::var_os("ENVOY_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(ROOT).join(".venv/bin/envoy"))
-}
 
 /// One test of this file at a time: the pod's limiter has a 50 ms store deadline, and the
 /// other tests' kubectl and Envoy runs would share the CPU with it.
@@ -690,17 +684,6 @@ fn production_renders_and_is_wired_up() {
 // The demo's gateway pod, run as local processes.
 
 /// A child process killed by pid when dropped, unless it has exited.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
-    }
-}
-
 /// A ConfigMap volume as the kubelet lays it out: `..<timestamp>/<files>`, `..data` → that
 /// directory, and each file a symlink `<file> → ..data/<file>`.
 struct ConfigMapVolume {

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{counter, free_port, RedisServer};
+use common::{counter, free_port, spawn, wait_ready, Proc, RedisServer};
 use serde_json::{json, Value};
 
 const LIMITER: &str = env!("CARGO_BIN_EXE_llm-ratelimit");
@@ -23,38 +23,6 @@ fn nginx_bin() -> PathBuf {
     std::env::var_os("NGINX_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/usr/sbin/nginx"))
-}
-
-/// A child process killed by pid when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(cmd: &mut Command) -> Proc {
-    Proc(
-        cmd.stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn"),
-    )
-}
-
-fn wait_ready(url: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(r) = reqwest::blocking::get(url) {
-            if r.status().is_success() {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "{url} never became ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Polls `probe` every 20 ms until it returns `Ok`, for at most `secs` seconds; its last
@@ -255,7 +223,10 @@ fn cluster(nodes: usize) -> Cluster {
         "--stream-interval-ms",
         &STREAM_INTERVAL_MS.to_string(),
     ]));
-    wait_ready(&format!("http://127.0.0.1:{mock_port}/healthz"));
+    wait_ready(
+        &format!("http://127.0.0.1:{mock_port}/healthz"),
+        Duration::from_secs(30),
+    );
     let nodes = (0..nodes)
         .map(|i| {
             let http = free_port();
@@ -271,7 +242,7 @@ fn cluster(nodes: usize) -> Cluster {
                     .arg(&keys),
             );
             let limiter_http = format!("http://127.0.0.1:{http}");
-            wait_ready(&format!("{limiter_http}/readyz"));
+            wait_ready(&format!("{limiter_http}/readyz"), Duration::from_secs(30));
             let nginx = Nginx::start(free_port(), http, mock_port, free_port());
             Node {
                 nginx,
@@ -845,7 +816,10 @@ fn nginx_hands_limiter_and_upstream_the_same_path_and_reports_each_response_once
     let (limiter, upstream) = (free_port(), free_port());
     let seen = stand_ins(&runtime, limiter, upstream);
     let nginx = Nginx::start(free_port(), limiter, upstream, free_port());
-    wait_ready(&format!("http://127.0.0.1:{upstream}/"));
+    wait_ready(
+        &format!("http://127.0.0.1:{upstream}/"),
+        Duration::from_secs(30),
+    );
     let seen = || seen.lock().unwrap();
     let body = chat(5, false).to_string();
     let headers = [
@@ -1040,7 +1014,10 @@ fn random_targets_are_metered_as_the_route_they_name() {
     let (limiter, upstream) = (free_port(), free_port());
     let seen = stand_ins(&runtime, limiter, upstream);
     let nginx = Nginx::start(free_port(), limiter, upstream, free_port());
-    wait_ready(&format!("http://127.0.0.1:{upstream}/"));
+    wait_ready(
+        &format!("http://127.0.0.1:{upstream}/"),
+        Duration::from_secs(30),
+    );
     let headers = [("authorization", "Bearer sk-secret")];
     let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut next = |n: usize| {

@@ -24,6 +24,49 @@ pub fn free_port() -> u16 {
     panic!("no free port pair found");
 }
 
+/// A child process of a test, killed by pid (if still running) and reaped when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `cmd` with its output discarded.
+pub fn spawn(cmd: &mut Command) -> Proc {
+    Proc(
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn"),
+    )
+}
+
+/// Polls `url` every 50 ms until it answers 2xx, or fails after `within`.
+pub fn wait_ready(url: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(r) = reqwest::blocking::get(url) {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{url} never became ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The Envoy binary: `ENVOY_BIN`, else the project's `.venv/bin/envoy`.
+pub fn envoy_bin() -> PathBuf {
+    std::env::var_os("ENVOY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/envoy"))
+}
+
 fn wait_for_port(port: u16, child: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
