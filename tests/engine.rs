@@ -404,6 +404,29 @@ fn big_limits() -> Limits {
     }
 }
 
+/// `amounts` reserved under limits far away (so admitted), at `at` on the manual clock.
+async fn admit_at(
+    store: &Store,
+    now: &AtomicU64,
+    key: &KeyName,
+    shape: WindowShape,
+    at: u64,
+    amounts: [u64; 3],
+) -> Decision {
+    now.store(at, Ordering::SeqCst);
+    store
+        .reserve(
+            key,
+            shape,
+            &big_limits(),
+            &usage(amounts),
+            Charge::Check,
+            None,
+        )
+        .await
+        .unwrap()
+}
+
 /// Both stores, on one manual clock.
 /// A Redis store at `url` whose scripts take the test's manual clock, started at `start`.
 async fn redis_on_manual_clock(url: &str, start: u64) -> (Arc<AtomicU64>, Store) {
@@ -580,18 +603,7 @@ async fn a_denial_deep_in_a_full_window_says_when_it_fits() {
     for store in &stores {
         let key = unique_key("deep");
         for i in 0..600u64 {
-            now.store(start + i * 100, Ordering::SeqCst);
-            let d = store
-                .reserve(
-                    &key,
-                    shape,
-                    &big_limits(),
-                    &usage(amounts(i)),
-                    Charge::Check,
-                    None,
-                )
-                .await
-                .unwrap();
+            let d = admit_at(store, &now, &key, shape, start + i * 100, amounts(i)).await;
             assert!(matches!(d, Decision::Admitted { .. }), "{d:?}");
         }
         let at = start + 599 * 100 + 50;
@@ -689,18 +701,7 @@ async fn a_busy_ring_stays_bounded() {
     let shape = shape(60_000, 100);
     let key = unique_key("mem");
     for i in 0..3_000u64 {
-        now.store(T0 + i * 37, Ordering::SeqCst);
-        store
-            .reserve(
-                &key,
-                shape,
-                &big_limits(),
-                &usage([1, 100, 50]),
-                Charge::Check,
-                None,
-            )
-            .await
-            .unwrap();
+        admit_at(&store, &now, &key, shape, T0 + i * 37, [1, 100, 50]).await;
     }
     let ring = ring_key(&key, shape);
     let len: usize = redis.cli(&["STRLEN", &ring]).parse().unwrap();
@@ -1164,18 +1165,7 @@ async fn a_denial_reply_is_small_however_full_the_ring() {
     let shape = shape(60_000, 100);
     let key = unique_key("full");
     for j in 0..600u64 {
-        now.store(T0 + j * 100, Ordering::SeqCst);
-        store
-            .reserve(
-                &key,
-                shape,
-                &big_limits(),
-                &usage([1, 100, 50]),
-                Charge::Check,
-                None,
-            )
-            .await
-            .unwrap();
+        admit_at(&store, &now, &key, shape, T0 + j * 100, [1, 100, 50]).await;
     }
     now.store(T0 + 60_000, Ordering::SeqCst);
     let at_limit = Limits {
