@@ -1,22 +1,26 @@
 -- refund.lua: takes an amount back from each ring given (Envoy's `is_negative_hits`, or a
 -- caller undoing its own charge), never below zero; what a window does not hold is not
 -- owed. All rings in one step.
--- With a marker (left by reserve.lua for that ring) the amount comes from the bucket the
--- charge went into, at most what the marker still holds, and the marker keeps the rest
--- (deleted at zero), so the window frees at the instant the charge would have left it. A
--- marker for another epoch of the ring, or whose bucket has left the window, refunds
--- nothing: that charge is no longer counted. Without a marker (none given, or it expired
--- or was used up) the amount comes from the newest bucket backwards.
--- KEYS[1..n] rings, KEYS[n+1..2n] their reservation markers (read when ARGV[6] = 1)
+-- With a marker (left by reserve.lua, an entry per ring) the amount comes from the bucket
+-- the charge went into, at most what the ring's entry still holds, and the entry keeps the
+-- rest (dropped at zero; the marker goes with its last entry), so the window frees at the
+-- instant the charge would have left it. An entry for another epoch of the ring, or whose
+-- bucket has left the window, refunds nothing: that charge is no longer counted. Without
+-- an entry (no marker given, or it expired or was used up) the amount comes from the
+-- newest bucket backwards.
+-- KEYS[1..n] rings, KEYS[n+1] the reservation's marker (read when ARGV[6] = 1)
 -- ARGV: now_ms (0 = Redis TIME), n, requests, input, output, by marker (1 = use the
---       markers), then per ring: precision_ms, slots, ttl_ms
+--       marker), then per ring: precision_ms, slots, ttl_ms
 -- Returns {now, per ring: requests, input, output, tail} after the refund.
 local now = now_ms(ARGV[1])
 local n = tonumber(ARGV[2])
 local amount = {tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])}
 local by_marker = tonumber(ARGV[6]) == 1
 
-local function refund(ring, marker_key, precision, slots, ttl)
+local entries = by_marker and read_marker(KEYS[n + 1]) or nil
+local marker_changed = false
+
+local function refund(ring, precision, slots, ttl)
   if redis.call('EXISTS', ring) == 0 then return {0, 0, 0, 0} end
   local left = {amount[1], amount[2], amount[3]}
   local h, b, cur = advance(ring, math.floor(now / precision), slots)
@@ -25,10 +29,8 @@ local function refund(ring, marker_key, precision, slots, ttl)
   local function take_from(x, v)
     local take = {math.min(left[1], v[1]), math.min(left[2], v[2]), math.min(left[3], v[3])}
     if take[1] > 0 or take[2] > 0 or take[3] > 0 then
-      local xb = slot_bit(x, slots)
-      redis.call('BITFIELD', ring, unpack(add_block_ops({'SET', 'u16', xb, v[1] - take[1],
-        'SET', 'u32', xb + 16, v[2] - take[2], 'SET', 'u32', xb + 48, v[3] - take[3]},
-        x, slots, {-take[1], -take[2], -take[3]})))
+      write_slot(ring, x, slots, {v[1] - take[1], v[2] - take[2], v[3] - take[3]})
+      add_block(ring, x, slots, {-take[1], -take[2], -take[3]})
       for k = 1, 3 do
         left[k] = left[k] - take[k]
         h[k + 2] = h[k + 2] - take[k]
@@ -37,35 +39,28 @@ local function refund(ring, marker_key, precision, slots, ttl)
     return take
   end
 
-  local m = nil
-  if by_marker then
-    m = read_marker(marker_key)
-    if m and m.expires <= now then
-      redis.call('DEL', marker_key)
-      m = nil
-    end
+  local field = ring_field(ring)
+  local m = entries and entries[field]
+  if m and m.expires <= now then
+    entries[field] = nil
+    marker_changed = true
+    m = nil
   end
   if m then
     if m.epoch == h[6] and m.bucket > b - slots then
       for k = 1, 3 do left[k] = math.min(left[k], m.amounts[k]) end
-      local xb = slot_bit(m.bucket, slots)
-      local v = redis.call('BITFIELD_RO', ring, 'GET', 'u16', xb, 'GET', 'u32', xb + 16, 'GET', 'u32', xb + 48)
-      local take = take_from(m.bucket, v)
+      local take = take_from(m.bucket, m.bucket == b and cur or read_slot(ring, m.bucket, slots))
       for k = 1, 3 do m.amounts[k] = m.amounts[k] - take[k] end
       if m.amounts[1] == 0 and m.amounts[2] == 0 and m.amounts[3] == 0 then
-        redis.call('DEL', marker_key)
-      else
-        redis.call('SET', marker_key, marker_value(m), 'KEEPTTL')
+        entries[field] = nil
       end
+      marker_changed = true
     end
   else
     local x = b
     local v = cur
     while (left[1] > 0 or left[2] > 0 or left[3] > 0) and x > b - slots do
-      if x ~= b then
-        local xb = slot_bit(x, slots)
-        v = redis.call('BITFIELD_RO', ring, 'GET', 'u16', xb, 'GET', 'u32', xb + 16, 'GET', 'u32', xb + 48)
-      end
+      if x ~= b then v = read_slot(ring, x, slots) end
       take_from(x, v)
       x = x - 1
     end
@@ -79,8 +74,8 @@ end
 local reply = {now}
 for i = 1, n do
   local a = 7 + 3 * (i - 1)
-  local r = refund(KEYS[i], KEYS[n + i], tonumber(ARGV[a]), tonumber(ARGV[a + 1]),
-    tonumber(ARGV[a + 2]))
+  local r = refund(KEYS[i], tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]))
   for k = 1, 4 do reply[#reply + 1] = r[k] end
 end
+if marker_changed then write_marker(KEYS[n + 1], entries) end
 return reply

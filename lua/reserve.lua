@@ -4,7 +4,8 @@
 -- share a hash tag). A denial records nothing, and is answered here, where the rings are:
 -- which ring and limit, when every ring has room, when each limit next gains room, in a
 -- reply of fixed size per ring (the rings never travel).
--- KEYS[1..n] rings, KEYS[n+1..2n] their reservation markers (written when ARGV[6] = 1)
+-- KEYS[1..n] rings, KEYS[n+1] the reservation's marker (written when ARGV[6] = 1): one
+-- for all the rings, an entry per ring (see read_marker in window.lua)
 -- ARGV: now_ms (0 = Redis TIME), n, requests, input, output, marker (1 = leave markers),
 --       force (1 = charge even over the limits, for after-the-fact accounting), then per
 --       ring (7 each): precision_ms, slots, limit_requests, limit_input, limit_output,
@@ -70,6 +71,7 @@ if not all_fit then
 end
 
 local reply = {1, now}
+local entries, marker_ttl = {}, 0
 for i = 1, n do
   local r = rings[i]
   local h, cur = r.h, r.cur
@@ -79,22 +81,23 @@ for i = 1, n do
   h[3] = h[3] + add[1]; h[4] = h[4] + add[2]; h[5] = h[5] + add[3]
   -- The tail scan stops at the head at the latest, so it may run before the slot is written.
   settle_tail(r.key, h, r.slots)
-  local bit = slot_bit(r.b, r.slots)
-  redis.call('BITFIELD', r.key, unpack(add_block_ops({
-    'INCRBY', 'u16', bit, add[1], 'INCRBY', 'u32', bit + 16, add[2], 'INCRBY', 'u32', bit + 48, add[3],
-    'SET', 'i64', 0, h[1], 'SET', 'i64', 64, h[2], 'SET', 'i64', 128, h[3], 'SET', 'i64', 192, h[4],
-    'SET', 'i64', 256, h[5]}, r.b, r.slots, add)))
+  write_slot(r.key, r.b, r.slots, {cur[1] + add[1], cur[2] + add[2], cur[3] + add[3]})
+  add_block(r.key, r.b, r.slots, add)
+  write_header(r.key, h)
   -- The TTL is set once per bucket: set anywhere in bucket b, a window and two buckets
   -- outlast everything b holds, so a later write in the same bucket need not renew it.
   if r.moved then redis.call('PEXPIRE', r.key, r.ttl) end
   if marker then
     -- What was actually added (a forced charge may saturate), so a refund or settlement
     -- by this marker never takes back more than this charge put in.
-    redis.call('SET', KEYS[n + i],
-      marker_value({bucket = r.b, epoch = h[6], amounts = add, expires = now + r.marker_ttl}),
-      'PX', r.marker_ttl)
+    entries[#entries + 1] = marker_entry(ring_field(r.key),
+      {bucket = r.b, epoch = h[6], amounts = add, expires = now + r.marker_ttl})
+    if r.marker_ttl > marker_ttl then marker_ttl = r.marker_ttl end
   end
   reply[#reply + 1] = h[3]; reply[#reply + 1] = h[4]; reply[#reply + 1] = h[5]
   reply[#reply + 1] = h[2]
+end
+if marker then
+  redis.call('SET', KEYS[n + 1], table.concat(entries, '|'), 'PX', marker_ttl)
 end
 return reply

@@ -1,10 +1,10 @@
 -- settle.lua: corrects a reservation's own bucket to the real output tokens, once, in
 -- every ring the reservation was charged to, in one step.
--- Each ring's marker left by reserve.lua is consumed, so a second report changes nothing.
+-- The marker left by reserve.lua is consumed, so a second report changes nothing.
 -- Only the ring the marker was written for is touched (same epoch), and only while its
 -- bucket is in the window: a ring evicted and recreated since, or a bucket that has left,
 -- is not.
--- KEYS[1..n] rings, KEYS[n+1..2n] their reservation markers
+-- KEYS[1..n] rings, KEYS[n+1] the reservation's marker
 -- ARGV: now_ms (0 = Redis TIME), n, actual output tokens, then per ring: precision_ms, slots
 -- Returns per ring {state, applied delta}: state 0 = no such reservation (settled before,
 -- or expired), 1 = settled into its bucket, 2 = settled but its ring or bucket is gone.
@@ -12,35 +12,36 @@ local now = now_ms(ARGV[1])
 local n = tonumber(ARGV[2])
 local actual = tonumber(ARGV[3])
 
-local function settle(ring, marker_key, precision, slots)
-  local m = read_marker(marker_key)
-  if not m then return 0, 0 end
-  redis.call('DEL', marker_key)
-  if m.expires <= now then return 0, 0 end
+local function settle(ring, m, precision, slots)
+  if not m or m.expires <= now then return 0, 0 end
   local b = math.floor(now / precision)
   local h = read_header(ring)
   if h[1] == 0 or h[6] ~= m.epoch or math.max(b, h[1]) - m.bucket >= slots then return 2, 0 end
 
   -- Against what the marker still holds: a refund by this marker may have taken some back.
-  local bit = slot_bit(m.bucket, slots) + 48
-  local old = redis.call('BITFIELD_RO', ring, 'GET', 'u32', bit)[1]
+  local at = slot_at(m.bucket, slots) + 6
+  local old = struct.unpack('>I4', redis.call('GETRANGE', ring, at, at + 3))
   local new = old + actual - m.amounts[3]
   if new < 0 then new = 0 end
   if new > U32_MAX then new = U32_MAX end
   if new ~= old then
     -- A bucket that held nothing may sit before the tail; the tail must stay a lower bound.
     if new > 0 and m.bucket < h[2] then h[2] = m.bucket end
-    redis.call('BITFIELD', ring, unpack(add_block_ops({'SET', 'u32', bit, new,
-      'SET', 'i64', 64, h[2], 'SET', 'i64', 256, h[5] + new - old}, m.bucket, slots,
-      {0, 0, new - old})))
+    redis.call('SETRANGE', ring, at, struct.pack('>I4', new))
+    add_block(ring, m.bucket, slots, {0, 0, new - old})
+    redis.call('SETRANGE', ring, 8, struct.pack('>i8i8i8i8', h[2], h[3], h[4], h[5] + new - old))
   end
   return 1, new - old
 end
 
+-- The whole marker is taken at once: a reservation is settled once, in all its rings.
+local entries = read_marker(KEYS[n + 1])
+if entries then redis.call('DEL', KEYS[n + 1]) end
 local reply = {}
 for i = 1, n do
   local a = 4 + 2 * (i - 1)
-  local state, delta = settle(KEYS[i], KEYS[n + i], tonumber(ARGV[a]), tonumber(ARGV[a + 1]))
+  local state, delta = settle(KEYS[i], entries and entries[ring_field(KEYS[i])],
+    tonumber(ARGV[a]), tonumber(ARGV[a + 1]))
   reply[#reply + 1] = state; reply[#reply + 1] = delta
 end
 return reply

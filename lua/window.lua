@@ -13,7 +13,7 @@
 -- The block sums let a denial find when it fits, and when each limit next gains room,
 -- by skipping whole blocks: O(sqrt(slots)) slots read instead of the whole window, so a
 -- request that fits only after nearly the whole window leaves costs about what an
--- admission does. Every write to a slot writes its block sum in the same BITFIELD call.
+-- admission does. Every write to a slot writes its block sum in the same script call.
 -- The epoch tells rings apart: a ring recreated after idling a whole window, or after Redis
 -- evicted it (or someone deleted it), has a new one, so a reservation marker written for
 -- the old ring cannot change the new one's buckets.
@@ -24,10 +24,6 @@ local BLOCK_BYTES = 24
 local U16_MAX = 65535
 local U32_MAX = 4294967295
 local BATCH = 128
-
-local function slot_bit(bucket, slots)
-  return (HDR_BYTES + SLOT_BYTES * (bucket % slots)) * 8
-end
 
 -- Slots per block: the square root balances the blocks a scan skips against the slots
 -- it reads inside one block.
@@ -43,19 +39,6 @@ local function ring_bytes(slots)
   return blocks_at(slots) + BLOCK_BYTES * math.ceil(slots / block_len(slots))
 end
 
--- Appends to a BITFIELD argument list the ops that add d[1..3] to the block sum of the
--- block holding bucket's slot.
-local function add_block_ops(args, bucket, slots, d)
-  local bit = (blocks_at(slots) + BLOCK_BYTES * math.floor((bucket % slots) / block_len(slots))) * 8
-  for k = 1, 3 do
-    if d[k] ~= 0 then
-      args[#args + 1] = 'INCRBY'; args[#args + 1] = 'i64'
-      args[#args + 1] = bit + 64 * (k - 1); args[#args + 1] = d[k]
-    end
-  end
-  return args
-end
-
 local function now_ms(arg)
   local now = tonumber(arg)
   if now == nil or now <= 0 then
@@ -65,16 +48,45 @@ local function now_ms(arg)
   return now
 end
 
+-- Reads and writes go through GETRANGE/SETRANGE and struct, never BITFIELD: inside a
+-- script each BITFIELD op costs about what a whole GETRANGE or SETRANGE does (Redis parses
+-- and answers each op), so a ring's fields are read and written as runs of bytes. The
+-- layout is BITFIELD's: big-endian, so `i64` is struct's `>i8`, `u16` `>I2`, `u32` `>I4`.
+
 -- Reads the header: {head, tail, requests, input, output, epoch}; all zero for a missing key.
 local function read_header(ring)
-  return redis.call('BITFIELD_RO', ring, 'GET', 'i64', 0, 'GET', 'i64', 64,
-    'GET', 'i64', 128, 'GET', 'i64', 192, 'GET', 'i64', 256, 'GET', 'i64', 320)
+  local s = redis.call('GETRANGE', ring, 0, HDR_BYTES - 1)
+  if #s < HDR_BYTES then return {0, 0, 0, 0, 0, 0} end
+  local head, tail, r, i, o, epoch = struct.unpack('>i8i8i8i8i8i8', s)
+  return {head, tail, r, i, o, epoch}
 end
 
 -- Writes the fields that change after creation (the epoch never does).
 local function write_header(ring, h)
-  redis.call('BITFIELD', ring, 'SET', 'i64', 0, h[1], 'SET', 'i64', 64, h[2],
-    'SET', 'i64', 128, h[3], 'SET', 'i64', 192, h[4], 'SET', 'i64', 256, h[5])
+  redis.call('SETRANGE', ring, 0, struct.pack('>i8i8i8i8i8', h[1], h[2], h[3], h[4], h[5]))
+end
+
+local function slot_at(bucket, slots)
+  return HDR_BYTES + SLOT_BYTES * (bucket % slots)
+end
+
+-- A bucket's slot: {requests, input, output}.
+local function read_slot(ring, bucket, slots)
+  local from = slot_at(bucket, slots)
+  local r, i, o = struct.unpack('>I2I4I4', redis.call('GETRANGE', ring, from, from + SLOT_BYTES - 1))
+  return {r, i, o}
+end
+
+local function write_slot(ring, bucket, slots, v)
+  redis.call('SETRANGE', ring, slot_at(bucket, slots), struct.pack('>I2I4I4', v[1], v[2], v[3]))
+end
+
+-- Adds d[1..3] to the block sum of the block holding bucket's slot.
+local function add_block(ring, bucket, slots, d)
+  if d[1] == 0 and d[2] == 0 and d[3] == 0 then return end
+  local from = blocks_at(slots) + BLOCK_BYTES * math.floor((bucket % slots) / block_len(slots))
+  local r, i, o = struct.unpack('>i8i8i8', redis.call('GETRANGE', ring, from, from + BLOCK_BYTES - 1))
+  redis.call('SETRANGE', ring, from, struct.pack('>i8i8i8', r + d[1], i + d[2], o + d[3]))
 end
 
 -- A new ring's epoch: Redis TIME in µs (exact in a Lua double until the year 2255), and
@@ -86,20 +98,44 @@ local function new_epoch(old)
   return e
 end
 
--- A reservation marker: what one charge added to one bucket of one ring, and when the
--- marker stops counting (the store's clock, so a test clock and Redis TIME read alike).
--- Stored as "bucket:epoch:requests:input:output:expires_ms".
+-- A reservation's marker: one string per reservation, whatever the number of rings it was
+-- charged to, holding per ring what the charge added to which bucket of which epoch of the
+-- ring, and when that entry stops counting (the store's clock, so a test clock and Redis
+-- TIME read alike). Entries are "<ring> <bucket> <epoch> <requests> <input> <output>
+-- <expires_ms>", joined by '|'; <ring> is the ring's key after the part every ring of the
+-- hash tag shares (no ring name holds a space or '|').
+local function ring_field(ring)
+  local _, e = string.find(ring, '}:v3:', 1, true)
+  return string.sub(ring, (e or 0) + 1)
+end
+
+-- Reads a marker: {[ring field] = {bucket, epoch, amounts = {r, i, o}, expires}}, or nil.
 local function read_marker(key)
   local m = redis.call('GET', key)
   if not m then return nil end
-  local f = {}
-  for n in string.gmatch(m, '[^:]+') do f[#f + 1] = tonumber(n) end
-  return {bucket = f[1], epoch = f[2], amounts = {f[3], f[4], f[5]}, expires = f[6]}
+  local entries = {}
+  for f, b, e, r, i, o, x in string.gmatch(m,
+      '([^|%s]+) (%d+) (%d+) (%d+) (%d+) (%d+) (%d+)') do
+    entries[f] = {bucket = tonumber(b), epoch = tonumber(e),
+      amounts = {tonumber(r), tonumber(i), tonumber(o)}, expires = tonumber(x)}
+  end
+  return entries
 end
 
-local function marker_value(m)
-  return string.format('%.0f:%.0f:%.0f:%.0f:%.0f:%.0f', m.bucket, m.epoch,
+local function marker_entry(f, m)
+  return string.format('%s %.0f %.0f %.0f %.0f %.0f %.0f', f, m.bucket, m.epoch,
     m.amounts[1], m.amounts[2], m.amounts[3], m.expires)
+end
+
+-- Writes back what is left of a marker (its TTL kept), or deletes it when nothing is.
+local function write_marker(key, entries)
+  local parts = {}
+  for f, m in pairs(entries) do parts[#parts + 1] = marker_entry(f, m) end
+  if #parts == 0 then
+    redis.call('DEL', key)
+  else
+    redis.call('SET', key, table.concat(parts, '|'), 'KEEPTTL')
+  end
 end
 
 -- Reads the slots of buckets first..last (at most `slots` of them) and calls
@@ -134,46 +170,43 @@ end
 -- and whether the header changed (it is then the caller's to write); the usual call (same
 -- bucket as the last one) is a single read.
 local function advance(ring, b, slots)
-  local bit = slot_bit(b, slots)
-  local v = redis.call('BITFIELD_RO', ring, 'GET', 'i64', 0, 'GET', 'i64', 64,
-    'GET', 'i64', 128, 'GET', 'i64', 192, 'GET', 'i64', 256, 'GET', 'i64', 320,
-    'GET', 'u16', bit, 'GET', 'u32', bit + 16, 'GET', 'u32', bit + 48)
-  local h = {v[1], v[2], v[3], v[4], v[5], v[6]}
+  local h = read_header(ring)
   if h[1] == 0 or b - h[1] >= slots then
     if h[1] ~= 0 then redis.call('DEL', ring) end
     -- Made at full length at once: one allocation of the right size class, rather than
     -- a string grown (and over-allocated) as later buckets are written.
     redis.call('SETRANGE', ring, ring_bytes(slots) - 1, '\0')
     local epoch = new_epoch(h[6])
-    redis.call('BITFIELD', ring, 'SET', 'i64', 320, epoch)
+    redis.call('SETRANGE', ring, 40, struct.pack('>i8', epoch))
     return {b, b, 0, 0, 0, epoch}, b, {0, 0, 0}, true
   end
-  if b == h[1] then return h, b, {v[7], v[8], v[9]}, false end
-  if b < h[1] then
-    local hb = slot_bit(h[1], slots)
-    local c = redis.call('BITFIELD_RO', ring, 'GET', 'u16', hb, 'GET', 'u32', hb + 16, 'GET', 'u32', hb + 48)
-    return h, h[1], c, false
-  end
-  local zero = {}
+  if b == h[1] then return h, b, read_slot(ring, b, slots), false end
+  if b < h[1] then return h, h[1], read_slot(ring, h[1], slots), false end
+  -- The buckets that leave, in order: each run of them in consecutive slots is zeroed by
+  -- one write, and each block's sum loses what its slots held.
+  local runs, blocks = {}, {}
+  local bl = block_len(slots)
   each_slot(ring, slots, h[1] + 1, b, function(x, r, i, o)
     -- the slot still holds bucket x - slots, which leaves the window now
     if r ~= 0 or i ~= 0 or o ~= 0 then
       h[3] = h[3] - r; h[4] = h[4] - i; h[5] = h[5] - o
-      zero[#zero + 1] = {x, r, i, o}
+      local s = x % slots
+      local last = runs[#runs]
+      if last and last[2] == s - 1 then last[2] = s else runs[#runs + 1] = {s, s} end
+      local k = math.floor(s / bl)
+      local d = blocks[k]
+      if d == nil then
+        d = {0, 0, 0}
+        blocks[k] = d
+      end
+      d[1] = d[1] - r; d[2] = d[2] - i; d[3] = d[3] - o
     end
   end, false)
-  for n = 1, #zero, BATCH do
-    local args = {}
-    for k = n, math.min(#zero, n + BATCH - 1) do
-      local z = zero[k]
-      local zb = slot_bit(z[1], slots)
-      args[#args + 1] = 'SET'; args[#args + 1] = 'u16'; args[#args + 1] = zb; args[#args + 1] = 0
-      args[#args + 1] = 'SET'; args[#args + 1] = 'u32'; args[#args + 1] = zb + 16; args[#args + 1] = 0
-      args[#args + 1] = 'SET'; args[#args + 1] = 'u32'; args[#args + 1] = zb + 48; args[#args + 1] = 0
-      add_block_ops(args, z[1], slots, {-z[2], -z[3], -z[4]})
-    end
-    redis.call('BITFIELD', ring, unpack(args))
+  for _, run in ipairs(runs) do
+    redis.call('SETRANGE', ring, HDR_BYTES + SLOT_BYTES * run[1],
+      string.rep('\0', SLOT_BYTES * (run[2] - run[1] + 1)))
   end
+  for k, d in pairs(blocks) do add_block(ring, k * bl, slots, d) end
   h[1] = b
   return h, b, {0, 0, 0}, true
 end

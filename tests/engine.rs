@@ -752,7 +752,7 @@ async fn an_idle_key_expires_on_redis_time() {
     assert!(matches!(d, Decision::Admitted { .. }), "{d:?}");
     let started = std::time::Instant::now();
     let ring = ring_key(&key, shape);
-    let marker = marker_key(&key, shape, id);
+    let marker = marker_key(&key, id);
     for k in [&ring, &marker] {
         let ttl: i64 = redis.cli(&["PTTL", k]).parse().unwrap();
         assert!(ttl > 0 && ttl <= shape.ttl_ms() as i64, "{k}: PTTL {ttl}");

@@ -443,9 +443,10 @@ impl RedisStore {
         for b in set {
             inv.key(ring_key_of(&b.ring));
         }
-        for b in set {
-            inv.key(marker_key_of(&b.ring, marker.unwrap_or(0)));
-        }
+        inv.key(marker_key_in(
+            set.first().map(|b| &b.ring),
+            marker.unwrap_or(0),
+        ));
         inv.arg(self.now_arg())
             .arg(set.len())
             .arg(want.requests)
@@ -522,9 +523,7 @@ impl RedisStore {
         for r in &claim.rings {
             inv.key(ring_key_of(r));
         }
-        for r in &claim.rings {
-            inv.key(marker_key_of(r, claim.id));
-        }
+        inv.key(marker_key_in(claim.rings.first(), claim.id));
         inv.arg(self.now_arg())
             .arg(claim.rings.len())
             .arg(output_tokens);
@@ -573,9 +572,7 @@ impl RedisStore {
         for r in rings {
             inv.key(ring_key_of(r));
         }
-        for r in rings {
-            inv.key(marker_key_of(r, marker.unwrap_or(0)));
-        }
+        inv.key(marker_key_in(rings.first(), marker.unwrap_or(0)));
         inv.arg(self.now_arg())
             .arg(rings.len())
             .arg(amount.requests)
@@ -682,26 +679,26 @@ pub fn ring_key_of(ring: &RingRef) -> String {
     )
 }
 
-/// A charge's marker in one ring: per ring, so one id (say, a hash of `x-request-id`)
-/// marks the charges of one request in each of its rings.
-pub fn marker_key_of(ring: &RingRef, id: u64) -> String {
-    format!(
-        "llmrl:{{{}}}:r:{}{}.{}.{id:016x}",
-        ring.tag,
-        ring.scope_text(),
-        ring.shape.window_ms(),
-        ring.shape.precision_ms()
-    )
+/// A reservation's marker: one per reservation, under the hash tag its rings share, with
+/// an entry per ring (`lua/window.lua`, `read_marker`), so settling or refunding a request
+/// held to six limit sets reads and writes one key, not six. The id is the request's (say,
+/// a hash of `x-request-id`). `m` rather than the per-ring markers' `r` of earlier
+/// versions: a node of another version never misreads one.
+pub fn marker_key(tag: &KeyName, id: u64) -> String {
+    format!("llmrl:{{{tag}}}:m:{id:016x}")
+}
+
+/// The marker of a reservation over rings whose first is `first` (all share its tag).
+fn marker_key_in(first: Option<&RingRef>, id: u64) -> String {
+    match first {
+        Some(r) => marker_key(&r.tag, id),
+        None => format!("llmrl:{{none}}:m:{id:016x}"),
+    }
 }
 
 /// A key's own ring (see [`ring_key_of`]).
 pub fn ring_key(key: &KeyName, shape: WindowShape) -> String {
     ring_key_of(&RingRef::own(key, shape))
-}
-
-/// A key's own marker (see [`marker_key_of`]).
-pub fn marker_key(key: &KeyName, shape: WindowShape, id: u64) -> String {
-    marker_key_of(&RingRef::own(key, shape), id)
 }
 
 /// A script's array reply.
@@ -835,9 +832,6 @@ mod tests {
         let shape = WindowShape::new(Duration::from_secs(60), Duration::from_millis(100)).unwrap();
         let key = KeyName::new("team-a").unwrap();
         assert_eq!(ring_key(&key, shape), "llmrl:{team-a}:v3:w60000:p100");
-        assert_eq!(
-            marker_key(&key, shape, 255),
-            "llmrl:{team-a}:r:60000.100.00000000000000ff"
-        );
+        assert_eq!(marker_key(&key, 255), "llmrl:{team-a}:m:00000000000000ff");
     }
 }
