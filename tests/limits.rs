@@ -776,3 +776,117 @@ async fn should_rate_limit_holds_the_models_entry_its_descriptors_name() {
         "{body}"
     );
 }
+
+const DAILY: &str = "sk-test-limits-daily";
+
+/// `daily`: 2 requests a day, 100 a window: the day denies first.
+fn daily_config() -> llm_ratelimit::config::Config {
+    llm_ratelimit::config::Config::parse(
+        &format!(
+            "window: 60s\nprecision: 100ms\ndefault_max_output_tokens: 50\nkeys:
+  - name: daily
+    key: {DAILY}
+    rpm: 100
+    input_tpm: 100000
+    output_tpm: 100000
+    per_day:
+      requests: 2
+"
+        ),
+        "daily.yaml",
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn should_rate_limit_names_the_day_window_of_a_per_day_denial() {
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
+    use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+
+    let limiter = Arc::new(llm_ratelimit::admission::Limiter::new(
+        Arc::new(arc_swap::ArcSwap::from_pointee(daily_config())),
+        Store::Memory(MemoryStore::new()),
+        Arc::new(llm_ratelimit::metrics::Metrics::default()),
+    ));
+    let rls = llm_ratelimit::grpc::RateLimiter::new(limiter);
+    let call = || {
+        tonic::Request::new(RateLimitRequest {
+            domain: "llm".into(),
+            descriptors: vec![RateLimitDescriptor {
+                entries: [("api_key", DAILY), ("limit", "requests")]
+                    .into_iter()
+                    .map(|(key, value)| Entry {
+                        key: key.into(),
+                        value: value.into(),
+                    })
+                    .collect(),
+                ..Default::default()
+            }],
+            hits_addend: 1,
+        })
+    };
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        answers.push(rls.should_rate_limit(call()).await.unwrap().into_inner());
+    }
+    // Admitted: the status describes the per-window limit (the headline).
+    let admitted = answers[0].statuses[0].current_limit.clone().unwrap();
+    assert_eq!(Code::try_from(answers[1].overall_code).unwrap(), Code::Ok);
+    assert_eq!(Unit::try_from(admitted.unit).unwrap(), Unit::Minute);
+    assert_eq!(admitted.requests_per_unit, 100);
+    // Denied by the day: the status is the day's, named as a day.
+    let denied = &answers[2];
+    assert_eq!(
+        Code::try_from(denied.overall_code).unwrap(),
+        Code::OverLimit
+    );
+    let status = &denied.statuses[0];
+    assert_eq!(Code::try_from(status.code).unwrap(), Code::OverLimit);
+    let limit = status.current_limit.clone().unwrap();
+    assert_eq!(Unit::try_from(limit.unit).unwrap(), Unit::Day, "{limit:?}");
+    assert_eq!(limit.requests_per_unit, 2);
+    assert_eq!(status.limit_remaining, 0);
+    assert_eq!(limit.name, "requests per 86400s sliding window");
+    // The first request leaves the day window in about a day (1-minute buckets).
+    let reset = status.duration_until_reset.unwrap().seconds;
+    assert!((86_000..=86_460).contains(&reset), "{reset}");
+    let body = String::from_utf8_lossy(&denied.raw_body);
+    assert!(
+        body.contains(
+            "Rate limit reached for daily (per day) on requests: Limit 2, Used 2, Requested 1."
+        ),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn a_per_day_denial_over_http_names_the_day_window() {
+    let base = common::http_node(daily_config(), Store::Memory(MemoryStore::new())).await;
+    for _ in 0..2 {
+        assert_eq!(check_as(&base, DAILY, "gpt-4o").await.status(), 200);
+    }
+    let denied = check_as(&base, DAILY, "gpt-4o").await;
+    assert_eq!(denied.status(), 429);
+    let retry: u64 = denied.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((86_000..=86_460).contains(&retry), "{retry}");
+    // The x-ratelimit-* headers describe the per-window limit (100, 2 used).
+    assert_eq!(denied.headers()["x-ratelimit-limit-requests"], "100");
+    assert_eq!(denied.headers()["x-ratelimit-remaining-requests"], "98");
+    let body: serde_json::Value = denied.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(
+            "Rate limit reached for daily (per day) on requests: Limit 2, Used 2, Requested 1."
+        ),
+        "{message}"
+    );
+    assert_eq!(body["error"]["type"], "requests");
+}
