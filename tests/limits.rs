@@ -542,9 +542,14 @@ const TEAM_B: &str = "sk-test-limits-team-b";
 /// team-a: 3 requests a window on gpt-4o, 20 a day; team-a and team-b share pool
 /// `research` of 5 requests a window.
 fn pooled_config() -> llm_ratelimit::config::Config {
-    llm_ratelimit::config::Config::parse(
-        &format!(
-            "window: 60s\nprecision: 100ms\ndefault_max_output_tokens: 50\nkeys:
+    llm_ratelimit::config::Config::parse(&pooled_yaml("gpt-4o", 3), "limits.yaml").unwrap()
+}
+
+/// [`pooled_config`]'s text with team-a's first `models` entry as `model_match` and
+/// `model_rpm`.
+fn pooled_yaml(model_match: &str, model_rpm: u64) -> String {
+    format!(
+        "window: 60s\nprecision: 100ms\ndefault_max_output_tokens: 50\nkeys:
   - name: team-a
     key: {TEAM_A}
     rpm: 100
@@ -553,8 +558,8 @@ fn pooled_config() -> llm_ratelimit::config::Config {
     per_day:
       requests: 20
     models:
-      - match: gpt-4o
-        rpm: 3
+      - match: \"{model_match}\"
+        rpm: {model_rpm}
       - match: \"o3*\"
         output_tpm: 120
     pool: research
@@ -568,10 +573,7 @@ pools:
   - name: research
     rpm: 5
 "
-        ),
-        "limits.yaml",
     )
-    .unwrap()
 }
 
 async fn check_as(base: &str, secret: &str, model: &str) -> reqwest::Response {
@@ -889,4 +891,133 @@ async fn a_per_day_denial_over_http_names_the_day_window() {
         "{message}"
     );
     assert_eq!(body["error"]["type"], "requests");
+}
+
+// ---- Hot reload keeps the usage of limits that did not change ----
+
+/// Replaces `path`'s content in one step, as editors and config tools do.
+fn write_atomically(path: &std::path::Path, content: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, content).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Through the watcher, as `serve` reloads (swap, then free what is no longer
+/// configured): a changed limit keeps its ring's usage; a changed match is a new ring.
+async fn a_reload_keeps_the_usage_of_limits_that_did_not_change(store: Store) {
+    use llm_ratelimit::config::{spawn_watcher, ReloadOutcome};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("limits.yaml");
+    std::fs::write(&path, pooled_yaml("gpt-4o", 3)).unwrap();
+    let current = Arc::new(arc_swap::ArcSwap::from_pointee(pooled_config()));
+    let limiter = Arc::new(llm_ratelimit::admission::Limiter::new(
+        current.clone(),
+        store,
+        Arc::new(llm_ratelimit::metrics::Metrics::default()),
+    ));
+    let (tx, mut outcomes) = tokio::sync::mpsc::unbounded_channel();
+    let watcher = {
+        let limiter = limiter.clone();
+        spawn_watcher(
+            path.clone(),
+            current,
+            Duration::from_millis(20),
+            move |outcome| {
+                if let ReloadOutcome::Applied = outcome {
+                    limiter.forget_unconfigured();
+                }
+                let _ = tx.send(outcome.clone());
+            },
+        )
+    };
+    async fn next(
+        outcomes: &mut tokio::sync::mpsc::UnboundedReceiver<ReloadOutcome>,
+    ) -> ReloadOutcome {
+        tokio::time::timeout(Duration::from_secs(10), outcomes.recv())
+            .await
+            .expect("the watcher reports within 10s")
+            .expect("the watcher runs")
+    }
+    let first = next(&mut outcomes).await;
+    assert!(matches!(first, ReloadOutcome::Unchanged), "{first:?}");
+
+    let admit = |model: &'static str| {
+        let limiter = limiter.clone();
+        async move {
+            let body = serde_json::json!({
+                "model": model,
+                "messages": [{"role": "user", "content": "hello"}],
+            })
+            .to_string();
+            let verdict = limiter
+                .check(llm_ratelimit::admission::ClientRequest {
+                    method: "POST",
+                    authorization: Some(&format!("Bearer {TEAM_A}")),
+                    api_key: None,
+                    path: "/v1/chat/completions",
+                    body: body.as_bytes(),
+                })
+                .await;
+            assert!(
+                verdict.admitted.is_some(),
+                "{}",
+                verdict.answer.body.as_str()
+            );
+        }
+    };
+    // [own, per day, models[0], pool] requests used, and models[0]'s match and limit.
+    let used = || {
+        let limiter = limiter.clone();
+        async move {
+            let u = limiter.usage("team-a").await.unwrap();
+            let n = |v: &serde_json::Value| v["used"].as_u64().unwrap();
+            (
+                [
+                    n(&u["requests"]),
+                    n(&u["per_day"]["requests"]),
+                    n(&u["models"][0]["requests"]),
+                    n(&u["pool"]["requests"]),
+                ],
+                u["models"][0]["match"].as_str().unwrap().to_string(),
+                u["models"][0]["requests"]["limit"].as_u64().unwrap(),
+            )
+        }
+    };
+    admit("gpt-4o").await;
+    admit("gpt-4o").await;
+    assert_eq!(used().await, ([2, 2, 2, 2], "gpt-4o".into(), 3));
+
+    // The model entry's rpm changes (3 -> 4): the same ring, its usage kept.
+    write_atomically(&path, &pooled_yaml("gpt-4o", 4));
+    let outcome = next(&mut outcomes).await;
+    assert!(matches!(outcome, ReloadOutcome::Applied), "{outcome:?}");
+    assert_eq!(used().await, ([2, 2, 2, 2], "gpt-4o".into(), 4));
+
+    // Its match changes (gpt-4o -> gpt-4o*): a new limit, starting afresh; the key's,
+    // the day's and the pool's usage stay.
+    write_atomically(&path, &pooled_yaml("gpt-4o*", 4));
+    let outcome = next(&mut outcomes).await;
+    assert!(matches!(outcome, ReloadOutcome::Applied), "{outcome:?}");
+    assert_eq!(used().await, ([2, 2, 0, 2], "gpt-4o*".into(), 4));
+    admit("gpt-4o-mini").await;
+    assert_eq!(used().await, ([3, 3, 1, 3], "gpt-4o*".into(), 4));
+    watcher.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_the_usage_of_limits_that_did_not_change_in_process() {
+    a_reload_keeps_the_usage_of_limits_that_did_not_change(Store::Memory(MemoryStore::new())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_the_usage_of_limits_that_did_not_change_on_redis() {
+    let redis = RedisServer::start();
+    let store = Store::Redis(RedisStore::connect(&redis.url(), Duration::from_secs(1)).unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while store.ping().await.is_err() {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    a_reload_keeps_the_usage_of_limits_that_did_not_change(store).await;
 }
