@@ -1021,3 +1021,90 @@ async fn a_reload_keeps_the_usage_of_limits_that_did_not_change_on_redis() {
     }
     a_reload_keeps_the_usage_of_limits_that_did_not_change(store).await;
 }
+
+// ---- The pool race through config and nodes ----
+
+const RACE_A: &str = "sk-test-limits-race-a";
+const RACE_B: &str = "sk-test-limits-race-b";
+
+/// Two keys with room of their own (1,000 a window) sharing pool `shared` of 60.
+fn race_config() -> llm_ratelimit::config::Config {
+    llm_ratelimit::config::Config::parse(
+        &format!(
+            "window: 60s\nprecision: 100ms\ndefault_max_output_tokens: 16\nkeys:
+  - name: race-a
+    key: {RACE_A}
+    rpm: 1000
+    input_tpm: 10000000
+    output_tpm: 10000000
+    pool: shared
+  - name: race-b
+    key: {RACE_B}
+    rpm: 1000
+    input_tpm: 10000000
+    output_tpm: 10000000
+    pool: shared
+pools:
+  - name: shared
+    rpm: 60
+"
+        ),
+        "race.yaml",
+    )
+    .unwrap()
+}
+
+/// Three nodes (each its own limiter and store connection) on a Redis Cluster, the
+/// config's pool shared by two keys, 150 concurrent `/v1/check`s spread over nodes and
+/// keys: exactly the pool's 60 are admitted, and the pool's usage says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_admit_exactly_a_configured_pools_limit_on_a_cluster() {
+    let cluster = RedisCluster::start(3);
+    // Built side by side: each node's limiter builds its tokenizers (seconds unoptimised).
+    let nodes: Vec<_> = (0..3)
+        .map(|_| {
+            let url = cluster.url();
+            tokio::spawn(async move {
+                let store =
+                    Store::Redis(RedisStore::connect(&url, Duration::from_secs(2)).unwrap());
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while store.ping().await.is_err() {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "store did not connect"
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                common::http_node(race_config(), store).await
+            })
+        })
+        .collect();
+    let mut bases = Vec::new();
+    for node in nodes {
+        bases.push(node.await.unwrap());
+    }
+    let mut tasks = Vec::new();
+    for i in 0..150 {
+        let base = bases[i % 3].clone();
+        let secret = if (i / 3) % 2 == 0 { RACE_A } else { RACE_B };
+        tasks.push(tokio::spawn(async move {
+            check_as(&base, secret, "gpt-4o").await.status().as_u16()
+        }));
+    }
+    let mut statuses = HashMap::new();
+    for t in tasks {
+        *statuses.entry(t.await.unwrap()).or_insert(0u32) += 1;
+    }
+    assert_eq!(statuses, HashMap::from([(200, 60), (429, 90)]));
+    // Every node reads the same shared pool; the keys' own counts add up to it.
+    for base in &bases {
+        let p = json_at(base, "/v1/usage/pools/shared").await;
+        assert_eq!(p["requests"]["used"], 60, "{p}");
+        assert_eq!(p["requests"]["remaining"], 0, "{p}");
+    }
+    let own = |u: serde_json::Value| u["requests"]["used"].as_u64().unwrap();
+    let a = own(json_at(&bases[0], "/v1/usage/race-a").await);
+    let b = own(json_at(&bases[1], "/v1/usage/race-b").await);
+    assert_eq!(a + b, 60, "race-a {a}, race-b {b}");
+    assert!(a > 0 && b > 0, "both keys raced: race-a {a}, race-b {b}");
+}
