@@ -3,7 +3,7 @@
 //! understood (input tokens, output reservation) → one store call → an [`Answer`].
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
@@ -89,11 +89,13 @@ pub enum Charged {
         limits: Limits,
         snapshot: Snapshot,
     },
-    /// Not recorded: the 429 to give, and the window of the limit that denied it (for the
-    /// statuses).
+    /// Not recorded: the 429 to give, and the ring of the limit that denied it (for the
+    /// statuses): its limits, its usage, and its window's length (the config's window, or
+    /// a day for a `per_day` limit).
     Denied {
         limits: Limits,
         snapshot: Snapshot,
+        window: Duration,
         answer: Answer,
     },
     /// The store failed.
@@ -717,13 +719,21 @@ impl Limiter {
                 );
                 // The denying ring's own window for the statuses (the store names one of
                 // the rings it was given; were it not, the headline's).
-                let (limits, snapshot) = match (applied.get(ring), snapshots.get(ring)) {
-                    (Some(a), Some(s)) => (a.bound.limits, *s),
-                    _ => headline_of(&applied, &snapshots),
+                let (limits, snapshot, window) = match (applied.get(ring), snapshots.get(ring)) {
+                    (Some(a), Some(s)) => (
+                        a.bound.limits,
+                        *s,
+                        Duration::from_millis(a.bound.ring.shape.window_ms()),
+                    ),
+                    _ => {
+                        let (limits, snapshot) = headline_of(&applied, &snapshots);
+                        (limits, snapshot, config.window())
+                    }
                 };
                 Charged::Denied {
                     limits,
                     snapshot,
+                    window,
                     answer,
                 }
             }

@@ -542,9 +542,14 @@ const TEAM_B: &str = "sk-test-limits-team-b";
 /// team-a: 3 requests a window on gpt-4o, 20 a day; team-a and team-b share pool
 /// `research` of 5 requests a window.
 fn pooled_config() -> llm_ratelimit::config::Config {
-    llm_ratelimit::config::Config::parse(
-        &format!(
-            "window: 60s\nprecision: 100ms\ndefault_max_output_tokens: 50\nkeys:
+    llm_ratelimit::config::Config::parse(&pooled_yaml("gpt-4o", 3), "limits.yaml").unwrap()
+}
+
+/// [`pooled_config`]'s text with team-a's first `models` entry as `model_match` and
+/// `model_rpm`.
+fn pooled_yaml(model_match: &str, model_rpm: u64) -> String {
+    format!(
+        "window: 60s\nprecision: 100ms\ndefault_max_output_tokens: 50\nkeys:
   - name: team-a
     key: {TEAM_A}
     rpm: 100
@@ -553,8 +558,8 @@ fn pooled_config() -> llm_ratelimit::config::Config {
     per_day:
       requests: 20
     models:
-      - match: gpt-4o
-        rpm: 3
+      - match: \"{model_match}\"
+        rpm: {model_rpm}
       - match: \"o3*\"
         output_tpm: 120
     pool: research
@@ -568,10 +573,7 @@ pools:
   - name: research
     rpm: 5
 "
-        ),
-        "limits.yaml",
     )
-    .unwrap()
 }
 
 async fn check_as(base: &str, secret: &str, model: &str) -> reqwest::Response {
@@ -775,4 +777,336 @@ async fn should_rate_limit_holds_the_models_entry_its_descriptors_name() {
         body.contains("team-a (pool research) on requests"),
         "{body}"
     );
+}
+
+const DAILY: &str = "sk-test-limits-daily";
+
+/// `daily`: 2 requests a day, 100 a window: the day denies first.
+fn daily_config() -> llm_ratelimit::config::Config {
+    llm_ratelimit::config::Config::parse(
+        &format!(
+            "window: 60s\nprecision: 100ms\ndefault_max_output_tokens: 50\nkeys:
+  - name: daily
+    key: {DAILY}
+    rpm: 100
+    input_tpm: 100000
+    output_tpm: 100000
+    per_day:
+      requests: 2
+"
+        ),
+        "daily.yaml",
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn should_rate_limit_names_the_day_window_of_a_per_day_denial() {
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
+    use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+
+    let limiter = Arc::new(llm_ratelimit::admission::Limiter::new(
+        Arc::new(arc_swap::ArcSwap::from_pointee(daily_config())),
+        Store::Memory(MemoryStore::new()),
+        Arc::new(llm_ratelimit::metrics::Metrics::default()),
+    ));
+    let rls = llm_ratelimit::grpc::RateLimiter::new(limiter);
+    let call = || {
+        tonic::Request::new(RateLimitRequest {
+            domain: "llm".into(),
+            descriptors: vec![RateLimitDescriptor {
+                entries: [("api_key", DAILY), ("limit", "requests")]
+                    .into_iter()
+                    .map(|(key, value)| Entry {
+                        key: key.into(),
+                        value: value.into(),
+                    })
+                    .collect(),
+                ..Default::default()
+            }],
+            hits_addend: 1,
+        })
+    };
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        answers.push(rls.should_rate_limit(call()).await.unwrap().into_inner());
+    }
+    // Admitted: the status describes the per-window limit (the headline).
+    let admitted = answers[0].statuses[0].current_limit.clone().unwrap();
+    for answer in &answers[..2] {
+        assert_eq!(Code::try_from(answer.overall_code).unwrap(), Code::Ok);
+    }
+    assert_eq!(Unit::try_from(admitted.unit).unwrap(), Unit::Minute);
+    assert_eq!(admitted.requests_per_unit, 100);
+    // Denied by the day: the status is the day's, named as a day.
+    let denied = &answers[2];
+    assert_eq!(
+        Code::try_from(denied.overall_code).unwrap(),
+        Code::OverLimit
+    );
+    let status = &denied.statuses[0];
+    assert_eq!(Code::try_from(status.code).unwrap(), Code::OverLimit);
+    let limit = status.current_limit.clone().unwrap();
+    assert_eq!(Unit::try_from(limit.unit).unwrap(), Unit::Day, "{limit:?}");
+    assert_eq!(limit.requests_per_unit, 2);
+    assert_eq!(status.limit_remaining, 0);
+    assert_eq!(limit.name, "requests per 86400s sliding window");
+    // The first request leaves the day window in about a day (1-minute buckets).
+    let reset = status.duration_until_reset.unwrap().seconds;
+    assert!((86_000..=86_460).contains(&reset), "{reset}");
+    let body = String::from_utf8_lossy(&denied.raw_body);
+    assert!(
+        body.contains(
+            "Rate limit reached for daily (per day) on requests: Limit 2, Used 2, Requested 1."
+        ),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn a_per_day_denial_over_http_names_the_day_window() {
+    let base = common::http_node(daily_config(), Store::Memory(MemoryStore::new())).await;
+    for _ in 0..2 {
+        assert_eq!(check_as(&base, DAILY, "gpt-4o").await.status(), 200);
+    }
+    let denied = check_as(&base, DAILY, "gpt-4o").await;
+    assert_eq!(denied.status(), 429);
+    let retry: u64 = denied.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((86_000..=86_460).contains(&retry), "{retry}");
+    // The x-ratelimit-* headers describe the per-window limit (100, 2 used).
+    assert_eq!(denied.headers()["x-ratelimit-limit-requests"], "100");
+    assert_eq!(denied.headers()["x-ratelimit-remaining-requests"], "98");
+    let body: serde_json::Value = denied.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(
+            "Rate limit reached for daily (per day) on requests: Limit 2, Used 2, Requested 1."
+        ),
+        "{message}"
+    );
+    assert_eq!(body["error"]["type"], "requests");
+}
+
+// ---- Hot reload keeps the usage of limits that did not change ----
+
+/// Replaces `path`'s content in one step, as editors and config tools do.
+fn write_atomically(path: &std::path::Path, content: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, content).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Through the watcher, as `serve` reloads (swap, then free what is no longer
+/// configured): a changed limit keeps its ring's usage; a changed match is a new ring.
+async fn a_reload_keeps_the_usage_of_limits_that_did_not_change(store: Store) {
+    use llm_ratelimit::config::{spawn_watcher, ReloadOutcome};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("limits.yaml");
+    std::fs::write(&path, pooled_yaml("gpt-4o", 3)).unwrap();
+    let current = Arc::new(arc_swap::ArcSwap::from_pointee(pooled_config()));
+    let limiter = Arc::new(llm_ratelimit::admission::Limiter::new(
+        current.clone(),
+        store,
+        Arc::new(llm_ratelimit::metrics::Metrics::default()),
+    ));
+    let (tx, mut outcomes) = tokio::sync::mpsc::unbounded_channel();
+    let watcher = {
+        let limiter = limiter.clone();
+        spawn_watcher(
+            path.clone(),
+            current,
+            Duration::from_millis(20),
+            move |outcome| {
+                if let ReloadOutcome::Applied = outcome {
+                    limiter.forget_unconfigured();
+                }
+                let _ = tx.send(outcome.clone());
+            },
+        )
+    };
+    async fn next(
+        outcomes: &mut tokio::sync::mpsc::UnboundedReceiver<ReloadOutcome>,
+    ) -> ReloadOutcome {
+        tokio::time::timeout(Duration::from_secs(10), outcomes.recv())
+            .await
+            .expect("the watcher reports within 10s")
+            .expect("the watcher runs")
+    }
+    let first = next(&mut outcomes).await;
+    assert!(matches!(first, ReloadOutcome::Unchanged), "{first:?}");
+
+    let admit = |model: &'static str| {
+        let limiter = limiter.clone();
+        async move {
+            let body = serde_json::json!({
+                "model": model,
+                "messages": [{"role": "user", "content": "hello"}],
+            })
+            .to_string();
+            let verdict = limiter
+                .check(llm_ratelimit::admission::ClientRequest {
+                    method: "POST",
+                    authorization: Some(&format!("Bearer {TEAM_A}")),
+                    api_key: None,
+                    path: "/v1/chat/completions",
+                    body: body.as_bytes(),
+                })
+                .await;
+            assert!(
+                verdict.admitted.is_some(),
+                "{}",
+                verdict.answer.body.as_str()
+            );
+        }
+    };
+    // [own, per day, models[0], pool] requests used, and models[0]'s match and limit.
+    let used = || {
+        let limiter = limiter.clone();
+        async move {
+            let u = limiter.usage("team-a").await.unwrap();
+            let n = |v: &serde_json::Value| v["used"].as_u64().unwrap();
+            (
+                [
+                    n(&u["requests"]),
+                    n(&u["per_day"]["requests"]),
+                    n(&u["models"][0]["requests"]),
+                    n(&u["pool"]["requests"]),
+                ],
+                u["models"][0]["match"].as_str().unwrap().to_string(),
+                u["models"][0]["requests"]["limit"].as_u64().unwrap(),
+            )
+        }
+    };
+    admit("gpt-4o").await;
+    admit("gpt-4o").await;
+    assert_eq!(used().await, ([2, 2, 2, 2], "gpt-4o".into(), 3));
+
+    // The model entry's rpm changes (3 -> 4): the same ring, its usage kept.
+    write_atomically(&path, &pooled_yaml("gpt-4o", 4));
+    let outcome = next(&mut outcomes).await;
+    assert!(matches!(outcome, ReloadOutcome::Applied), "{outcome:?}");
+    assert_eq!(used().await, ([2, 2, 2, 2], "gpt-4o".into(), 4));
+
+    // Its match changes (gpt-4o -> gpt-4o*): a new limit, starting afresh; the key's,
+    // the day's and the pool's usage stay.
+    write_atomically(&path, &pooled_yaml("gpt-4o*", 4));
+    let outcome = next(&mut outcomes).await;
+    assert!(matches!(outcome, ReloadOutcome::Applied), "{outcome:?}");
+    assert_eq!(used().await, ([2, 2, 0, 2], "gpt-4o*".into(), 4));
+    admit("gpt-4o-mini").await;
+    assert_eq!(used().await, ([3, 3, 1, 3], "gpt-4o*".into(), 4));
+    watcher.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_the_usage_of_limits_that_did_not_change_in_process() {
+    a_reload_keeps_the_usage_of_limits_that_did_not_change(Store::Memory(MemoryStore::new())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_the_usage_of_limits_that_did_not_change_on_redis() {
+    let redis = RedisServer::start();
+    let store = Store::Redis(RedisStore::connect(&redis.url(), Duration::from_secs(1)).unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while store.ping().await.is_err() {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    a_reload_keeps_the_usage_of_limits_that_did_not_change(store).await;
+}
+
+// ---- The pool race through config and nodes ----
+
+const RACE_A: &str = "sk-test-limits-race-a";
+const RACE_B: &str = "sk-test-limits-race-b";
+
+/// Two keys with room of their own (1,000 a window) sharing pool `shared` of 60.
+fn race_config() -> llm_ratelimit::config::Config {
+    llm_ratelimit::config::Config::parse(
+        &format!(
+            "window: 60s\nprecision: 100ms\ndefault_max_output_tokens: 16\nkeys:
+  - name: race-a
+    key: {RACE_A}
+    rpm: 1000
+    input_tpm: 10000000
+    output_tpm: 10000000
+    pool: shared
+  - name: race-b
+    key: {RACE_B}
+    rpm: 1000
+    input_tpm: 10000000
+    output_tpm: 10000000
+    pool: shared
+pools:
+  - name: shared
+    rpm: 60
+"
+        ),
+        "race.yaml",
+    )
+    .unwrap()
+}
+
+/// Three nodes (each its own limiter and store connection) on a Redis Cluster, the
+/// config's pool shared by two keys, 150 concurrent `/v1/check`s spread over nodes and
+/// keys: exactly the pool's 60 are admitted, and the pool's usage says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_admit_exactly_a_configured_pools_limit_on_a_cluster() {
+    let cluster = RedisCluster::start(3);
+    // Built side by side: each node's limiter builds its tokenizers (seconds unoptimised).
+    let nodes: Vec<_> = (0..3)
+        .map(|_| {
+            let url = cluster.url();
+            tokio::spawn(async move {
+                let store =
+                    Store::Redis(RedisStore::connect(&url, Duration::from_secs(2)).unwrap());
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while store.ping().await.is_err() {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "store did not connect"
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                common::http_node(race_config(), store).await
+            })
+        })
+        .collect();
+    let mut bases = Vec::new();
+    for node in nodes {
+        bases.push(node.await.unwrap());
+    }
+    let mut tasks = Vec::new();
+    for i in 0..150 {
+        let base = bases[i % 3].clone();
+        let secret = if (i / 3) % 2 == 0 { RACE_A } else { RACE_B };
+        tasks.push(tokio::spawn(async move {
+            check_as(&base, secret, "gpt-4o").await.status().as_u16()
+        }));
+    }
+    let mut statuses = HashMap::new();
+    for t in tasks {
+        *statuses.entry(t.await.unwrap()).or_insert(0u32) += 1;
+    }
+    assert_eq!(statuses, HashMap::from([(200, 60), (429, 90)]));
+    // Every node reads the same shared pool; the keys' own counts add up to it.
+    for base in &bases {
+        let p = json_at(base, "/v1/usage/pools/shared").await;
+        assert_eq!(p["requests"]["used"], 60, "{p}");
+        assert_eq!(p["requests"]["remaining"], 0, "{p}");
+    }
+    let own = |u: serde_json::Value| u["requests"]["used"].as_u64().unwrap();
+    let a = own(json_at(&bases[0], "/v1/usage/race-a").await);
+    let b = own(json_at(&bases[1], "/v1/usage/race-b").await);
+    assert_eq!(a + b, 60, "race-a {a}, race-b {b}");
+    assert!(a > 0 && b > 0, "both keys raced: race-a {a}, race-b {b}");
 }

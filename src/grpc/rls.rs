@@ -150,6 +150,9 @@ struct Group {
     want: Usage,
     members: Vec<usize>,
     outcome: Option<(Limits, Snapshot)>,
+    /// The window `outcome` counts in: the config's, or the denying ring's (a day for a
+    /// `per_day` limit).
+    window: Duration,
     denied: bool,
 }
 
@@ -254,6 +257,7 @@ impl RateLimiter {
                         want: Usage::default(),
                         members: Vec::new(),
                         outcome: None,
+                        window,
                         denied: false,
                     });
                     groups.len() - 1
@@ -323,11 +327,13 @@ impl RateLimiter {
                 Charged::Denied {
                     limits,
                     snapshot,
+                    window,
                     answer,
                 } => {
-                    // The denial's own window: no second store call to describe it.
+                    // The denial's own ring and window: no second store call to describe it.
                     groups[g].denied = true;
                     groups[g].outcome = Some((limits, snapshot));
+                    groups[g].window = window;
                     denial = Some(answer);
                     break;
                 }
@@ -370,7 +376,7 @@ impl RateLimiter {
         for group in &groups {
             for &i in &group.members {
                 let kind = asks[i].as_ref().map_or(LimitKind::Requests, |a| a.kind);
-                statuses[i] = status_of(kind, window, group.outcome.as_ref(), group.denied);
+                statuses[i] = status_of(kind, group.window, group.outcome.as_ref(), group.denied);
             }
         }
         let response = match denial {
