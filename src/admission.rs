@@ -397,7 +397,7 @@ impl Limiter {
         }
     }
 
-    /// Admission: all three limits reserved at once, or a denial that records nothing.
+    /// Admission: every limit that applies reserved at once, or a denial that records nothing.
     pub async fn check(&self, req: ClientRequest<'_>) -> Verdict {
         let config = self.config.load_full();
         let Understood {

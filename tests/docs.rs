@@ -1,7 +1,8 @@
 //! The documents stay true: every ```yaml example in README.md and docs/*.md that is a
 //! limiter config (it has a top-level `keys:` list) parses with the limiter's own parser,
 //! the one `check-config` and `serve` use. New examples, and new config fields in them,
-//! are picked up as they are written.
+//! are picked up as they are written. And the reference (docs/reference.md) shows every
+//! field the parser accepts.
 
 use std::path::Path;
 
@@ -65,6 +66,51 @@ fn docs_examples_are_valid_configs() {
         assert!(
             checked.iter().any(|c| c.contains(must)),
             "no config example found in {must}: {checked:?}"
+        );
+    }
+}
+
+/// The reference keeps up with the config: its example shows every field the parser
+/// accepts (as a YAML key in one of its ```yaml blocks, which the test above parses), and
+/// it documents the HTTP surface's pool usage. The field list is read from the parser's
+/// own structs (`config::field_names`), so a new field fails this until it is documented.
+#[test]
+fn reference_documents_every_config_field() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/reference.md");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let yaml_keys: Vec<String> = yaml_blocks(&path)
+        .iter()
+        .flat_map(|(_, _, block)| block.lines().map(str::to_owned).collect::<Vec<_>>())
+        .filter_map(|line| {
+            let line = line.trim_start();
+            let line = line.strip_prefix("- ").unwrap_or(line);
+            let (key, _) = line.split_once(':')?;
+            Some(key.trim_matches('"').to_string())
+        })
+        .collect();
+    let mut missing = vec![];
+    for (place, fields) in llm_ratelimit::config::field_names() {
+        assert!(!fields.is_empty(), "no field names read for {place}");
+        for field in fields {
+            if !yaml_keys.iter().any(|k| k == field) {
+                missing.push(format!("`{field}` ({place})"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "docs/reference.md's config example does not show {}",
+        missing.join(", ")
+    );
+    for route in [
+        "/v1/usage/{name}",
+        "/v1/usage/pools/{name}",
+        "/v1/check",
+        "/v1/report",
+    ] {
+        assert!(
+            text.contains(route),
+            "docs/reference.md does not mention {route}"
         );
     }
 }

@@ -1,5 +1,7 @@
 //! Key configuration: the YAML file that says which bearer secrets exist, the name
-//! each one is known by, and its three limits.
+//! each one is known by, and its limits: its own per window, and when it has them its
+//! `per_day`, its `models` entries and its pool's. [`Config::limits_for`] gives every
+//! limit set that applies to a request.
 //!
 //! [`Config::parse`] is the only way in: it validates everything and reports the first
 //! problem with its file, line and column ([`ConfigError`]). The same parser serves
@@ -26,6 +28,7 @@ use crate::engine::{KeyName, Limits, ModelMatch, WindowShape};
 pub use applied::{Applied, LimitScope};
 pub use duration::parse_duration;
 pub use error::ConfigError;
+pub use parse::field_names;
 pub use watch::{spawn_watcher, ReloadOutcome};
 
 /// One API key as the limiter sees it: a stable name and its limits. The secret is

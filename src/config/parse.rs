@@ -592,6 +592,58 @@ fn sha256_hex(text: &str) -> Result<[u8; 32], String> {
     Ok(digest)
 }
 
+/// Every field name the file accepts, by where it may appear (`azure_deployments` takes
+/// any deployment name, so its entries are not listed). Read from the `Raw*` structs
+/// themselves — serde hands a struct's deserializer the names of its fields, renames
+/// applied — so the list cannot drift from the parser; `tests/docs.rs` holds the
+/// reference to it.
+pub fn field_names() -> Vec<(&'static str, &'static [&'static str])> {
+    vec![
+        ("top level", fields_of::<RawFile>()),
+        ("a `keys` entry", fields_of::<RawKey>()),
+        ("`per_day`", fields_of::<RawDay>()),
+        ("a `models` entry", fields_of::<RawModel>()),
+        ("a `pools` entry", fields_of::<RawPool>()),
+    ]
+}
+
+/// The field names `T`'s derived `Deserialize` asks for: a deserializer that only
+/// records what `deserialize_struct` is given, and fails.
+fn fields_of<T: for<'de> Deserialize<'de>>() -> &'static [&'static str] {
+    use serde::de::value::Error;
+    use serde::de::{Error as _, Visitor};
+
+    struct Fields(&'static [&'static str]);
+
+    impl<'de> serde::Deserializer<'de> for &mut Fields {
+        type Error = Error;
+
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Error> {
+            Err(Error::custom("not a struct"))
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Error> {
+            self.0 = fields;
+            Err(Error::custom("field names read"))
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map
+            enum identifier ignored_any
+        }
+    }
+
+    let mut fields = Fields(&[]);
+    let _ = T::deserialize(&mut fields);
+    fields.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1217,5 +1269,48 @@ pools:
         let err = parse(text, "cfg.yaml").unwrap_err();
         assert_eq!((err.line, err.column), (3, 23), "{err}");
         assert!(!err.to_string().contains("sk-secret-one"), "{err}");
+    }
+
+    #[test]
+    fn field_names_are_those_the_parser_accepts() {
+        // An unknown field at each place: serde's refusal lists what that place accepts,
+        // which must be exactly what `field_names` says.
+        let places = [
+            ("top level", "zzz: 1\n".to_string() + LIMITED),
+            (
+                "a `keys` entry",
+                LIMITED.replace("    pool: research\n", "    pool: research\n    zzz: 1\n"),
+            ),
+            (
+                "`per_day`",
+                LIMITED.replace(
+                    "      requests: 20000\n",
+                    "      requests: 20000\n      zzz: 1\n",
+                ),
+            ),
+            (
+                "a `models` entry",
+                LIMITED.replace("        rpm: 100\n", "        rpm: 100\n        zzz: 1\n"),
+            ),
+            (
+                "a `pools` entry",
+                LIMITED.replace(
+                    "    input_tpm: 1000000\n",
+                    "    input_tpm: 1000000\n    zzz: 1\n",
+                ),
+            ),
+        ];
+        let names = field_names();
+        assert_eq!(
+            names.iter().map(|(p, _)| *p).collect::<Vec<_>>(),
+            places.iter().map(|(p, _)| *p).collect::<Vec<_>>()
+        );
+        for ((place, text), (_, fields)) in places.iter().zip(&names) {
+            let err = parse(text, "c").unwrap_err().to_string();
+            let expected = format!("unknown field `zzz`, expected one of {}", fields.join(", "));
+            assert!(err.ends_with(&expected), "{place}: {err}\nvs {expected}");
+        }
+        // The rename is honoured: the file says `match`, the struct `matches`.
+        assert!(names[3].1.contains(&"match"));
     }
 }

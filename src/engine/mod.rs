@@ -1,5 +1,6 @@
-//! The sliding-window engine: three limits per key, checked and reserved in one atomic
-//! step, settled once after the response. It knows nothing of HTTP, gRPC or OpenAI.
+//! The sliding-window engine: every limit set that applies to a request (each a ring of
+//! three limits), checked and reserved together in one atomic step, settled once after
+//! the response. It knows nothing of HTTP, gRPC or OpenAI.
 //!
 //! Two stores hold the same rules: [`redis::RedisStore`] (Lua scripts in `lua/`, shared by
 //! every node) and [`memory::MemoryStore`] (one process). [`Store`] picks one at start-up;
