@@ -79,8 +79,11 @@ for i = 1, n do
   local add = {math.min(want[1], U16_MAX - cur[1]), math.min(want[2], U32_MAX - cur[2]),
     math.min(want[3], U32_MAX - cur[3])}
   h[3] = h[3] + add[1]; h[4] = h[4] + add[2]; h[5] = h[5] + add[3]
-  -- The tail scan stops at the head at the latest, so it may run before the slot is written.
-  settle_tail(r.key, h, r.slots)
+  -- The tail is kept exact (the oldest non-empty bucket, or the head) by every script, so
+  -- only buckets leaving the window can make it stale: it is looked for again only when
+  -- the head moved. The scan stops at the head at the latest, so it may run before the
+  -- slot is written.
+  if r.moved then settle_tail(r.key, h, r.slots) end
   write_slot(r.key, r.b, r.slots, {cur[1] + add[1], cur[2] + add[2], cur[3] + add[3]})
   add_block(r.key, r.b, r.slots, add)
   write_header(r.key, h)

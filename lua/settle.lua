@@ -19,17 +19,23 @@ local function settle(ring, m, precision, slots)
   if h[1] == 0 or h[6] ~= m.epoch or math.max(b, h[1]) - m.bucket >= slots then return 2, 0 end
 
   -- Against what the marker still holds: a refund by this marker may have taken some back.
-  local at = slot_at(m.bucket, slots) + 6
-  local old = struct.unpack('>I4', redis.call('GETRANGE', ring, at, at + 3))
+  local v = read_slot(ring, m.bucket, slots)
+  local old = v[3]
   local new = old + actual - m.amounts[3]
   if new < 0 then new = 0 end
   if new > U32_MAX then new = U32_MAX end
   if new ~= old then
-    -- A bucket that held nothing may sit before the tail; the tail must stay a lower bound.
-    if new > 0 and m.bucket < h[2] then h[2] = m.bucket end
-    redis.call('SETRANGE', ring, at, struct.pack('>I4', new))
+    redis.call('SETRANGE', ring, slot_at(m.bucket, slots) + 6, struct.pack('>I4', new))
     add_block(ring, m.bucket, slots, {0, 0, new - old})
-    redis.call('SETRANGE', ring, 8, struct.pack('>i8i8i8i8', h[2], h[3], h[4], h[5] + new - old))
+    h[5] = h[5] + new - old
+    if new > 0 and m.bucket < h[2] then
+      -- A bucket that held nothing may sit before the tail: it is the oldest now.
+      h[2] = m.bucket
+    elseif new == 0 and v[1] == 0 and v[2] == 0 and m.bucket == h[2] then
+      -- The oldest bucket emptied: the tail moves on to the next non-empty one.
+      settle_tail(ring, h, slots)
+    end
+    redis.call('SETRANGE', ring, 8, struct.pack('>i8i8i8i8', h[2], h[3], h[4], h[5]))
   end
   return 1, new - old
 end

@@ -214,6 +214,8 @@ end
 -- Moves the tail (a lower bound of the oldest non-empty bucket) to the oldest bucket in
 -- the window that holds anything, or to the head. Amortised O(1): the tail only moves
 -- forward, and a busy key's tail slot is non-empty, found by the first one-slot read.
+-- Every script leaves the tail exact, so a script need call this only when buckets left
+-- the window (the head moved) or the oldest bucket emptied.
 local function settle_tail(ring, h, slots)
   local first = h[1] - slots + 1
   if h[2] < first then h[2] = first end
