@@ -18,9 +18,9 @@
 //! Answers become records with the HTTP status the client would see through Envoy:
 //! allowed is 200; a denial carries its status (429 is rate limited, with the limit and
 //! whose it is named in its body); `OVER_LIMIT` is 429 (its `raw_body` names them the
-//! same way); a gRPC error is 503 (Envoy's
-//! `status_on_error` in this project's configs). No upstream runs, so completion tokens
-//! are 0 and prompt tokens are the tool's own count.
+//! same way); a gRPC error is 503 (Envoy's `status_on_error` in this project's configs).
+//! No upstream runs, so completion tokens are 0 and prompt tokens are the tool's own
+//! count.
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
@@ -283,7 +283,7 @@ impl GrpcClient {
         }
         let sent_us = self.clock.now_us();
         let request = tonic::Request::new(message);
-        let (status, denied) = match self.shared.api {
+        let (status, seen) = match self.shared.api {
             Api::Authz => match client
                 .unary(
                     request,
@@ -307,7 +307,7 @@ impl GrpcClient {
                 Err(_) => (503, Seen::default()),
             },
         };
-        (sent_us, status, denied)
+        (sent_us, status, seen)
     }
 }
 
