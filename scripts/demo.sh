@@ -10,14 +10,16 @@
 #
 # The keys (.run/demo-keys.yaml) use a 10 s window, so that the 20 s run slides it twice:
 # team-a is roomy but allows gpt-4o only 150 requests per window (a `models` entry), tight
-# allows 300 requests and tokens 20,000 input and 4,000 output tokens per window, and
-# pool-1 and pool-2, roomy alone, share pool `research` of 400 requests per window. The
-# load: llm-loadtest at 600 req/s, open loop, spread over the three nodes, the keys and two
-# models (gpt-4o-mini, gpt-4o). The checks: --verify finds no window over its limit (each
-# key's, team-a's gpt-4o entry's, the pool's) and no 429 given while the window had room
-# (beyond one 100 ms bucket), pooling the answers of all nodes: the nodes share one window
-# per limit. Every answer is a 200 or a 429, the limited keys, team-a's gpt-4o and the pool
-# were limited, team-a's own limits never were, and every node took part.
+# allows 300 requests and tokens 20,000 input and 4,000 output tokens per window,
+# pool-1 and pool-2, roomy alone, share pool `research` of 400 requests per window, and
+# daily, roomy per window, allows 200 requests a day (`per_day`). The load: llm-loadtest
+# at 600 req/s, open loop, spread over the three nodes, the keys and two models
+# (gpt-4o-mini, gpt-4o). The checks: --verify finds no window over its limit (each key's,
+# team-a's gpt-4o entry's, the pool's, daily's day) and no 429 given while the window had
+# room (beyond one 100 ms bucket), pooling the answers of all nodes: the nodes share one
+# window per limit. Every answer is a 200 or a 429, the limited keys, team-a's gpt-4o, the
+# pool and daily's day were limited, team-a's own limits never were, and every node took
+# part.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -106,6 +108,13 @@ keys:
     input_tpm: 100000000
     output_tpm: 100000000
     pool: research
+  - name: daily             # roomy per window, 200 requests a day
+    key: sk-demo-daily
+    rpm: 1000000
+    input_tpm: 100000000
+    output_tpm: 100000000
+    per_day:
+      requests: 200
 pools:
   - name: research          # 400 requests per window for pool-1 and pool-2 together
     rpm: 400
@@ -129,9 +138,9 @@ done
 # --- load and audit ---------------------------------------------------------------------
 targets=()
 for ((i = 0; i < NODES; i++)); do targets+=(--target "http://127.0.0.1:$((BASE + i))"); done
-say "llm-loadtest: ${DURATION}s at 600 req/s over $NODES nodes, 5 keys and 2 models, then --verify"
+say "llm-loadtest: ${DURATION}s at 600 req/s over $NODES nodes, 6 keys and 2 models, then --verify"
 set +e
-LLM_LOADTEST_KEYS=sk-demo-a,sk-demo-tight,sk-demo-tokens,sk-demo-p1,sk-demo-p2 target/release/llm-loadtest http \
+LLM_LOADTEST_KEYS=sk-demo-a,sk-demo-tight,sk-demo-tokens,sk-demo-p1,sk-demo-p2,sk-demo-daily target/release/llm-loadtest http \
   "${targets[@]}" --rate 600 --duration "${DURATION}s" --prompt-tokens 20-80 --max-tokens 32 \
   --model gpt-4o-mini --model gpt-4o \
   --verify "$RUN/demo-keys.yaml" --verify-strict --json "$RUN/demo-report.json" \
@@ -166,6 +175,9 @@ checks = [
      keys["tight"]["ok"] > 0 and keys["tight"]["rate_limited"] > 0),
     (f"tokens was limited ({keys['tokens']['ok']} × 200, {keys['tokens']['rate_limited']} × 429)",
      keys["tokens"]["ok"] > 0 and keys["tokens"]["rate_limited"] > 0),
+    (f"daily's per_day held it to 200 requests a day ({keys['daily']['ok']} × 200; "
+     f"{denials('daily per_day')} × 429 named the day, {denials('daily')} its own limits)",
+     0 < keys["daily"]["ok"] <= 200 and denials("daily per_day") > 0 and denials("daily") == 0),
     (f"every node took its share of the load ({', '.join(map(str, per_target))} requests)",
      len(per_target) == nodes and min(per_target) > 0),
 ]

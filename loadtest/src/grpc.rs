@@ -6,20 +6,21 @@
 //!   (`authorization`, `content-type`, ...) in `attributes.request.http`, the body in
 //!   `raw_body`.
 //! - `--api ratelimit`: `envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit` in
-//!   domain `llm` with the descriptors of `envoy/ratelimit-filter.yaml`'s admission:
-//!   `api_key` (requests), `api_key` + `limit: input_tokens` with `hits_addend` = the
-//!   prompt's tokens, and with `--max-tokens`, `api_key` + `limit: output_tokens` with
-//!   `hits_addend` = that budget.
+//!   domain `llm` with the descriptors of `envoy/ratelimit-filter.yaml`'s admission, each
+//!   with `api_key` and the request's `model` (so the key's `models` entry applies):
+//!   requests, `limit: input_tokens` with `hits_addend` = the prompt's tokens, and with
+//!   `--max-tokens`, `limit: output_tokens` with `hits_addend` = that budget.
 //!
 //! Every message is encoded once before the run; a small codec sends those bytes as
 //! they are and decodes only the answer. Each target gets `--connections` HTTP/2
 //! channels, which the workers share (requests are multiplexed).
 //!
 //! Answers become records with the HTTP status the client would see through Envoy:
-//! allowed is 200; a denial carries its status (429 is rate limited, with the limit
-//! named in its body); `OVER_LIMIT` is 429; a gRPC error is 503 (Envoy's
-//! `status_on_error` in this project's configs). No upstream runs, so completion tokens
-//! are 0 and prompt tokens are the tool's own count.
+//! allowed is 200; a denial carries its status (429 is rate limited, with the limit and
+//! whose it is named in its body); `OVER_LIMIT` is 429 (its `raw_body` names them the
+//! same way); a gRPC error is 503 (Envoy's `status_on_error` in this project's configs).
+//! No upstream runs, so completion tokens are 0 and prompt tokens are the tool's own
+//! count.
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
@@ -47,7 +48,7 @@ use crate::cli::Api;
 use crate::drive::{Client, Clock};
 use crate::plan::{Pick, Plan};
 use crate::record::{LimitKind, Record};
-use crate::response::{denied_by, Seen};
+use crate::response::Seen;
 
 const CHECK: &str = "/envoy.service.auth.v3.Authorization/Check";
 const SHOULD_RATE_LIMIT: &str = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit";
@@ -87,8 +88,15 @@ pub async fn connect(urls: &[String], connections: usize) -> anyhow::Result<Vec<
     Ok(all)
 }
 
-/// Every request message, encoded: `[key * variants + variant]`.
-pub fn messages(api: Api, path: &str, secrets: &[String], plan: &Plan) -> Vec<Bytes> {
+/// Every request message, encoded: `[key * variants + variant]`. `models` are the
+/// `--model`s, which [`Plan::variants`] index.
+pub fn messages(
+    api: Api,
+    path: &str,
+    secrets: &[String],
+    models: &[String],
+    plan: &Plan,
+) -> Vec<Bytes> {
     let mut all = Vec::with_capacity(secrets.len() * plan.variants.len());
     for secret in secrets {
         let bearer = format!("Bearer {secret}");
@@ -96,7 +104,10 @@ pub fn messages(api: Api, path: &str, secrets: &[String], plan: &Plan) -> Vec<By
             let bytes = match api {
                 Api::Authz => check_request(path, &bearer, &variant.body).encode_to_vec(),
                 Api::Ratelimit => {
-                    rate_limit_request(&bearer, variant.prompt_tokens, plan.max_tokens)
+                    let model = models
+                        .get(usize::from(variant.model))
+                        .map_or("", String::as_str);
+                    rate_limit_request(&bearer, model, variant.prompt_tokens, plan.max_tokens)
                         .encode_to_vec()
                 }
             };
@@ -137,12 +148,25 @@ fn check_request(path: &str, bearer: &str, body: &[u8]) -> CheckRequest {
     }
 }
 
-fn rate_limit_request(bearer: &str, prompt_tokens: u32, max_tokens: u32) -> RateLimitRequest {
+/// The admission descriptors Envoy's ratelimit filter sends for one request. `model`
+/// (from ext_authz's metadata there) is left out when empty, as `skip_if_absent` does.
+fn rate_limit_request(
+    bearer: &str,
+    model: &str,
+    prompt_tokens: u32,
+    max_tokens: u32,
+) -> RateLimitRequest {
     let descriptor = |limit: Option<&str>, hits: Option<u64>| {
         let mut entries = vec![Entry {
             key: "api_key".into(),
             value: bearer.into(),
         }];
+        if !model.is_empty() {
+            entries.push(Entry {
+                key: "model".into(),
+                value: model.into(),
+            });
+        }
         if let Some(limit) = limit {
             entries.push(Entry {
                 key: "limit".into(),
@@ -247,19 +271,19 @@ impl GrpcClient {
         }
     }
 
-    /// One call: (sent µs, HTTP status, the limit a 429 names).
-    async fn call(&mut self, pick: Pick) -> (u64, u16, Option<LimitKind>) {
+    /// One call: (sent µs, HTTP status, the limit a 429 names and whose it is).
+    async fn call(&mut self, pick: Pick) -> (u64, u16, Seen) {
         let variants = self.shared.plan.variants.len();
         let message = self.shared.messages
             [usize::from(pick.key) * variants + usize::from(pick.variant)]
         .clone();
         let client = &mut self.clients[usize::from(pick.target)];
         if client.ready().await.is_err() {
-            return (self.clock.now_us(), 0, None);
+            return (self.clock.now_us(), 0, Seen::default());
         }
         let sent_us = self.clock.now_us();
         let request = tonic::Request::new(message);
-        let (status, denied) = match self.shared.api {
+        let (status, seen) = match self.shared.api {
             Api::Authz => match client
                 .unary(
                     request,
@@ -269,7 +293,7 @@ impl GrpcClient {
                 .await
             {
                 Ok(r) => check_answer(r.into_inner()),
-                Err(_) => (503, None),
+                Err(_) => (503, Seen::default()),
             },
             Api::Ratelimit => match client
                 .unary(
@@ -280,22 +304,23 @@ impl GrpcClient {
                 .await
             {
                 Ok(r) => rate_limit_answer(r.into_inner()),
-                Err(_) => (503, None),
+                Err(_) => (503, Seen::default()),
             },
         };
-        (sent_us, status, denied)
+        (sent_us, status, seen)
     }
 }
 
-/// The status a client would get from a `Check` answer, and the limit a 429 names.
-fn check_answer(response: CheckResponse) -> (u16, Option<LimitKind>) {
+/// The status a client would get from a `Check` answer, and for a 429 the limit its body
+/// names and whose it is (the key's own, per day, a model's, a pool's).
+fn check_answer(response: CheckResponse) -> (u16, Seen) {
     let code = response.status.map_or(0, |s| s.code);
     let denial = match response.http_response {
         Some(HttpResponse::DeniedResponse(d)) | Some(HttpResponse::ErrorResponse(d)) => Some(d),
         _ => None,
     };
     if code == 0 {
-        return (200, None);
+        return (200, Seen::default());
     }
     let http_status = denial
         .as_ref()
@@ -309,20 +334,21 @@ fn check_answer(response: CheckResponse) -> (u16, Option<LimitKind>) {
         14 => 503, // UNAVAILABLE
         _ => 403,
     });
-    let denied = if status == 429 {
-        denial.and_then(|d| denied_by(d.body.as_bytes()))
-    } else {
-        None
+    // Read as the HTTP mode reads a 429's body: only the denial fields (`Seen::read`).
+    let seen = match denial {
+        Some(d) if status == 429 => Seen::read(429, d.body.as_bytes()),
+        _ => Seen::default(),
     };
-    (status, denied)
+    (status, seen)
 }
 
-/// The status a client would get from a `ShouldRateLimit` answer.
-fn rate_limit_answer(response: RateLimitResponse) -> (u16, Option<LimitKind>) {
+/// The status a client would get from a `ShouldRateLimit` answer; an `OVER_LIMIT`'s
+/// `raw_body` (the body Envoy answers with) names the limit and whose it is.
+fn rate_limit_answer(response: RateLimitResponse) -> (u16, Seen) {
     match Code::try_from(response.overall_code) {
-        Ok(Code::Ok) => (200, None),
-        Ok(Code::OverLimit) => (429, denied_by(&response.raw_body)),
-        _ => (503, None),
+        Ok(Code::Ok) => (200, Seen::default()),
+        Ok(Code::OverLimit) => (429, Seen::read(429, &response.raw_body)),
+        _ => (503, Seen::default()),
     }
 }
 
@@ -331,12 +357,9 @@ impl Client for GrpcClient {
         let started_us = self.clock.now_us();
         let result = tokio::time::timeout_at(deadline.into(), self.call(pick)).await;
         let done_us = self.clock.now_us();
-        let (sent_us, status, denied_by) = result.unwrap_or((started_us, 0, None));
-        // No upstream answers here: nothing to settle, and input tokens are the tool's own.
-        let seen = Seen {
-            denied_by,
-            ..Seen::default()
-        };
+        let (sent_us, status, seen) = result.unwrap_or((started_us, 0, Seen::default()));
+        // No upstream answers here: nothing to settle, and input tokens are the tool's own
+        // (`Seen` of a 429 carries no usage).
         self.shared
             .plan
             .record(pick, intended_us, (sent_us, done_us), status, seen)
@@ -349,6 +372,24 @@ mod tests {
     use envoy_types::pb::envoy::r#type::v3::HttpStatus;
     use envoy_types::pb::envoy::service::auth::v3::{DeniedHttpResponse, OkHttpResponse};
     use envoy_types::pb::google::rpc;
+
+    use crate::record::LimitSet;
+
+    /// What a 429 answer's body tells: the limit and whose it is.
+    fn denial(by: LimitKind, set: LimitSet) -> Seen {
+        Seen {
+            denied_by: Some(by),
+            denied_in: Some(set),
+            ..Seen::default()
+        }
+    }
+
+    /// A 429 body as the limiter writes it, naming `who` and `limit`.
+    fn body(who: &str, limit: &str) -> String {
+        format!(
+            r#"{{"error":{{"message":"Rate limit reached for {who} on {limit}: Limit 1, Used 1, Requested 1. Please try again in 1s.","type":"{limit}","param":null,"code":"rate_limit_exceeded"}}}}"#
+        )
+    }
 
     fn check(code: i32, http: Option<HttpResponse>) -> CheckResponse {
         CheckResponse {
@@ -363,8 +404,9 @@ mod tests {
 
     #[test]
     fn check_answers_map_to_statuses() {
+        let none = Seen::default();
         let ok = check(0, Some(HttpResponse::OkResponse(OkHttpResponse::default())));
-        assert_eq!(check_answer(ok), (200, None));
+        assert_eq!(check_answer(ok), (200, none));
         let denied = |status: i32, body: &str| {
             Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
                 status: Some(HttpStatus { code: status }),
@@ -372,11 +414,36 @@ mod tests {
                 body: body.into(),
             }))
         };
+        // A body without a message names the limit but not whose it is.
         let limited = check(8, denied(429, r#"{"error":{"type":"requests"}}"#));
-        assert_eq!(check_answer(limited), (429, Some(LimitKind::Requests)));
-        assert_eq!(check_answer(check(16, denied(401, "{}"))), (401, None));
-        assert_eq!(check_answer(check(8, None)), (429, None));
-        assert_eq!(check_answer(check(7, None)), (403, None));
+        let seen = check_answer(limited);
+        assert_eq!(seen.0, 429);
+        assert_eq!(
+            (seen.1.denied_by, seen.1.denied_in),
+            (Some(LimitKind::Requests), None)
+        );
+        // Whose limit denied, from the message, as the HTTP mode reads it.
+        for (who, limit, set) in [
+            ("team-a", "requests", LimitSet::Key),
+            ("team-a (per day)", "requests", LimitSet::KeyDay),
+            ("team-a (model gpt-4o)", "input_tokens", LimitSet::Model),
+            ("team-a (pool research)", "requests", LimitSet::Pool),
+            (
+                "team-a (pool research, per day)",
+                "output_tokens",
+                LimitSet::PoolDay,
+            ),
+        ] {
+            let kind = LimitKind::parse(limit).unwrap();
+            let answer = check(8, denied(429, &body(who, limit)));
+            assert_eq!(check_answer(answer), (429, denial(kind, set)), "{who}");
+        }
+        // Only a 429 is a denial by a limit, whatever its body says.
+        let forbidden = check(7, denied(403, &body("team-a (pool research)", "requests")));
+        assert_eq!(check_answer(forbidden), (403, none));
+        assert_eq!(check_answer(check(16, denied(401, "{}"))), (401, none));
+        assert_eq!(check_answer(check(8, None)), (429, none));
+        assert_eq!(check_answer(check(7, None)), (403, none));
     }
 
     #[test]
@@ -386,30 +453,114 @@ mod tests {
             raw_body: body.as_bytes().to_vec(),
             ..Default::default()
         };
-        assert_eq!(rate_limit_answer(answer(Code::Ok, "")), (200, None));
+        let none = Seen::default();
+        assert_eq!(rate_limit_answer(answer(Code::Ok, "")), (200, none));
+        let bare = rate_limit_answer(answer(
+            Code::OverLimit,
+            r#"{"error":{"type":"input_tokens"}}"#,
+        ));
         assert_eq!(
-            rate_limit_answer(answer(
-                Code::OverLimit,
-                r#"{"error":{"type":"input_tokens"}}"#
-            )),
-            (429, Some(LimitKind::InputTokens))
+            (bare.0, bare.1.denied_by, bare.1.denied_in),
+            (429, Some(LimitKind::InputTokens), None)
         );
-        assert_eq!(rate_limit_answer(answer(Code::Unknown, "")), (503, None));
+        for (who, limit, set) in [
+            ("team-a", "input_tokens", LimitSet::Key),
+            ("team-a (pool research)", "requests", LimitSet::Pool),
+            ("team-a (model gpt-4o)", "requests", LimitSet::Model),
+            ("team-a (per day)", "output_tokens", LimitSet::KeyDay),
+        ] {
+            let kind = LimitKind::parse(limit).unwrap();
+            let over = answer(Code::OverLimit, &body(who, limit));
+            assert_eq!(rate_limit_answer(over), (429, denial(kind, set)), "{who}");
+        }
+        assert_eq!(rate_limit_answer(answer(Code::OverLimit, "")), (429, none));
+        assert_eq!(rate_limit_answer(answer(Code::Unknown, "")), (503, none));
     }
 
     #[test]
     fn the_descriptors_are_the_filters() {
-        let r = rate_limit_request("Bearer sk-x", 42, 0);
+        let entries = |d: &RateLimitDescriptor| -> Vec<(String, String)> {
+            d.entries
+                .iter()
+                .map(|e| (e.key.clone(), e.value.clone()))
+                .collect()
+        };
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+        let r = rate_limit_request("Bearer sk-x", "gpt-4o", 42, 0);
         assert_eq!(r.domain, "llm");
         assert_eq!(r.descriptors.len(), 2);
-        assert_eq!(r.descriptors[1].entries[1].value, "input_tokens");
+        // Every descriptor names the key and the model, as the filter's actions do.
+        assert_eq!(
+            entries(&r.descriptors[0]),
+            [pair("api_key", "Bearer sk-x"), pair("model", "gpt-4o")]
+        );
+        assert_eq!(r.descriptors[0].hits_addend, Some(UInt64Value { value: 1 }));
+        assert_eq!(
+            entries(&r.descriptors[1]),
+            [
+                pair("api_key", "Bearer sk-x"),
+                pair("model", "gpt-4o"),
+                pair("limit", "input_tokens")
+            ]
+        );
         assert_eq!(
             r.descriptors[1].hits_addend,
             Some(UInt64Value { value: 42 })
         );
+        let r = rate_limit_request("Bearer sk-x", "gpt-4o-mini", 42, 7);
+        assert_eq!(r.descriptors.len(), 3);
         assert_eq!(
-            rate_limit_request("Bearer sk-x", 42, 7).descriptors.len(),
-            3
+            entries(&r.descriptors[2]),
+            [
+                pair("api_key", "Bearer sk-x"),
+                pair("model", "gpt-4o-mini"),
+                pair("limit", "output_tokens")
+            ]
         );
+        assert_eq!(r.descriptors[2].hits_addend, Some(UInt64Value { value: 7 }));
+        // No model: no entry (the filter's `skip_if_absent`).
+        let r = rate_limit_request("Bearer sk-x", "", 42, 0);
+        assert!(r
+            .descriptors
+            .iter()
+            .all(|d| d.entries.iter().all(|e| e.key != "model")));
+    }
+
+    #[test]
+    fn each_variant_carries_its_own_model() {
+        use clap::Parser;
+        let cli = crate::cli::Cli::try_parse_from(
+            "llm-loadtest grpc --api ratelimit --target 127.0.0.1:1 --key k --duration 1s \
+             --concurrency 1 --prompt-tokens 20-30 --model gpt-4o --model gpt-4o-mini"
+                .split_whitespace(),
+        )
+        .unwrap();
+        let settings = crate::cli::Settings::from_cli(cli).unwrap();
+        let plan = Plan::build(&settings).unwrap();
+        let secrets = ["sk-a".to_string(), "sk-b".to_string()];
+        let all = messages(
+            Api::Ratelimit,
+            "/v1/chat/completions",
+            &secrets,
+            &settings.models,
+            &plan,
+        );
+        assert_eq!(all.len(), 2 * plan.variants.len());
+        for (k, secret) in secrets.iter().enumerate() {
+            for (v, variant) in plan.variants.iter().enumerate() {
+                let r = RateLimitRequest::decode(all[k * plan.variants.len() + v].clone()).unwrap();
+                let model = &settings.models[usize::from(variant.model)];
+                for d in &r.descriptors {
+                    assert!(d
+                        .entries
+                        .iter()
+                        .any(|e| e.key == "model" && &e.value == model));
+                    assert!(d
+                        .entries
+                        .iter()
+                        .any(|e| e.key == "api_key" && e.value == format!("Bearer {secret}")));
+                }
+            }
+        }
     }
 }

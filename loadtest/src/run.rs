@@ -69,7 +69,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<Verdict> {
             let shared = Arc::new(grpc::Shared {
                 api,
                 channels,
-                messages: grpc::messages(api, &path, &settings.secrets, &plan),
+                messages: grpc::messages(api, &path, &settings.secrets, &settings.models, &plan),
                 plan: plan.clone(),
             });
             let clock = Clock::start();

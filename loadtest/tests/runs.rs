@@ -1,6 +1,8 @@
 //! `llm-loadtest` end to end: the binary against servers this test starts in-process on
 //! ephemeral loopback ports — the mock upstream (counting what it receives) for `http`,
-//! the limiter's gRPC surface on the in-process store for `grpc`. Runs are 1 s each.
+//! the limiter's gRPC surface on the in-process store for `grpc`, and for `http` through
+//! a limiter, a small gateway doing what Nginx does with `/v1/check` and `/v1/report`.
+//! Runs are 1 to 2 s each.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -9,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use llm_ratelimit::admission::Limiter;
+use llm_ratelimit::admission::{ClientRequest, Handle, Limiter};
 use llm_ratelimit::config::Config;
 use llm_ratelimit::engine::memory::MemoryStore;
 use llm_ratelimit::engine::Store;
@@ -62,15 +64,26 @@ const KEYS: &str = "keys:
 
 /// The limiter's gRPC surface on the in-process store, and its config file.
 async fn limiter(dir: &Path) -> (String, PathBuf) {
+    limiter_with(dir, KEYS).await
+}
+
+/// A limiter on the in-process store with config `yaml`, and that config's file.
+fn node(dir: &Path, yaml: &str) -> (Arc<Limiter>, PathBuf) {
     let path = dir.join("keys.yaml");
-    std::fs::write(&path, KEYS).unwrap();
+    std::fs::write(&path, yaml).unwrap();
     let limiter = Arc::new(Limiter::new(
         Arc::new(ArcSwap::from_pointee(
-            Config::parse(KEYS, "keys.yaml").unwrap(),
+            Config::parse(yaml, "keys.yaml").unwrap(),
         )),
         Store::Memory(MemoryStore::new()),
         Arc::new(Metrics::default()),
     ));
+    (limiter, path)
+}
+
+/// [`node`]'s gRPC surface, and its config file.
+async fn limiter_with(dir: &Path, yaml: &str) -> (String, PathBuf) {
+    let (limiter, path) = node(dir, yaml);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     tokio::spawn(async move {
@@ -353,4 +366,186 @@ async fn bad_flags_and_unreachable_targets_fail_clearly_and_quickly() {
             started.elapsed()
         );
     }
+}
+
+/// Every kind of limit beside a key's own per window, each tight enough that a short run
+/// fills it: team-a allows gpt-4o 2 requests (a `models` entry) and 30 a day in all; team-b
+/// and team-c, roomy alone, share pool `research` of 20 requests per window. No limit of
+/// a key's own, and no token limit, is ever near.
+const LIMITS: &str = "keys:
+  - name: team-a
+    key: sk-loadtest-secret-alpha
+    rpm: 100000000
+    input_tpm: 100000000000
+    output_tpm: 100000000000
+    per_day:
+      requests: 30
+    models:
+      - match: gpt-4o
+        rpm: 2
+  - name: team-b
+    key: sk-loadtest-secret-bravo
+    rpm: 100000000
+    input_tpm: 100000000000
+    output_tpm: 100000000000
+    pool: research
+  - name: team-c
+    key: sk-loadtest-secret-tiny
+    rpm: 100000000
+    input_tpm: 100000000000
+    output_tpm: 100000000000
+    pool: research
+pools:
+  - name: research
+    rpm: 20
+";
+
+/// Nginx's part in front of the limiter, in process: `check` each request (as
+/// `/v1/check` does), answer the limiter's refusal as it is, else hand the request to the
+/// mock upstream and settle the reservation from its answer (as `/v1/report` does)
+/// before the client gets it, so a record's settlement is done by its last byte.
+async fn gateway(limiter: Arc<Limiter>) -> String {
+    use axum::body::{to_bytes, Body};
+    use axum::response::Response;
+    use tower::ServiceExt;
+
+    let upstream = router(Arc::new(Tokenizer::new()), Options::default());
+    let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+        let (limiter, upstream) = (limiter.clone(), upstream.clone());
+        async move {
+            let (parts, body) = request.into_parts();
+            let body = to_bytes(body, 1 << 20).await.unwrap();
+            let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+            let verdict = limiter
+                .check(ClientRequest {
+                    method: parts.method.as_str(),
+                    authorization: header("authorization"),
+                    api_key: header("api-key"),
+                    path: parts.uri.path(),
+                    body: &body,
+                })
+                .await;
+            let Some(admitted) = verdict.admitted else {
+                let answer = verdict.answer;
+                let mut response = Response::new(Body::from(answer.body));
+                *response.status_mut() = answer.status.try_into().unwrap();
+                for (name, value) in answer.headers {
+                    response.headers_mut().insert(name, value.parse().unwrap());
+                }
+                return response;
+            };
+            let request = axum::extract::Request::from_parts(parts, Body::from(body));
+            let (parts, body) = upstream.oneshot(request).await.unwrap().into_parts();
+            let body = to_bytes(body, 1 << 24).await.unwrap();
+            let handle = admitted.reservation.as_deref().and_then(Handle::parse);
+            let handle = handle.expect("an admitted chat request has a reservation");
+            let mut meter = handle.meter();
+            meter.feed(&body, limiter.tokenizer());
+            limiter
+                .settle(&handle.reservation, Some(parts.status.as_u16()), meter)
+                .await
+                .unwrap();
+            Response::from_parts(parts, Body::from(body))
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+/// `--verify-strict` on a run that fills a model entry, a key's per-day limit and a pool
+/// with two `--model`s: the limiter admits exactly each limit, every 429 is held against
+/// the limit its message names (none against a key's own), and the audit finds nothing
+/// wrong (exit 0). Each of the three limits denied, so the audit had something to judge.
+async fn every_kind_of_limit_is_audited(mode: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let target = match mode {
+        "http" => gateway(node(dir.path(), LIMITS).0).await,
+        _ => limiter_with(dir.path(), LIMITS).await.0,
+    };
+    let config = dir.path().join("keys.yaml");
+    let json = dir.path().join("run.json");
+    let out = loadtest(args(&format!(
+        "{mode} --target {target} --key {SECRET_A} --key {SECRET_B} --key {SECRET_TINY} \
+         --key-weights 2,1,1 --model gpt-4o --model gpt-4o-mini --max-tokens 20 \
+         --duration 2s --concurrency 4 --verify {} --verify-strict --json {}",
+        config.display(),
+        json.display()
+    )))
+    .await;
+    // Exit 0: `--verify-strict` found no over-admission and no false 429.
+    let s = summary(&out, &json);
+    let keys: Vec<(&str, u64, u64)> = s["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| {
+            (
+                k["name"].as_str().unwrap(),
+                u(&k["ok"]),
+                u(&k["rate_limited"]),
+            )
+        })
+        .collect();
+    assert_eq!(u(&s["requests"]["errors"]), 0, "{s}");
+    // Enough traffic that every limit filled: team-a got exactly its day, the pool's two
+    // keys exactly the pool's window, and all three were refused beyond that.
+    assert_eq!(keys[0].0, "team-a", "{s}");
+    assert_eq!(keys[0].1, 30, "{s}");
+    assert_eq!(keys[1].1 + keys[2].1, 20, "{s}");
+    assert!(keys.iter().all(|k| k.2 > 0), "{s}");
+
+    let verify = &s["verify"];
+    assert_eq!(verify["passed"], true, "{s}");
+    let audited = |name: &str| -> (u64, u64) {
+        let k = verify["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["name"] == name)
+            .unwrap_or_else(|| panic!("no audited limit {name}: {verify}"));
+        let false_429: u64 = k["limits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| u(&l["denials"]["false_429"]))
+            .sum();
+        assert_eq!(false_429, 0, "{name}: {verify}");
+        (u(&k["admitted"]), u(&k["denied"]))
+    };
+    // The 429s went to the limits their messages named; the key's own never denied.
+    for name in ["team-a model gpt-4o", "team-a per_day", "pool research"] {
+        assert!(audited(name).1 > 0, "no 429 named {name}: {verify}");
+    }
+    for name in ["team-a", "team-b", "team-c"] {
+        assert_eq!(audited(name).1, 0, "{name}: {verify}");
+    }
+    // Only gpt-4o requests count against team-a's gpt-4o entry.
+    assert_eq!(audited("team-a model gpt-4o").0, 2, "{verify}");
+    assert_eq!(audited("team-a per_day").0, 30, "{verify}");
+    assert_eq!(audited("pool research").0, 20, "{verify}");
+    // The denials named something: every 429 was the denial of one audited limit.
+    let named: u64 = verify["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| u(&k["denied"]))
+        .sum();
+    assert_eq!(named, u(&s["requests"]["rate_limited"]), "{s}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_verify_audits_model_day_and_pool_limits() {
+    every_kind_of_limit_is_audited("http").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_authz_verify_audits_model_day_and_pool_limits() {
+    every_kind_of_limit_is_audited("grpc --api authz").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_ratelimit_verify_audits_model_day_and_pool_limits() {
+    every_kind_of_limit_is_audited("grpc --api ratelimit").await;
 }
