@@ -1216,8 +1216,8 @@ fn ring_set(i: usize, n: usize) -> Vec<Bound> {
     let model = |m: &str| Scope::Model(key.clone(), ModelMatch::new(m).unwrap());
     let rings = [
         (Scope::Key(key.clone()), shape()),
-        (Scope::Key(key.clone()), WindowShape::DAY),
         (model("gpt-4o"), shape()),
+        (Scope::Key(key.clone()), WindowShape::DAY),
         (Scope::Pool, shape()),
         (Scope::Pool, WindowShape::DAY),
         (model("o3*"), shape()),
@@ -1248,7 +1248,7 @@ async fn limits_section(url: &str, probe: &mut Probe) {
     println!(
         "128 callers over {KEYS} keys, each request admitted (limits far away) with a marker \
          and settled at once, as admission and the response hook do: `reserve_all` then \
-         `settle_all` over the key's rings (own per minute, own per day, a model entry, the \
+         `settle_all` over the key's rings (own per minute, a model entry, own per day, the \
          pool per minute, the pool per day, a second model entry). EVALSHA µs/call is Redis's \
          own time per script call (`INFO commandstats`, reserve and settle together); memory is \
          `MEMORY USAGE` of one key's rings after the run (the day rings hold 1,441 one-minute \
@@ -1258,7 +1258,7 @@ async fn limits_section(url: &str, probe: &mut Probe) {
         "| rings | limits | decisions/s | p50 µs | p99 µs | EVALSHA µs/call (Redis) | rings `MEMORY USAGE` B | B per ring |"
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for n in [1usize, 3, 5, 6] {
+    for n in [1usize, 2, 3, 5, 6] {
         probe.flushall().await;
         let sets: Arc<Vec<Vec<Bound>>> = Arc::new((0..KEYS).map(|i| ring_set(i, n)).collect());
         eprintln!("limits: {n} rings, {WARM_UP:?} warm-up + {measure:?}");
