@@ -786,11 +786,7 @@ fn rb_args(port: u16, sha: &str, now_ms: u64, c: usize, p: usize) -> Vec<String>
             shape.window_ms(),
             shape.precision_ms()
         ),
-        format!(
-            "llmrl:{{rb-__rand_int__}}:r:{}.{}.__rand_int__-__rand_int__",
-            shape.window_ms(),
-            shape.precision_ms()
-        ),
+        "llmrl:{rb-__rand_int__}:m:__rand_int__-__rand_int__".to_string(),
         // reserve.lua's layout: now, one ring, want, marker, not forced; then the ring's
         // precision, slots, limits, ttl and marker ttl
         now_ms.to_string(),
@@ -1126,7 +1122,7 @@ async fn memory_section(url: &str, probe: &mut Probe) {
         let ring = ring_key(&key, shape);
         let memory_usage: i64 = probe.cmd(&["MEMORY", "USAGE", &ring]).await;
         let strlen: i64 = probe.cmd(&["STRLEN", &ring]).await;
-        let pattern = format!("llmrl:{{{key}}}:r:*");
+        let pattern = format!("llmrl:{{{key}}}:m:*");
         let mut markers = Vec::new();
         let mut cursor = "0".to_string();
         loop {
@@ -1167,7 +1163,7 @@ async fn memory_section(url: &str, probe: &mut Probe) {
          is one Redis string: 48-byte header + {slots} slots x 10 bytes + {blocks} block sums \
          x 24 bytes = {} bytes, created at full length by its first write (the two \
          first-slot variants differ only in where the window starts). `MEMORY USAGE` counts the key, value and \
-         allocator size class; markers are `llmrl:{{name}}:r:*` found by SCAN, summed by \
+         allocator size class; markers are `llmrl:{{name}}:m:*` found by SCAN, summed by \
          `MEMORY USAGE`; `used_memory` delta is `INFO memory` after minus before (FLUSHALL \
          before each variant). Target: ring ≤ 8 KiB (8192 bytes).\n",
         48 + 10 * slots + 24 * blocks
