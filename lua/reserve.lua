@@ -101,6 +101,6 @@ for i = 1, n do
   reply[#reply + 1] = h[2]
 end
 if marker then
-  redis.call('SET', KEYS[n + 1], table.concat(entries, '|'), 'PX', marker_ttl)
+  redis.call('SET', KEYS[n + 1], table.concat(entries), 'PX', marker_ttl)
 end
 return reply
