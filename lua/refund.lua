@@ -29,8 +29,7 @@ local function refund(ring, precision, slots, ttl)
   local function take_from(x, v)
     local take = {math.min(left[1], v[1]), math.min(left[2], v[2]), math.min(left[3], v[3])}
     if take[1] > 0 or take[2] > 0 or take[3] > 0 then
-      write_slot(ring, x, slots, {v[1] - take[1], v[2] - take[2], v[3] - take[3]})
-      add_block(ring, x, slots, {-take[1], -take[2], -take[3]})
+      change_slot(ring, x, slots, v, {-take[1], -take[2], -take[3]})
       for k = 1, 3 do
         left[k] = left[k] - take[k]
         h[k + 2] = h[k + 2] - take[k]

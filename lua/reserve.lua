@@ -84,8 +84,7 @@ for i = 1, n do
   -- the head moved. The scan stops at the head at the latest, so it may run before the
   -- slot is written.
   if r.moved then settle_tail(r.key, h, r.slots) end
-  write_slot(r.key, r.b, r.slots, {cur[1] + add[1], cur[2] + add[2], cur[3] + add[3]})
-  add_block(r.key, r.b, r.slots, add)
+  change_slot(r.key, r.b, r.slots, cur, add)
   write_header(r.key, h)
   -- The TTL is set once per bucket: set anywhere in bucket b, a window and two buckets
   -- outlast everything b holds, so a later write in the same bucket need not renew it.

@@ -25,8 +25,7 @@ local function settle(ring, m, precision, slots)
   if new < 0 then new = 0 end
   if new > U32_MAX then new = U32_MAX end
   if new ~= old then
-    redis.call('SETRANGE', ring, slot_at(m.bucket, slots) + 6, struct.pack('>I4', new))
-    add_block(ring, m.bucket, slots, {0, 0, new - old})
+    change_slot(ring, m.bucket, slots, v, {0, 0, new - old})
     h[5] = h[5] + new - old
     if new > 0 and m.bucket < h[2] then
       -- A bucket that held nothing may sit before the tail: it is the oldest now.
@@ -35,7 +34,7 @@ local function settle(ring, m, precision, slots)
       -- The oldest bucket emptied: the tail moves on to the next non-empty one.
       settle_tail(ring, h, slots)
     end
-    redis.call('SETRANGE', ring, 8, struct.pack('>i8i8i8i8', h[2], h[3], h[4], h[5]))
+    write_header(ring, h)
   end
   return 1, new - old
 end

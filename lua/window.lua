@@ -70,15 +70,15 @@ local function slot_at(bucket, slots)
   return HDR_BYTES + SLOT_BYTES * (bucket % slots)
 end
 
+-- A slot as struct codes it: requests u16, input u32, output u32.
+local SLOT_FORMAT = 'I2I4I4'
+
 -- A bucket's slot: {requests, input, output}.
 local function read_slot(ring, bucket, slots)
   local from = slot_at(bucket, slots)
-  local r, i, o = struct.unpack('>I2I4I4', redis.call('GETRANGE', ring, from, from + SLOT_BYTES - 1))
+  local r, i, o = struct.unpack('>' .. SLOT_FORMAT,
+    redis.call('GETRANGE', ring, from, from + SLOT_BYTES - 1))
   return {r, i, o}
-end
-
-local function write_slot(ring, bucket, slots, v)
-  redis.call('SETRANGE', ring, slot_at(bucket, slots), struct.pack('>I2I4I4', v[1], v[2], v[3]))
 end
 
 -- Adds d[1..3] to the block sum of the block holding bucket's slot. One field (a
@@ -100,6 +100,14 @@ local function add_block(ring, bucket, slots, d)
   end
   local r, i, o = struct.unpack('>i8i8i8', redis.call('GETRANGE', ring, from, from + BLOCK_BYTES - 1))
   redis.call('SETRANGE', ring, from, struct.pack('>i8i8i8', r + d[1], i + d[2], o + d[3]))
+end
+
+-- Sets bucket's slot from v to v + d and its block sum by d: every change to a counted
+-- slot goes through here, so the block sums stay the sums of their slots.
+local function change_slot(ring, bucket, slots, v, d)
+  redis.call('SETRANGE', ring, slot_at(bucket, slots),
+    struct.pack('>' .. SLOT_FORMAT, v[1] + d[1], v[2] + d[2], v[3] + d[3]))
+  add_block(ring, bucket, slots, d)
 end
 
 -- A new ring's epoch: Redis TIME in µs (exact in a Lua double until the year 2255), and
@@ -160,7 +168,7 @@ local slot_formats = {}
 local function slot_format(n)
   local f = slot_formats[n]
   if f == nil then
-    f = '>' .. string.rep('I2I4I4', n)
+    f = '>' .. string.rep(SLOT_FORMAT, n)
     slot_formats[n] = f
   end
   return f
