@@ -710,42 +710,53 @@ async fn settlement_corrects_every_limit_the_reservation_touched_once() {
     assert_eq!(outputs(&json_at(&base, "/v1/usage/team-a").await), [7; 4]);
 }
 
-#[tokio::test]
-async fn should_rate_limit_holds_the_models_entry_its_descriptors_name() {
-    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
-    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
-    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
-    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
-    use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
-
+/// The ShouldRateLimit service over an in-process limiter of `config`.
+fn in_process_rls(config: llm_ratelimit::config::Config) -> llm_ratelimit::grpc::RateLimiter {
     let limiter = Arc::new(llm_ratelimit::admission::Limiter::new(
-        Arc::new(arc_swap::ArcSwap::from_pointee(pooled_config())),
+        Arc::new(arc_swap::ArcSwap::from_pointee(config)),
         Store::Memory(MemoryStore::new()),
         Arc::new(llm_ratelimit::metrics::Metrics::default()),
     ));
-    let rls = llm_ratelimit::grpc::RateLimiter::new(limiter);
-    let call = |model: Option<&str>| {
-        let mut entries = vec![
-            ("api_key", format!("Bearer {TEAM_A}")),
-            ("limit", "requests".into()),
-        ];
-        if let Some(m) = model {
-            entries.push(("model", m.to_string()));
-        }
-        tonic::Request::new(RateLimitRequest {
+    llm_ratelimit::grpc::RateLimiter::new(limiter)
+}
+
+/// A ShouldRateLimit request of one hit and one descriptor of these entries.
+fn rls_request(
+    entries: &[(&str, &str)],
+) -> tonic::Request<envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest> {
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+    tonic::Request::new(
+        envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest {
             domain: "llm".into(),
             descriptors: vec![RateLimitDescriptor {
                 entries: entries
-                    .into_iter()
+                    .iter()
                     .map(|(key, value)| Entry {
-                        key: key.into(),
-                        value,
+                        key: key.to_string(),
+                        value: value.to_string(),
                     })
                     .collect(),
                 ..Default::default()
             }],
             hits_addend: 1,
-        })
+        },
+    )
+}
+
+#[tokio::test]
+async fn should_rate_limit_holds_the_models_entry_its_descriptors_name() {
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
+
+    let rls = in_process_rls(pooled_config());
+    let bearer = format!("Bearer {TEAM_A}");
+    let call = |model: Option<&str>| {
+        let mut entries = vec![("api_key", bearer.as_str()), ("limit", "requests")];
+        if let Some(m) = model {
+            entries.push(("model", m));
+        }
+        rls_request(&entries)
     };
     let code = |r: tonic::Response<_>| {
         let r: envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse = r.into_inner();
@@ -802,35 +813,12 @@ fn daily_config() -> llm_ratelimit::config::Config {
 
 #[tokio::test]
 async fn should_rate_limit_names_the_day_window_of_a_per_day_denial() {
-    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
-    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
     use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
     use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
     use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
-    use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 
-    let limiter = Arc::new(llm_ratelimit::admission::Limiter::new(
-        Arc::new(arc_swap::ArcSwap::from_pointee(daily_config())),
-        Store::Memory(MemoryStore::new()),
-        Arc::new(llm_ratelimit::metrics::Metrics::default()),
-    ));
-    let rls = llm_ratelimit::grpc::RateLimiter::new(limiter);
-    let call = || {
-        tonic::Request::new(RateLimitRequest {
-            domain: "llm".into(),
-            descriptors: vec![RateLimitDescriptor {
-                entries: [("api_key", DAILY), ("limit", "requests")]
-                    .into_iter()
-                    .map(|(key, value)| Entry {
-                        key: key.into(),
-                        value: value.into(),
-                    })
-                    .collect(),
-                ..Default::default()
-            }],
-            hits_addend: 1,
-        })
-    };
+    let rls = in_process_rls(daily_config());
+    let call = || rls_request(&[("api_key", DAILY), ("limit", "requests")]);
     let mut answers = Vec::new();
     for _ in 0..3 {
         answers.push(rls.should_rate_limit(call()).await.unwrap().into_inner());
