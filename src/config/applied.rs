@@ -112,21 +112,9 @@ impl Config {
     pub fn limits_for(&self, key: &KeySpec, model: Option<&str>) -> Vec<Applied> {
         let mut out = self.key_limits(key);
         if let Some(entry) = model.and_then(|m| key.model_entry(m)) {
-            out.push(self.applied(
-                key.tag(),
-                LimitScope::Model(entry.matches.clone()),
-                Scope::Model(key.name.clone(), entry.matches.clone()),
-                false,
-                entry.limits,
-            ));
+            out.push(self.model_limits(key, entry));
         }
-        if let Some(pool) = key
-            .pool
-            .as_ref()
-            .and_then(|p| self.pool_by_name(p.as_str()))
-        {
-            out.extend(self.pool_limits(pool));
-        }
+        out.extend(self.limits_of_pool_of(key));
         out
     }
 
@@ -151,26 +139,34 @@ impl Config {
         out
     }
 
+    /// The limits of one of the key's `models` entries.
+    fn model_limits(&self, key: &KeySpec, entry: &super::ModelLimits) -> Applied {
+        self.applied(
+            key.tag(),
+            LimitScope::Model(entry.matches.clone()),
+            Scope::Model(key.name.clone(), entry.matches.clone()),
+            false,
+            entry.limits,
+        )
+    }
+
+    /// The limits of the key's pool, none without one.
+    fn limits_of_pool_of(&self, key: &KeySpec) -> Vec<Applied> {
+        key.pool
+            .as_ref()
+            .and_then(|p| self.pool_by_name(p.as_str()))
+            .map(|pool| self.pool_limits(pool))
+            .unwrap_or_default()
+    }
+
     /// Every limit of a key, for `/v1/usage`: its own, per day, every `models` entry, its
     /// pool's.
     pub fn all_limits_of(&self, key: &KeySpec) -> Vec<Applied> {
         let mut out = self.key_limits(key);
         for entry in &key.models {
-            out.push(self.applied(
-                key.tag(),
-                LimitScope::Model(entry.matches.clone()),
-                Scope::Model(key.name.clone(), entry.matches.clone()),
-                false,
-                entry.limits,
-            ));
+            out.push(self.model_limits(key, entry));
         }
-        if let Some(pool) = key
-            .pool
-            .as_ref()
-            .and_then(|p| self.pool_by_name(p.as_str()))
-        {
-            out.extend(self.pool_limits(pool));
-        }
+        out.extend(self.limits_of_pool_of(key));
         out
     }
 
