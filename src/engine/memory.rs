@@ -581,26 +581,8 @@ mod tests {
                 ring: RingRef::own(key, shape),
                 limits: *limits,
             }];
-            match self.reserve_all(&set, want, charge, marker) {
-                Verdict::Admitted { snapshots, claim } => Decision::Admitted {
-                    snapshot: snapshots[0],
-                    reservation: claim.map(|c| Reservation {
-                        key: key.clone(),
-                        shape,
-                        id: c.id,
-                    }),
-                },
-                Verdict::Denied {
-                    snapshots,
-                    limit,
-                    retry_after_ms,
-                    ..
-                } => Decision::Denied {
-                    snapshot: snapshots[0],
-                    limit,
-                    retry_after_ms,
-                },
-            }
+            Decision::from_verdict(self.reserve_all(&set, want, charge, marker), key, shape)
+                .expect("a one-ring verdict holds one snapshot")
         }
 
         fn settle(&self, r: &Reservation, output_tokens: u64) -> Settlement {
