@@ -55,10 +55,8 @@ wrk.headers["authorization"] = "Bearer sk-bench"
 wrk.body = '$body'
 LUA
 
-# CPU time (user + system, in clock ticks) of a process so far, and of the whole machine.
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
-busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
-hz=$(getconf CLK_TCK)
+# shellcheck source=scripts/lib/wrk-measure.sh
+. scripts/lib/wrk-measure.sh
 measure() { # name port envoy-pid
   local before_l before_r before_m before_e before_all
   before_l=$(ticks "$limiter_pid"); before_r=$(ticks "$redis_pid"); before_m=$(ticks "$mock_pid")
@@ -83,24 +81,10 @@ measure() { # name port envoy-pid
     perf report -i "$run/$1.perf" --stdio --no-children --pid "$limiter_pid" --sort dso,symbol -g none \
       --percent-limit 0.3 2>/dev/null | grep -v '^$' > "${PROFILE_DIR:-target/profile}/$1-limiter-symbols.txt" || true
   fi
-  local n
-  n=$(awk '/requests in/ {print $1}' "$run/$1.txt")
-  # CPU µs per request of each process, and of everything else on the machine (wrk, mostly).
-  python3 - "$n" "$hz" "$(($(ticks "$3") - before_e))" "$(($(ticks "$limiter_pid") - before_l))" \
+  cpu_per_request "$run/$1.txt" "$(($(ticks "$3") - before_e))" "$(($(ticks "$limiter_pid") - before_l))" \
     "$(($(ticks "$redis_pid") - before_r))" "$(($(ticks "$mock_pid") - before_m))" "$(($(busy) - before_all))" \
-    > "$run/$1.cpu" <<'PY'
-import sys
-n, hz = int(sys.argv[1]), int(sys.argv[2])
-envoy, limiter, redis, mock, total = (int(x) for x in sys.argv[3:8])
-us = lambda t: f"{t * 1e6 / hz / max(n, 1):.0f}"
-print(us(envoy), us(limiter), us(redis), us(mock), us(total - envoy - limiter - redis - mock), us(total))
-PY
-  local rps p50 p99 non2xx
-  rps=$(awk '/^Requests\/sec/ {print $2}' "$run/$1.txt")
-  p50=$(awk '$1 == "50%" {print $2}' "$run/$1.txt")
-  p99=$(awk '$1 == "99%" {print $2}' "$run/$1.txt")
-  non2xx=$(awk '/Non-2xx/ {print $NF}' "$run/$1.txt")
-  echo "$rps ${p50} ${p99} ${non2xx:-0}"
+    > "$run/$1.cpu"
+  wrk_summary "$run/$1.txt"
 }
 read -r bare_rps bare_p50 bare_p99 bare_bad < <(measure bare $((P+1)) "$bare_pid")
 read -r authz_rps authz_p50 authz_p99 authz_bad < <(measure authz $((P+2)) "$authz_pid")

@@ -63,39 +63,25 @@ wrk.headers["authorization"] = "Bearer sk-bench"
 wrk.body = '$body'
 LUA
 
+# shellcheck source=scripts/lib/wrk-measure.sh
+. scripts/lib/wrk-measure.sh
 # CPU time (user + system, in clock ticks) of a process and its children... Nginx's
 # workers are the master's children, still running: they are summed by parent pid.
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 tree_ticks() {
   local total sum=0 c
   total=$(ticks "$1")
   for c in $(pgrep -P "$1"); do sum=$((sum + $(ticks "$c"))); done
   echo $((total + sum))
 }
-busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
-hz=$(getconf CLK_TCK)
 measure() { # name port nginx-master-pid
   local before_l before_r before_m before_n before_all
   before_l=$(ticks "$limiter_pid"); before_r=$(ticks "$redis_pid"); before_m=$(ticks "$mock_pid")
   before_n=$(tree_ticks "$3"); before_all=$(busy)
   wrk -t2 -c32 -d"${secs}s" --latency -s "$run/post.lua" "http://127.0.0.1:$2/v1/chat/completions" > "$run/$1.txt"
-  local n
-  n=$(awk '/requests in/ {print $1}' "$run/$1.txt")
-  python3 - "$n" "$hz" "$(($(tree_ticks "$3") - before_n))" "$(($(ticks "$limiter_pid") - before_l))" \
+  cpu_per_request "$run/$1.txt" "$(($(tree_ticks "$3") - before_n))" "$(($(ticks "$limiter_pid") - before_l))" \
     "$(($(ticks "$redis_pid") - before_r))" "$(($(ticks "$mock_pid") - before_m))" "$(($(busy) - before_all))" \
-    > "$run/$1.cpu" <<'PY'
-import sys
-n, hz = int(sys.argv[1]), int(sys.argv[2])
-nginx, limiter, redis, mock, total = (int(x) for x in sys.argv[3:8])
-us = lambda t: f"{t * 1e6 / hz / max(n, 1):.0f}"
-print(us(nginx), us(limiter), us(redis), us(mock), us(total - nginx - limiter - redis - mock), us(total))
-PY
-  local rps p50 p99 non2xx
-  rps=$(awk '/^Requests\/sec/ {print $2}' "$run/$1.txt")
-  p50=$(awk '$1 == "50%" {print $2}' "$run/$1.txt")
-  p99=$(awk '$1 == "99%" {print $2}' "$run/$1.txt")
-  non2xx=$(awk '/Non-2xx/ {print $NF}' "$run/$1.txt")
-  echo "$rps ${p50} ${p99} ${non2xx:-0}"
+    > "$run/$1.cpu"
+  wrk_summary "$run/$1.txt"
 }
 read -r bare_rps bare_p50 bare_p99 bare_bad < <(measure bare $((P+1)) "$bare_pid")
 read -r access_rps access_p50 access_p99 access_bad < <(measure access $((P+2)) "$access_pid")
