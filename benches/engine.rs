@@ -782,7 +782,7 @@ fn rb_args(port: u16, sha: &str, now_ms: u64, c: usize, p: usize) -> Vec<String>
         // ring over KEYS names; the marker over KEYS^3 names, so that nearly every
         // call creates a new marker as the engine's random reservation ids do
         format!(
-            "llmrl:{{rb-__rand_int__}}:v3:w{}:p{}",
+            "llmrl:{{rb-__rand_int__}}:v4:w{}:p{}",
             shape.window_ms(),
             shape.precision_ms()
         ),
@@ -1243,21 +1243,28 @@ async fn limits_section(url: &str, probe: &mut Probe) {
     println!("\n## Limits per request (Redis store)\n");
     println!(
         "128 callers over {KEYS} keys, each request admitted (limits far away) with a marker \
-         and settled at once, as admission and the response hook do: `reserve_all` then \
-         `settle_all` over the key's rings (own per minute, a model entry, own per day, the \
+         and settled, as admission and the response hook do: `reserve_all`, then \
+         `settle_all` at once or 500 ms later (by the same caller, before its next request), \
+         over the key's rings (own per minute, a model entry, own per day, the \
          pool per minute, the pool per day, a second model entry). EVALSHA µs/call is Redis's \
          own time per script call (`INFO commandstats`, reserve and settle together); memory is \
          `MEMORY USAGE` of one key's rings after the run (the day rings hold 1,441 one-minute \
          slots, the minute rings 601).\n"
     );
     println!(
-        "| rings | limits | decisions/s | p50 µs | p99 µs | EVALSHA µs/call (Redis) | rings `MEMORY USAGE` B | B per ring |"
+        "| rings | limits | settled | decisions/s | p50 µs | p99 µs | EVALSHA µs/call (Redis) | rings `MEMORY USAGE` B | B per ring |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for n in [1usize, 2, 3, 5, 6] {
+    println!("|---:|---:|---|---:|---:|---:|---:|---:|---:|");
+    // At once (the bucket is still the head: a settlement touches the headers only), and
+    // 500 ms later, as a response hook does after a model answered (the bucket has left
+    // the head: a settlement writes its slot and block sum in every ring).
+    for (n, later) in [1usize, 2, 3, 5, 6]
+        .into_iter()
+        .flat_map(|n| [(n, Duration::ZERO), (n, Duration::from_millis(500))])
+    {
         probe.flushall().await;
         let sets: Arc<Vec<Vec<Bound>>> = Arc::new((0..KEYS).map(|i| ring_set(i, n)).collect());
-        eprintln!("limits: {n} rings, {WARM_UP:?} warm-up + {measure:?}");
+        eprintln!("limits: {n} rings, settled after {later:?}, {WARM_UP:?} warm-up + {measure:?}");
         let start = Instant::now();
         let (from, end) = (start + WARM_UP, start + WARM_UP + measure);
         let tasks: Vec<_> = (0..128)
@@ -1265,7 +1272,17 @@ async fn limits_section(url: &str, probe: &mut Probe) {
                 let (store, sets) = (store.clone(), sets.clone());
                 tokio::spawn(async move {
                     let mut lat = Vec::with_capacity(64 * 1024);
+                    let mut waiting = std::collections::VecDeque::new();
                     loop {
+                        // Claims made `later` ago are settled first, oldest first.
+                        let due = Instant::now();
+                        while waiting
+                            .front()
+                            .is_some_and(|(at, _)| due.duration_since(*at) >= later)
+                        {
+                            let (_, c) = waiting.pop_front().expect("front");
+                            let _ = store.settle_all(&c, 100).await;
+                        }
                         let t0 = Instant::now();
                         if t0 >= end {
                             break;
@@ -1276,11 +1293,19 @@ async fn limits_section(url: &str, probe: &mut Probe) {
                             .await;
                         let us = t0.elapsed().as_micros().min(u32::MAX as u128) as u32;
                         if let Ok(Verdict::Admitted { claim: Some(c), .. }) = v {
-                            let _ = store.settle_all(&c, 100).await;
+                            if later.is_zero() {
+                                let _ = store.settle_all(&c, 100).await;
+                            } else {
+                                waiting.push_back((t0, c));
+                            }
                             if t0 >= from {
                                 lat.push(us);
                             }
                         }
+                    }
+                    // After the measurement: whatever is still waiting.
+                    for (_, c) in waiting {
+                        let _ = store.settle_all(&c, 100).await;
                     }
                     lat
                 })
@@ -1300,15 +1325,20 @@ async fn limits_section(url: &str, probe: &mut Probe) {
             let used: Option<i64> = probe.cmd(&["MEMORY", "USAGE", &ring_key_of(&b.ring)]).await;
             bytes += used.unwrap_or(0);
         }
-        // Settled at once: no marker is left behind.
+        // Every reservation was settled: no marker is left behind.
         let left: Vec<String> = probe.cmd(&["KEYS", "llmrl:*:m:*"]).await;
         assert!(
             left.is_empty(),
             "markers left after settling: {}",
             left.len()
         );
+        let settled = if later.is_zero() {
+            "at once".to_string()
+        } else {
+            format!("after {} ms", later.as_millis())
+        };
         println!(
-            "| {n} | {} | {:.0} | {} | {} | {:.1} | {bytes} | {:.0} |",
+            "| {n} | {} | {settled} | {:.0} | {} | {} | {:.1} | {bytes} | {:.0} |",
             3 * n,
             lat.len() as f64 / measure.as_secs_f64(),
             percentile(&lat, 0.50),

@@ -29,7 +29,7 @@ local function refund(ring, precision, slots, ttl)
   local function take_from(x, v)
     local take = {math.min(left[1], v[1]), math.min(left[2], v[2]), math.min(left[3], v[3])}
     if take[1] > 0 or take[2] > 0 or take[3] > 0 then
-      change_slot(ring, x, slots, v, {-take[1], -take[2], -take[3]})
+      change_slot(ring, h, x, slots, v, {-take[1], -take[2], -take[3]})
       for k = 1, 3 do
         left[k] = left[k] - take[k]
         h[k + 2] = h[k + 2] - take[k]
@@ -48,7 +48,7 @@ local function refund(ring, precision, slots, ttl)
   if m then
     if m.epoch == h[6] and m.bucket > b - slots then
       for k = 1, 3 do left[k] = math.min(left[k], m.amounts[k]) end
-      local take = take_from(m.bucket, m.bucket == b and cur or read_slot(ring, m.bucket, slots))
+      local take = take_from(m.bucket, counts_of(ring, h, m.bucket, slots))
       for k = 1, 3 do m.amounts[k] = m.amounts[k] - take[k] end
       if m.amounts[1] == 0 and m.amounts[2] == 0 and m.amounts[3] == 0 then
         entries[field] = nil
@@ -59,7 +59,7 @@ local function refund(ring, precision, slots, ttl)
     local x = b
     local v = cur
     while (left[1] > 0 or left[2] > 0 or left[3] > 0) and x > b - slots do
-      if x ~= b then v = read_slot(ring, x, slots) end
+      if x ~= b then v = counts_of(ring, h, x, slots) end
       take_from(x, v)
       x = x - 1
     end

@@ -81,10 +81,10 @@ for i = 1, n do
   h[3] = h[3] + add[1]; h[4] = h[4] + add[2]; h[5] = h[5] + add[3]
   -- The tail is kept exact (the oldest non-empty bucket, or the head) by every script, so
   -- only buckets leaving the window can make it stale: it is looked for again only when
-  -- the head moved. The scan stops at the head at the latest, so it may run before the
-  -- slot is written.
+  -- the head moved. The scan stops before the head, whose counts are in the header.
   if r.moved then settle_tail(r.key, h, r.slots) end
-  change_slot(r.key, r.b, r.slots, cur, add)
+  -- r.b is the head: the request is counted in the header, written by one SETRANGE.
+  change_slot(r.key, h, r.b, r.slots, cur, add)
   write_header(r.key, h)
   -- The TTL is set once per bucket: set anywhere in bucket b, a window and two buckets
   -- outlast everything b holds, so a later write in the same bucket need not renew it.

@@ -19,13 +19,14 @@ local function settle(ring, m, precision, slots)
   if h[1] == 0 or h[6] ~= m.epoch or math.max(b, h[1]) - m.bucket >= slots then return 2, 0 end
 
   -- Against what the marker still holds: a refund by this marker may have taken some back.
-  local v = read_slot(ring, m.bucket, slots)
+  -- (A bucket still the head is in the header: then no slot is read or written.)
+  local v = counts_of(ring, h, m.bucket, slots)
   local old = v[3]
   local new = old + actual - m.amounts[3]
   if new < 0 then new = 0 end
   if new > U32_MAX then new = U32_MAX end
   if new ~= old then
-    change_slot(ring, m.bucket, slots, v, {0, 0, new - old})
+    change_slot(ring, h, m.bucket, slots, v, {0, 0, new - old})
     h[5] = h[5] + new - old
     if new > 0 and m.bucket < h[2] then
       -- A bucket that held nothing may sit before the tail: it is the oldest now.

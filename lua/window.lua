@@ -1,24 +1,30 @@
 -- window.lua: the ring layout shared by every llm-ratelimit script (prepended to each).
 --
 -- One Redis string per key and window shape holds the whole sliding window:
---   header, 6 x i64 (48 bytes): head bucket, tail bucket, requests, input, output totals,
---     epoch (Redis TIME in µs when this ring was created)
+--   header (58 bytes): head bucket, tail bucket, requests, input, output totals, epoch
+--     (Redis TIME in µs when this ring was created), each an i64; then the head bucket's
+--     own counts: requests u16, input u32, output u32
 --   then `slots` slots of 10 bytes: requests u16, input u32, output u32
 --   then one block sum per `block_len(slots)` consecutive slots (the last block may be
 --     shorter), 3 x i64 (24 bytes): the sums of requests, input and output over its slots
--- Bucket x lives in slot x % slots. The window at bucket b is the buckets b-slots+1 .. b,
--- with slots = window/precision + 1, so it always covers at least the exact window.
--- The totals are the sums over the slots in the window, kept up to date as buckets leave,
--- so a decision reads five numbers instead of summing the ring.
--- The block sums let a denial find when it fits, and when each limit next gains room,
--- by skipping whole blocks: O(sqrt(slots)) slots read instead of the whole window, so a
--- request that fits only after nearly the whole window leaves costs about what an
--- admission does. Every write to a slot writes its block sum in the same script call.
+-- Bucket x lives in slot x % slots, except the head: its counts live in the header and its
+-- slot stays zero until the head moves on, when they are written there. So the usual
+-- admission (a request in the head's bucket) and a settlement there read and write the
+-- header only: one GETRANGE and one SETRANGE per ring.
+-- The window at bucket b is the buckets b-slots+1 .. b, with slots = window/precision + 1,
+-- so it always covers at least the exact window.
+-- The totals are the sums over the window (the slots and the head's counts), kept up to
+-- date as buckets leave, so a decision reads five numbers instead of summing the ring.
+-- The block sums (of the slots, so never of the head's counts) let a denial find when it
+-- fits, and when each limit next gains room, by skipping whole blocks: O(sqrt(slots))
+-- slots read instead of the whole window, so a request that fits only after nearly the
+-- whole window leaves costs about what an admission does. Every write to a slot writes its
+-- block sum in the same script call.
 -- The epoch tells rings apart: a ring recreated after idling a whole window, or after Redis
 -- evicted it (or someone deleted it), has a new one, so a reservation marker written for
 -- the old ring cannot change the new one's buckets.
 
-local HDR_BYTES = 48
+local HDR_BYTES = 58
 local SLOT_BYTES = 10
 local BLOCK_BYTES = 24
 local U16_MAX = 65535
@@ -53,27 +59,35 @@ end
 -- and answers each op), so a ring's fields are read and written as runs of bytes. The
 -- layout is BITFIELD's: big-endian, so `i64` is struct's `>i8`, `u16` `>I2`, `u32` `>I4`.
 
--- Reads the header: {head, tail, requests, input, output, epoch}; all zero for a missing key.
+-- A slot as struct codes it: requests u16, input u32, output u32.
+local SLOT_FORMAT = 'I2I4I4'
+local HEADER_FORMAT = '>i8i8i8i8i8i8' .. SLOT_FORMAT
+
+-- Reads the header: {head, tail, requests, input, output, epoch, and the head bucket's
+-- requests, input, output}; all zero for a missing key.
 local function read_header(ring)
   local s = redis.call('GETRANGE', ring, 0, HDR_BYTES - 1)
-  if #s < HDR_BYTES then return {0, 0, 0, 0, 0, 0} end
-  local head, tail, r, i, o, epoch = struct.unpack('>i8i8i8i8i8i8', s)
-  return {head, tail, r, i, o, epoch}
+  if #s < HDR_BYTES then return {0, 0, 0, 0, 0, 0, 0, 0, 0} end
+  local head, tail, r, i, o, epoch, hr, hi, ho = struct.unpack(HEADER_FORMAT, s)
+  return {head, tail, r, i, o, epoch, hr, hi, ho}
 end
 
--- Writes the fields that change after creation (the epoch never does).
+-- Writes the whole header, one SETRANGE.
 local function write_header(ring, h)
-  redis.call('SETRANGE', ring, 0, struct.pack('>i8i8i8i8i8', h[1], h[2], h[3], h[4], h[5]))
+  redis.call('SETRANGE', ring, 0, struct.pack(HEADER_FORMAT, h[1], h[2], h[3], h[4], h[5],
+    h[6], h[7], h[8], h[9]))
+end
+
+-- The head bucket's counts, as a slot's: {requests, input, output}.
+local function head_counts(h)
+  return {h[7], h[8], h[9]}
 end
 
 local function slot_at(bucket, slots)
   return HDR_BYTES + SLOT_BYTES * (bucket % slots)
 end
 
--- A slot as struct codes it: requests u16, input u32, output u32.
-local SLOT_FORMAT = 'I2I4I4'
-
--- A bucket's slot: {requests, input, output}.
+-- A bucket's slot (never the head's: see head_counts): {requests, input, output}.
 local function read_slot(ring, bucket, slots)
   local from = slot_at(bucket, slots)
   local r, i, o = struct.unpack('>' .. SLOT_FORMAT,
@@ -102,12 +116,24 @@ local function add_block(ring, bucket, slots, d)
   redis.call('SETRANGE', ring, from, struct.pack('>i8i8i8', r + d[1], i + d[2], o + d[3]))
 end
 
--- Sets bucket's slot from v to v + d and its block sum by d: every change to a counted
--- slot goes through here, so the block sums stay the sums of their slots.
-local function change_slot(ring, bucket, slots, v, d)
+-- Sets bucket's counts from v to v + d: the head's in the header h (written by the
+-- caller), any other bucket's in its slot, with its block sum changed by d in the same
+-- call. Every change to counts goes through here, so the block sums stay the sums of
+-- their slots.
+local function change_slot(ring, h, bucket, slots, v, d)
+  if bucket == h[1] then
+    h[7] = v[1] + d[1]; h[8] = v[2] + d[2]; h[9] = v[3] + d[3]
+    return
+  end
   redis.call('SETRANGE', ring, slot_at(bucket, slots),
     struct.pack('>' .. SLOT_FORMAT, v[1] + d[1], v[2] + d[2], v[3] + d[3]))
   add_block(ring, bucket, slots, d)
+end
+
+-- A bucket's counts: the head's from the header h, any other's from its slot.
+local function counts_of(ring, h, bucket, slots)
+  if bucket == h[1] then return head_counts(h) end
+  return read_slot(ring, bucket, slots)
 end
 
 -- A new ring's epoch: Redis TIME in µs (exact in a Lua double until the year 2255), and
@@ -129,7 +155,7 @@ end
 local MARKER_ENTRY = '>Hc0i8i8i8i8i8i8'
 
 local function ring_field(ring)
-  local _, e = string.find(ring, '}:v3:', 1, true)
+  local _, e = string.find(ring, '}:v4:', 1, true)
   return string.sub(ring, (e or 0) + 1)
 end
 
@@ -202,28 +228,36 @@ local function each_slot(ring, slots, first, last, fn, grow)
 end
 
 -- Brings the ring to bucket b: each bucket that leaves the window is subtracted from the
--- totals and its slot zeroed. Amortised O(1): a bucket leaves once. A ring idle for a whole
--- window is dropped at once. A clock that steps back is held at the last head.
--- Returns the header, the bucket to act in, that bucket's slot {requests, input, output},
--- and whether the header changed (it is then the caller's to write); the usual call (same
--- bucket as the last one) is a single read.
+-- totals and its slot zeroed, and the old head's counts move from the header to its slot.
+-- Amortised O(1): a bucket leaves once. A ring idle for a whole window is dropped at once.
+-- A clock that steps back is held at the last head.
+-- Returns the header, the bucket to act in (always the head), that bucket's counts
+-- {requests, input, output}, and whether the header changed (it is then the caller's to
+-- write); the usual call (same bucket as the last one) is a single read.
 local function advance(ring, b, slots)
   local h = read_header(ring)
   if h[1] == 0 or b - h[1] >= slots then
     if h[1] ~= 0 then redis.call('DEL', ring) end
     -- Made at full length at once: one allocation of the right size class, rather than
-    -- a string grown (and over-allocated) as later buckets are written.
+    -- a string grown (and over-allocated) as later buckets are written. The header, with
+    -- the epoch, is the caller's to write.
     redis.call('SETRANGE', ring, ring_bytes(slots) - 1, '\0')
-    local epoch = new_epoch(h[6])
-    redis.call('SETRANGE', ring, 40, struct.pack('>i8', epoch))
-    return {b, b, 0, 0, 0, epoch}, b, {0, 0, 0}, true
+    return {b, b, 0, 0, 0, new_epoch(h[6]), 0, 0, 0}, b, {0, 0, 0}, true
   end
-  if b == h[1] then return h, b, read_slot(ring, b, slots), false end
-  if b < h[1] then return h, h[1], read_slot(ring, h[1], slots), false end
+  if b <= h[1] then return h, h[1], head_counts(h), false end
   -- The buckets that leave, in order: each run of them in consecutive slots is zeroed by
   -- one write, and each block's sum loses what its slots held.
   local runs, blocks = {}, {}
   local bl = block_len(slots)
+  local function block_change(s, r, i, o)
+    local k = math.floor(s / bl)
+    local d = blocks[k]
+    if d == nil then
+      d = {0, 0, 0}
+      blocks[k] = d
+    end
+    d[1] = d[1] + r; d[2] = d[2] + i; d[3] = d[3] + o
+  end
   each_slot(ring, slots, h[1] + 1, b, function(x, r, i, o)
     -- the slot still holds bucket x - slots, which leaves the window now
     if r ~= 0 or i ~= 0 or o ~= 0 then
@@ -231,21 +265,30 @@ local function advance(ring, b, slots)
       local s = x % slots
       local last = runs[#runs]
       if last and last[2] == s - 1 then last[2] = s else runs[#runs + 1] = {s, s} end
-      local k = math.floor(s / bl)
-      local d = blocks[k]
-      if d == nil then
-        d = {0, 0, 0}
-        blocks[k] = d
-      end
-      d[1] = d[1] - r; d[2] = d[2] - i; d[3] = d[3] - o
+      block_change(s, -r, -i, -o)
     end
   end, false)
-  for _, run in ipairs(runs) do
+  -- The old head's counts go to its slot (zero until now), in the same write as the run
+  -- of leaving slots right after it when there is one: on a busy ring, one write.
+  local hs = h[1] % slots
+  local first = 1
+  if h[7] ~= 0 or h[8] ~= 0 or h[9] ~= 0 then
+    local bytes = struct.pack('>' .. SLOT_FORMAT, h[7], h[8], h[9])
+    if runs[1] and runs[1][1] == hs + 1 then
+      bytes = bytes .. string.rep('\0', SLOT_BYTES * (runs[1][2] - runs[1][1] + 1))
+      first = 2
+    end
+    redis.call('SETRANGE', ring, HDR_BYTES + SLOT_BYTES * hs, bytes)
+    block_change(hs, h[7], h[8], h[9])
+  end
+  for k = first, #runs do
+    local run = runs[k]
     redis.call('SETRANGE', ring, HDR_BYTES + SLOT_BYTES * run[1],
       string.rep('\0', SLOT_BYTES * (run[2] - run[1] + 1)))
   end
   for k, d in pairs(blocks) do add_block(ring, k * bl, slots, d) end
   h[1] = b
+  h[7], h[8], h[9] = 0, 0, 0
   return h, b, {0, 0, 0}, true
 end
 
@@ -331,11 +374,13 @@ local function scan_window(ring, h, slots, precision, now, want, limit)
   local bl = block_len(slots)
   local sums = nil
   local x = h[2]
-  while x <= b and (open > 0 or retry == nil) do
+  local done = false
+  -- The buckets before the head, from their slots; the head's counts are in the header.
+  while x < b and not done and (open > 0 or retry == nil) do
     local s = x % slots
     local block_end = math.min(s - s % bl + bl, slots) - 1
     local len = block_end - s + 1
-    if s % bl == 0 and x + len - 1 <= b then
+    if s % bl == 0 and x + len - 1 < b then
       -- A whole block, holding buckets x .. x + len - 1.
       if sums == nil then
         local from = blocks_at(slots)
@@ -345,17 +390,18 @@ local function scan_window(ring, h, slots, precision, now, want, limit)
       local look = (reset[1] == 0 and r > 0) or (reset[2] == 0 and i > 0)
         or (reset[3] == 0 and o > 0) or (retry == nil and fits(r, i, o))
       if look then
-        if each_slot(ring, slots, x, block_end - s + x, visit, false) then break end
+        done = each_slot(ring, slots, x, block_end - s + x, visit, false)
       elseif retry == nil then
         freed[1] = freed[1] + r; freed[2] = freed[2] + i; freed[3] = freed[3] + o
       end
     else
       -- The part of a block before the head or after the tail, slot by slot.
-      len = math.min(len, b - x + 1)
-      if each_slot(ring, slots, x, x + len - 1, visit, true) then break end
+      len = math.min(len, b - x)
+      done = each_slot(ring, slots, x, x + len - 1, visit, true)
     end
     x = x + len
   end
+  if not done and (open > 0 or retry == nil) then visit(b, h[7], h[8], h[9]) end
   if retry == nil then retry = wait_until(leaves_at(b)) end
   -- A scan that stopped early found the oldest non-empty bucket first; one that found
   -- nothing means the window is empty up to the head.

@@ -310,9 +310,12 @@ async fn run_sequence(
     check_block_sums(redis_url, &ring_key(&key, shape), shape.slots() as usize).await
 }
 
-/// The ring's block sums (`lua/window.lua`) equal the sums of their slots, and the header's
-/// totals the sums of all slots: the invariant that lets a scan skip whole blocks.
+/// The ring's block sums (`lua/window.lua`) equal the sums of their slots, the head
+/// bucket's slot is empty (its counts are in the header), and the header's totals are the
+/// sums of all slots and the head's counts: the invariants that let a scan skip whole
+/// blocks and an admission touch only the header.
 async fn check_block_sums(url: &str, ring: &str, slots: usize) -> Result<(), TestCaseError> {
+    const HDR: usize = 58;
     let client = redis::Client::open(url).unwrap();
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
     let bytes: Option<Vec<u8>> = redis::cmd("GET")
@@ -325,24 +328,34 @@ async fn check_block_sums(url: &str, ring: &str, slots: usize) -> Result<(), Tes
     };
     let block = (slots as f64).sqrt().ceil() as usize;
     let blocks = slots.div_ceil(block);
-    prop_assert_eq!(bytes.len(), 48 + 10 * slots + 24 * blocks);
+    prop_assert_eq!(bytes.len(), HDR + 10 * slots + 24 * blocks);
     let be = |at: usize, n: usize| {
         bytes[at..at + n]
             .iter()
             .fold(0i64, |a, b| a << 8 | *b as i64)
     };
-    let mut totals = [0i64; 3];
+    let slot = |s: usize| {
+        let at = HDR + 10 * s;
+        [be(at, 2), be(at + 2, 4), be(at + 6, 4)]
+    };
+    let head = be(0, 8);
+    prop_assert_eq!(
+        slot(head.rem_euclid(slots as i64) as usize),
+        [0, 0, 0],
+        "the head's slot of {}",
+        ring
+    );
+    let mut totals = [be(48, 2), be(50, 4), be(54, 4)];
     for j in 0..blocks {
         let mut sum = [0i64; 3];
         for s in j * block..((j + 1) * block).min(slots) {
-            let at = 48 + 10 * s;
-            let slot = [be(at, 2), be(at + 2, 4), be(at + 6, 4)];
+            let v = slot(s);
             for k in 0..3 {
-                sum[k] += slot[k];
-                totals[k] += slot[k];
+                sum[k] += v[k];
+                totals[k] += v[k];
             }
         }
-        let at = 48 + 10 * slots + 24 * j;
+        let at = HDR + 10 * slots + 24 * j;
         let stored = [be(at, 8), be(at + 8, 8), be(at + 16, 8)];
         prop_assert_eq!(stored, sum, "block {} of {}", j, ring);
     }
@@ -705,8 +718,9 @@ async fn a_busy_ring_stays_bounded() {
     }
     let ring = ring_key(&key, shape);
     let len: usize = redis.cli(&["STRLEN", &ring]).parse().unwrap();
-    // header, 601 slots, and 25 block sums of 25 slots (the last one of 1)
-    assert_eq!(len, 48 + 10 * 601 + 24 * 25, "ring is {len} bytes");
+    // header (with the head bucket's counts), 601 slots, and 25 block sums of 25 slots
+    // (the last one of 1)
+    assert_eq!(len, 58 + 10 * 601 + 24 * 25, "ring is {len} bytes");
 }
 
 /// Polls until `key` is gone from `redis`, or fails at the deadline.

@@ -663,15 +663,15 @@ impl RedisStore {
 /// The ZSET of live nodes (node id → last seen, ms of Redis `TIME`); one Cluster slot.
 pub const NODES_KEY: &str = "llmrl:{nodes}:alive";
 
-/// A ring's Redis key: `llmrl:{<tag>}:v3:<scope>w<window_ms>:p<precision_ms>`. The hash tag
+/// A ring's Redis key: `llmrl:{<tag>}:v4:<scope>w<window_ms>:p<precision_ms>`. The hash tag
 /// keeps every ring of one decision (a key's, its model entries', its pool's) in one slot.
 /// A key's own ring under its own tag has an empty scope: the name rings had before scopes.
-/// `v3` is the ring layout with an epoch in the header and block sums after the slots
-/// (`lua/window.lua`): rings of older layouts live under other names, so nodes of both
-/// versions never misread a ring.
+/// `v4` is the ring layout with the head bucket's counts in the header (`lua/window.lua`;
+/// `v3` kept them in the head's slot): rings of older layouts live under other names, so
+/// nodes of both versions never misread a ring.
 pub fn ring_key_of(ring: &RingRef) -> String {
     format!(
-        "llmrl:{{{}}}:v3:{}w{}:p{}",
+        "llmrl:{{{}}}:v4:{}w{}:p{}",
         ring.tag,
         ring.scope_text(),
         ring.shape.window_ms(),
@@ -831,7 +831,7 @@ mod tests {
     fn ring_keys_carry_the_hash_tag_and_shape() {
         let shape = WindowShape::new(Duration::from_secs(60), Duration::from_millis(100)).unwrap();
         let key = KeyName::new("team-a").unwrap();
-        assert_eq!(ring_key(&key, shape), "llmrl:{team-a}:v3:w60000:p100");
+        assert_eq!(ring_key(&key, shape), "llmrl:{team-a}:v4:w60000:p100");
         assert_eq!(marker_key(&key, 255), "llmrl:{team-a}:m:00000000000000ff");
     }
 }
