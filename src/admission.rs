@@ -471,13 +471,7 @@ impl Limiter {
                 telemetry::record("llm_ratelimit.decision", "denied");
                 telemetry::record("llm_ratelimit.limit", limit.as_str());
                 tracing::debug!(key = %spec.name, limit = limit.as_str(), "denied");
-                self.metrics
-                    .decisions
-                    .get_or_create(&DecisionLabels {
-                        key,
-                        outcome: limit.as_str(),
-                    })
-                    .inc();
+                self.record_denial(key, &applied, ring, limit);
                 denial(
                     &spec,
                     &applied,
@@ -500,31 +494,31 @@ impl Limiter {
     }
 
     /// Sets the window gauges (`llm_ratelimit_window_*`) of every configured key from
-    /// the store, a few keys at a time; a key whose window cannot be read is left out.
-    /// Keys no longer configured disappear with the next scrape. Cancelled before every
-    /// read has answered, it changes nothing.
+    /// the store, for every limit set the key is held to (its own per window and per day,
+    /// each `models` entry, its pool's), one store call per key, a few keys at a time; a
+    /// key whose windows cannot be read is left out. Keys no longer configured disappear
+    /// with the next scrape. Cancelled before every read has answered, it changes nothing.
     pub async fn observe_windows(&self) {
         use futures_util::StreamExt;
         let config = self.config.load_full();
-        let shape = config.shape();
         let store = &self.store;
+        let config_ref = &config;
         let reads = futures_util::stream::iter(config.keys().to_vec())
             .map(|spec| async move {
-                // The key's own ring, under its pool's hash tag when it has one.
-                let own = RingRef {
-                    tag: spec.tag().clone(),
-                    scope: crate::engine::Scope::Key(spec.name.clone()),
-                    shape,
-                };
-                let read = store
-                    .usage_all(std::slice::from_ref(&own))
-                    .await
-                    .and_then(|v| {
-                        v.into_iter().next().ok_or_else(|| {
-                            StoreError::Protocol("usage answered for no ring".into())
-                        })
-                    });
-                (spec, read)
+                let applied = config_ref.all_limits_of(&spec);
+                let rings: Vec<RingRef> = applied.iter().map(|a| a.bound.ring.clone()).collect();
+                let read = store.usage_all(&rings).await.and_then(|v| {
+                    if v.len() == applied.len() {
+                        Ok(v)
+                    } else {
+                        Err(StoreError::Protocol(format!(
+                            "usage answered for {} rings of {}",
+                            v.len(),
+                            applied.len()
+                        )))
+                    }
+                });
+                (spec, applied, read)
             })
             .buffer_unordered(16)
             .collect::<Vec<_>>()
@@ -533,26 +527,34 @@ impl Limiter {
         m.window_used.clear();
         m.window_limit.clear();
         m.window_utilization.clear();
-        for (spec, read) in reads {
-            let snapshot = match read {
+        for (spec, applied, read) in reads {
+            let snapshots = match read {
                 Ok(s) => s,
                 Err(e) => {
                     self.store_failed(&e);
                     continue;
                 }
             };
-            for kind in LimitKind::ALL {
-                let labels = WindowLabels {
-                    key: spec.name.to_string(),
-                    limit: kind.as_str(),
-                };
-                let (used, limit) = (snapshot.usage.of(kind), spec.limits.of(kind));
-                m.window_used.get_or_create(&labels).set(used as i64);
-                m.window_limit.get_or_create(&labels).set(limit as i64);
-                if limit > 0 {
-                    m.window_utilization
-                        .get_or_create(&labels)
-                        .set(used as f64 / limit as f64);
+            for (a, snapshot) in applied.iter().zip(&snapshots) {
+                let scope = a.scope.metric_scope();
+                for kind in LimitKind::ALL {
+                    let (used, limit) = (snapshot.usage.of(kind), a.bound.limits.of(kind));
+                    // A limit the entry leaves out is not a limit: no series for it.
+                    if limit == crate::config::Config::UNLIMITED {
+                        continue;
+                    }
+                    let labels = WindowLabels {
+                        key: spec.name.to_string(),
+                        limit: kind.as_str(),
+                        scope: scope.clone(),
+                    };
+                    m.window_used.get_or_create(&labels).set(used as i64);
+                    m.window_limit.get_or_create(&labels).set(limit as i64);
+                    if limit > 0 {
+                        m.window_utilization
+                            .get_or_create(&labels)
+                            .set(used as f64 / limit as f64);
+                    }
                 }
             }
         }
@@ -565,10 +567,26 @@ impl Limiter {
             .get_or_create(&DecisionLabels {
                 key: key.to_string(),
                 outcome: "admitted",
+                scope: "all".into(),
             })
             .inc();
         self.count_tokens(key, "input", want.input_tokens);
         self.count_tokens(key, "output_reserved", want.output_tokens);
+    }
+
+    /// Counts a denial: the limit and the limit set (`applied[ring]`) that denied.
+    fn record_denial(&self, key: String, applied: &[Applied], ring: usize, limit: LimitKind) {
+        let scope = applied
+            .get(ring)
+            .map_or_else(|| "window".to_string(), |a| a.scope.metric_scope());
+        self.metrics
+            .decisions
+            .get_or_create(&DecisionLabels {
+                key,
+                outcome: limit.as_str(),
+                scope,
+            })
+            .inc();
     }
 
     fn count_tokens(&self, key: &str, kind: &'static str, n: u64) {
@@ -701,13 +719,7 @@ impl Limiter {
             }) => {
                 telemetry::record("llm_ratelimit.decision", "denied");
                 telemetry::record("llm_ratelimit.limit", limit.as_str());
-                self.metrics
-                    .decisions
-                    .get_or_create(&DecisionLabels {
-                        key: spec.name.to_string(),
-                        outcome: limit.as_str(),
-                    })
-                    .inc();
+                self.record_denial(spec.name.to_string(), &applied, ring, limit);
                 let answer = denial(
                     spec,
                     &applied,

@@ -15,6 +15,10 @@ pub struct DecisionLabels {
     pub key: String,
     /// `admitted`, or the limit that denied: `requests`, `input_tokens`, `output_tokens`.
     pub outcome: &'static str,
+    /// `all` when admitted (every limit had room), else the limit set that denied
+    /// (`LimitScope::metric_scope`: `window`, `per_day`, `model:<match>`, `pool:<name>`,
+    /// `pool_per_day:<name>`).
+    pub scope: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -52,6 +56,9 @@ pub struct WindowLabels {
     pub key: String,
     /// `requests`, `input_tokens`, `output_tokens`.
     pub limit: &'static str,
+    /// Which of the key's limit sets (`LimitScope::metric_scope`): `window` for its own
+    /// per-window limits, `per_day`, `model:<match>`, `pool:<name>`, `pool_per_day:<name>`.
+    pub scope: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -48,11 +48,20 @@ keys:
     rpm: 1000
     input_tpm: 1000000
     output_tpm: 100000
+    per_day: { requests: 5000 }
+    models:
+      - match: gpt-4o-mini
+        rpm: 1
+    pool: research
   - name: tight
     key: sk-obs-secret-tight
     rpm: 1
     input_tpm: 1000000
     output_tpm: 1000000
+pools:
+  - name: research
+    rpm: 100
+    per_day: { requests: 20000 }
 ";
 const PROMPT: &str = "tell me a secret story";
 
@@ -666,6 +675,15 @@ async fn metrics_pass_promtool_and_the_dashboard_and_alerts_name_exported_series
         .await
         .unwrap();
     assert_eq!(check.status(), 200);
+    // The second is denied by the model entry's rpm of 1, while every other limit has room.
+    let denied = http
+        .post(format!("{}/v1/check", node.http))
+        .header("authorization", "Bearer sk-obs-secret-a")
+        .body(body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), 429);
     let scrape = http
         .get(format!("{}/metrics", node.http))
         .send()
@@ -690,20 +708,58 @@ async fn metrics_pass_promtool_and_the_dashboard_and_alerts_name_exported_series
             .unwrap_or_else(|| panic!("no {series} in\n{text}"))
     };
     assert_eq!(
-        value(r#"llm_ratelimit_window_used{key="team-a",limit="requests"}"#),
+        value(r#"llm_ratelimit_window_used{key="team-a",limit="requests",scope="window"}"#),
         1.0
     );
     assert_eq!(
-        value(r#"llm_ratelimit_window_limit{key="team-a",limit="output_tokens"}"#),
+        value(r#"llm_ratelimit_window_limit{key="team-a",limit="output_tokens",scope="window"}"#),
         100000.0
     );
     assert_eq!(
-        value(r#"llm_ratelimit_window_utilization_ratio{key="team-a",limit="output_tokens"}"#),
+        value(
+            r#"llm_ratelimit_window_utilization_ratio{key="team-a",limit="output_tokens",scope="window"}"#
+        ),
         20.0 / 100000.0
     );
     assert_eq!(
-        value(r#"llm_ratelimit_window_utilization_ratio{key="tight",limit="requests"}"#),
+        value(
+            r#"llm_ratelimit_window_utilization_ratio{key="tight",limit="requests",scope="window"}"#
+        ),
         0.0
+    );
+    // Every other limit set of the key has its gauges too: per day, the model entry, the
+    // pool per window and per day — each holding the one admitted request.
+    for (scope, limit) in [
+        ("per_day", 5000.0),
+        ("model:gpt-4o-mini", 1.0),
+        ("pool:research", 100.0),
+        ("pool_per_day:research", 20000.0),
+    ] {
+        let series = |name: &str| {
+            format!(r#"llm_ratelimit_{name}{{key="team-a",limit="requests",scope="{scope}"}}"#)
+        };
+        assert_eq!(value(&series("window_used")), 1.0, "{scope}");
+        assert_eq!(value(&series("window_limit")), limit, "{scope}");
+        assert_eq!(
+            value(&series("window_utilization_ratio")),
+            1.0 / limit,
+            "{scope}"
+        );
+    }
+    // A limit an entry leaves out is no limit: no series for the model entry's tokens.
+    assert!(
+        !text.contains(r#"limit="input_tokens",scope="model:gpt-4o-mini""#),
+        "{text}"
+    );
+    assert_eq!(
+        value(r#"llm_ratelimit_decisions_total{key="team-a",outcome="admitted",scope="all"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(
+            r#"llm_ratelimit_decisions_total{key="team-a",outcome="requests",scope="model:gpt-4o-mini"}"#
+        ),
+        1.0
     );
     assert_eq!(value("llm_ratelimit_reservations_total"), 1.0);
     assert!(!text.contains("sk-obs-secret"));

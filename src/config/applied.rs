@@ -53,6 +53,19 @@ impl LimitScope {
             LimitScope::Pool(p) => p.to_string(),
         }
     }
+
+    /// The `scope` label of the metrics: `window` (the key's own per window), `per_day`,
+    /// `model:<match>`, `pool:<name>`, `pool_per_day:<name>` — distinct for every limit
+    /// set of one key.
+    pub fn metric_scope(&self) -> String {
+        match self {
+            LimitScope::Key => "window".into(),
+            LimitScope::KeyDay => "per_day".into(),
+            LimitScope::Model(m) => format!("model:{m}"),
+            LimitScope::Pool(p) => format!("pool:{p}"),
+            LimitScope::PoolDay(p) => format!("pool_per_day:{p}"),
+        }
+    }
 }
 
 /// One limit that applies: what it is, and its ring with its limits.
