@@ -344,6 +344,12 @@ async fn run_sequence(redis_url: &str, world: World, ops: Vec<Op>) -> Result<(),
             }
         }
     }
+    // Every ring the sequence touched keeps the layout's invariants: block sums, the
+    // head's empty slot, totals = slots + the head's counts.
+    for ring in model.0.keys() {
+        common::layout::check_ring(redis_url, &ring_key_of(ring), ring.shape.slots() as usize)
+            .await?;
+    }
     Ok(())
 }
 

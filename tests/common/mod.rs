@@ -2,6 +2,7 @@
 //! when dropped, and the brute-force reference model of the sliding window.
 #![allow(dead_code)]
 
+pub mod layout;
 pub mod reference;
 pub mod tls;
 
