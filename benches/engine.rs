@@ -1160,14 +1160,14 @@ async fn memory_section(url: &str, probe: &mut Probe) {
          injected time for a whole 60 s window at 100 ms precision (6,000 reservations with \
          want 1/150/256, `settle_later = true`); in the settled variants each reservation is \
          settled at once with `store.settle(&reservation, 100)`, so no marker lingers. The ring \
-         is one Redis string: 58-byte header (with the head bucket's counts) + {slots} slots \
+         is one Redis string: 60-byte header (with the head bucket's counts) + {slots} slots \
          x 10 bytes + {blocks} block sums \
          x 24 bytes = {} bytes, created at full length by its first write (the two \
          first-slot variants differ only in where the window starts). `MEMORY USAGE` counts the key, value and \
          allocator size class; markers are `llmrl:{{name}}:m:*` found by SCAN, summed by \
          `MEMORY USAGE`; `used_memory` delta is `INFO memory` after minus before (FLUSHALL \
          before each variant). Target: ring ≤ 8 KiB (8192 bytes).\n",
-        58 + 10 * slots + 24 * blocks
+        60 + 10 * slots + 24 * blocks
     );
     println!(
         "| variant | first slot | reservations | settled | ring `MEMORY USAGE` B | ring `STRLEN` B | \

@@ -22,6 +22,7 @@ local marker_changed = false
 
 local function refund(ring, precision, slots, ttl)
   if redis.call('EXISTS', ring) == 0 then return {0, 0, 0, 0} end
+  use_ring(ring, precision)
   local left = {amount[1], amount[2], amount[3]}
   local h, b, cur = advance(ring, math.floor(now / precision), slots)
 

@@ -26,13 +26,15 @@ for i = 1, n do
   local r = {key = KEYS[i], precision = tonumber(ARGV[a]), slots = tonumber(ARGV[a + 1]),
     limit = {tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])},
     ttl = tonumber(ARGV[a + 5]), marker_ttl = tonumber(ARGV[a + 6])}
+  use_ring(r.key, r.precision)
+  r.max = layout(r.key).max
   r.h, r.b, r.cur, r.moved = advance(r.key, math.floor(now / r.precision), r.slots)
   -- A slot that would overflow its width denies too (retry in the next bucket); a forced
   -- charge saturates instead.
   r.fits = true
   if not force then
-    r.fits = r.cur[1] + want[1] <= U16_MAX and r.cur[2] + want[2] <= U32_MAX
-      and r.cur[3] + want[3] <= U32_MAX
+    r.fits = r.cur[1] + want[1] <= r.max[1] and r.cur[2] + want[2] <= r.max[2]
+      and r.cur[3] + want[3] <= r.max[3]
     for k = 1, 3 do
       if r.h[k + 2] + want[k] > r.limit[k] then r.fits = false end
     end
@@ -76,8 +78,8 @@ for i = 1, n do
   local r = rings[i]
   local h, cur = r.h, r.cur
   -- Only what the slot can hold is added, so the totals stay the sums of the slots.
-  local add = {math.min(want[1], U16_MAX - cur[1]), math.min(want[2], U32_MAX - cur[2]),
-    math.min(want[3], U32_MAX - cur[3])}
+  local add = {math.min(want[1], r.max[1] - cur[1]), math.min(want[2], r.max[2] - cur[2]),
+    math.min(want[3], r.max[3] - cur[3])}
   h[3] = h[3] + add[1]; h[4] = h[4] + add[2]; h[5] = h[5] + add[3]
   -- The tail is kept exact (the oldest non-empty bucket, or the head) by every script, so
   -- only buckets leaving the window can make it stale: it is looked for again only when

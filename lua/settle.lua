@@ -14,6 +14,7 @@ local actual = tonumber(ARGV[3])
 
 local function settle(ring, m, precision, slots)
   if not m or m.expires <= now then return 0, 0 end
+  use_ring(ring, precision)
   local b = math.floor(now / precision)
   local h = read_header(ring)
   if h[1] == 0 or h[6] ~= m.epoch or math.max(b, h[1]) - m.bucket >= slots then return 2, 0 end

@@ -12,6 +12,7 @@ for i = 1, n do
   local a = 3 + 3 * (i - 1)
   local ring = KEYS[i]
   local precision, slots = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  use_ring(ring, precision)
   if redis.call('EXISTS', ring) == 0 then
     for _ = 1, 6 do reply[#reply + 1] = 0 end
   else

@@ -1,10 +1,11 @@
 -- window.lua: the ring layout shared by every llm-ratelimit script (prepended to each).
 --
 -- One Redis string per key and window shape holds the whole sliding window:
---   header (58 bytes): head bucket, tail bucket, requests, input, output totals, epoch
+--   header (60 bytes): head bucket, tail bucket, requests, input, output totals, epoch
 --     (Redis TIME in µs when this ring was created), each an i64; then the head bucket's
---     own counts: requests u16, input u32, output u32
---   then `slots` slots of 10 bytes: requests u16, input u32, output u32
+--     own counts: requests, input, output, each a u32
+--   then `slots` slots: requests, input, output (10 bytes: u16, u32, u32; 12 bytes, three
+--     u32s, in buckets of a second or more — see NARROW and WIDE below)
 --   then one block sum per `block_len(slots)` consecutive slots (the last block may be
 --     shorter), 3 x i64 (24 bytes): the sums of requests, input and output over its slots
 -- Bucket x lives in slot x % slots, except the head: its counts live in the header and its
@@ -24,12 +25,28 @@
 -- evicted it (or someone deleted it), has a new one, so a reservation marker written for
 -- the old ring cannot change the new one's buckets.
 
-local HDR_BYTES = 58
-local SLOT_BYTES = 10
+local HDR_BYTES = 60
 local BLOCK_BYTES = 24
 local U16_MAX = 65535
 local U32_MAX = 4294967295
 local BATCH = 128
+
+-- A slot's counters: requests, input tokens, output tokens, big-endian. Requests are a u16
+-- in buckets shorter than a second (65,535 in a bucket is over 65,535 a second) and a u32
+-- in longer ones (a day ring's one-minute buckets, which all of a pool's keys share), so no
+-- bucket caps a key or a pool below its limits. A script names each ring's precision, and
+-- so its slot width, before it touches the ring (use_ring).
+local NARROW = {bytes = 10, format = 'I2I4I4', max = {U16_MAX, U32_MAX, U32_MAX}, runs = {}}
+local WIDE = {bytes = 12, format = 'I4I4I4', max = {U32_MAX, U32_MAX, U32_MAX}, runs = {}}
+local layouts = {}
+
+local function use_ring(ring, precision)
+  if precision >= 1000 then layouts[ring] = WIDE else layouts[ring] = NARROW end
+end
+
+local function layout(ring)
+  return layouts[ring] or error('llm-ratelimit: no slot layout for ' .. ring)
+end
 
 -- Slots per block: the square root balances the blocks a scan skips against the slots
 -- it reads inside one block.
@@ -37,12 +54,12 @@ local function block_len(slots)
   return math.ceil(math.sqrt(slots))
 end
 
-local function blocks_at(slots)
-  return HDR_BYTES + SLOT_BYTES * slots
+local function blocks_at(ring, slots)
+  return HDR_BYTES + layout(ring).bytes * slots
 end
 
-local function ring_bytes(slots)
-  return blocks_at(slots) + BLOCK_BYTES * math.ceil(slots / block_len(slots))
+local function ring_bytes(ring, slots)
+  return blocks_at(ring, slots) + BLOCK_BYTES * math.ceil(slots / block_len(slots))
 end
 
 local function now_ms(arg)
@@ -58,10 +75,9 @@ end
 -- script each BITFIELD op costs about what a whole GETRANGE or SETRANGE does (Redis parses
 -- and answers each op), so a ring's fields are read and written as runs of bytes. The
 -- layout is BITFIELD's: big-endian, so `i64` is struct's `>i8`, `u16` `>I2`, `u32` `>I4`.
+-- (The head bucket's counts in the header are u32s in every ring.)
 
--- A slot as struct codes it: requests u16, input u32, output u32.
-local SLOT_FORMAT = 'I2I4I4'
-local HEADER_FORMAT = '>i8i8i8i8i8i8' .. SLOT_FORMAT
+local HEADER_FORMAT = '>i8i8i8i8i8i8I4I4I4'
 
 -- Reads the header: {head, tail, requests, input, output, epoch, and the head bucket's
 -- requests, input, output}; all zero for a missing key.
@@ -83,15 +99,16 @@ local function head_counts(h)
   return {h[7], h[8], h[9]}
 end
 
-local function slot_at(bucket, slots)
-  return HDR_BYTES + SLOT_BYTES * (bucket % slots)
+local function slot_at(ring, bucket, slots)
+  return HDR_BYTES + layout(ring).bytes * (bucket % slots)
 end
 
 -- A bucket's slot (never the head's: see head_counts): {requests, input, output}.
 local function read_slot(ring, bucket, slots)
-  local from = slot_at(bucket, slots)
-  local r, i, o = struct.unpack('>' .. SLOT_FORMAT,
-    redis.call('GETRANGE', ring, from, from + SLOT_BYTES - 1))
+  local l = layout(ring)
+  local from = slot_at(ring, bucket, slots)
+  local r, i, o = struct.unpack('>' .. l.format,
+    redis.call('GETRANGE', ring, from, from + l.bytes - 1))
   return {r, i, o}
 end
 
@@ -101,7 +118,7 @@ end
 -- BITFIELD of two or three INCRBYs.
 local function add_block(ring, bucket, slots, d)
   if d[1] == 0 and d[2] == 0 and d[3] == 0 then return end
-  local from = blocks_at(slots) + BLOCK_BYTES * math.floor((bucket % slots) / block_len(slots))
+  local from = blocks_at(ring, slots) + BLOCK_BYTES * math.floor((bucket % slots) / block_len(slots))
   local only = nil
   for k = 1, 3 do
     if d[k] ~= 0 then
@@ -125,8 +142,8 @@ local function change_slot(ring, h, bucket, slots, v, d)
     h[7] = v[1] + d[1]; h[8] = v[2] + d[2]; h[9] = v[3] + d[3]
     return
   end
-  redis.call('SETRANGE', ring, slot_at(bucket, slots),
-    struct.pack('>' .. SLOT_FORMAT, v[1] + d[1], v[2] + d[2], v[3] + d[3]))
+  redis.call('SETRANGE', ring, slot_at(ring, bucket, slots),
+    struct.pack('>' .. layout(ring).format, v[1] + d[1], v[2] + d[2], v[3] + d[3]))
   add_block(ring, bucket, slots, d)
 end
 
@@ -189,13 +206,12 @@ local function write_marker(key, entries)
   end
 end
 
--- struct formats of n consecutive slots, made once per length per script call.
-local slot_formats = {}
-local function slot_format(n)
-  local f = slot_formats[n]
+-- struct formats of n consecutive slots of layout l, made once per length per script call.
+local function slot_format(l, n)
+  local f = l.runs[n]
   if f == nil then
-    f = '>' .. string.rep(SLOT_FORMAT, n)
-    slot_formats[n] = f
+    f = '>' .. string.rep(l.format, n)
+    l.runs[n] = f
   end
   return f
 end
@@ -207,6 +223,7 @@ end
 -- consecutive slots (split where the ring wraps), decoded by one struct.unpack: far cheaper
 -- per slot than a BITFIELD_RO of three GETs each. Returns true when fn stopped it.
 local function each_slot(ring, slots, first, last, fn, grow)
+  local l = layout(ring)
   local x = first
   local batch = grow and 1 or BATCH
   while x <= last do
@@ -214,11 +231,11 @@ local function each_slot(ring, slots, first, last, fn, grow)
     local s0 = x % slots
     -- the last bucket before the ring wraps back to slot 0
     upto = math.min(upto, x + slots - 1 - s0)
-    local from = HDR_BYTES + SLOT_BYTES * s0
+    local from = HDR_BYTES + l.bytes * s0
     local n = upto - x + 1
-    local bytes = redis.call('GETRANGE', ring, from, from + SLOT_BYTES * n - 1)
+    local bytes = redis.call('GETRANGE', ring, from, from + l.bytes * n - 1)
     -- One struct.unpack for the whole run: a call per slot cost more than the read.
-    local v = {struct.unpack(slot_format(n), bytes)}
+    local v = {struct.unpack(slot_format(l, n), bytes)}
     for k = 0, n - 1 do
       if fn(x + k, v[3 * k + 1], v[3 * k + 2], v[3 * k + 3]) then return true end
     end
@@ -241,7 +258,7 @@ local function advance(ring, b, slots)
     -- Made at full length at once: one allocation of the right size class, rather than
     -- a string grown (and over-allocated) as later buckets are written. The header, with
     -- the epoch, is the caller's to write.
-    redis.call('SETRANGE', ring, ring_bytes(slots) - 1, '\0')
+    redis.call('SETRANGE', ring, ring_bytes(ring, slots) - 1, '\0')
     return {b, b, 0, 0, 0, new_epoch(h[6]), 0, 0, 0}, b, {0, 0, 0}, true
   end
   if b <= h[1] then return h, h[1], head_counts(h), false end
@@ -270,21 +287,22 @@ local function advance(ring, b, slots)
   end, false)
   -- The old head's counts go to its slot (zero until now), in the same write as the run
   -- of leaving slots right after it when there is one: on a busy ring, one write.
+  local l = layout(ring)
   local hs = h[1] % slots
   local first = 1
   if h[7] ~= 0 or h[8] ~= 0 or h[9] ~= 0 then
-    local bytes = struct.pack('>' .. SLOT_FORMAT, h[7], h[8], h[9])
+    local bytes = struct.pack('>' .. l.format, h[7], h[8], h[9])
     if runs[1] and runs[1][1] == hs + 1 then
-      bytes = bytes .. string.rep('\0', SLOT_BYTES * (runs[1][2] - runs[1][1] + 1))
+      bytes = bytes .. string.rep('\0', l.bytes * (runs[1][2] - runs[1][1] + 1))
       first = 2
     end
-    redis.call('SETRANGE', ring, HDR_BYTES + SLOT_BYTES * hs, bytes)
+    redis.call('SETRANGE', ring, HDR_BYTES + l.bytes * hs, bytes)
     block_change(hs, h[7], h[8], h[9])
   end
   for k = first, #runs do
     local run = runs[k]
-    redis.call('SETRANGE', ring, HDR_BYTES + SLOT_BYTES * run[1],
-      string.rep('\0', SLOT_BYTES * (run[2] - run[1] + 1)))
+    redis.call('SETRANGE', ring, HDR_BYTES + l.bytes * run[1],
+      string.rep('\0', l.bytes * (run[2] - run[1] + 1)))
   end
   for k, d in pairs(blocks) do add_block(ring, k * bl, slots, d) end
   h[1] = b
@@ -383,8 +401,8 @@ local function scan_window(ring, h, slots, precision, now, want, limit)
     if s % bl == 0 and x + len - 1 < b then
       -- A whole block, holding buckets x .. x + len - 1.
       if sums == nil then
-        local from = blocks_at(slots)
-        sums = redis.call('GETRANGE', ring, from, ring_bytes(slots) - 1)
+        local from = blocks_at(ring, slots)
+        sums = redis.call('GETRANGE', ring, from, ring_bytes(ring, slots) - 1)
       end
       local r, i, o = struct.unpack('>i8i8i8', sums, (s / bl) * BLOCK_BYTES + 1)
       local look = (reset[1] == 0 and r > 0) or (reset[2] == 0 and i > 0)

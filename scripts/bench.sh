@@ -12,6 +12,7 @@
 #   tool       llm-loadtest against the mock upstream beside wrk, same run
 #   grpc       the sidecar over gRPC without Envoy (Check and ShouldRateLimit)
 #   deny       the same, every request admitted vs every request denied, alternating rounds
+#   limits     the same, keys held to 3, 6 and 15 limits per request, alternating rounds
 #   tracing    the same, OpenTelemetry tracing off vs sampled at 1 % and 100 %, alternating
 #   nodes      1, 2 and 4 nodes through Envoy beside the same Envoys with no limiter
 #   latency    latency added at a fixed 1K QPS on one node (open loop, 3 rounds)
@@ -23,12 +24,12 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=$ROOT/docs/bench
 SECS=10
-ONLY=engine,envoy,tool,grpc,deny,tracing,nodes,latency,sweep,verify
+ONLY=engine,envoy,tool,grpc,deny,limits,tracing,nodes,latency,sweep,verify
 while (($#)); do
   case $1 in
   --secs) SECS=${2:?--secs S}; shift 2 ;;
   --only) ONLY=${2:?--only PARTS}; shift 2 ;;
-  -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h | --help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) echo "bench: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -248,6 +249,72 @@ EOF
   } >"$OUT/deny-vs-admit.md"
   stop_started
   cat "$OUT/deny-vs-admit.md"
+fi
+
+# --- limits: one node with 3, 6 and 15 limits per request ------------------------------
+if want limits; then
+  echo "== limits: the sidecar over gRPC, keys held to 3, 6 and 15 limits per request"
+  LIMIT_KEYS="$WORK/limit-keys.yaml"
+  # Limits far away: every request is admitted and recorded in every ring it is held to.
+  # three: its own per-minute limits (1 ring); six: + a models entry for the model sent
+  # (2 rings); fifteen: + per_day and a pool per minute and per day (5 rings).
+  cat >"$LIMIT_KEYS" <<'EOF'
+keys:
+  - name: three
+    key: sk-bench-three
+    rpm: 1000000000
+    input_tpm: 1000000000000
+    output_tpm: 1000000000000
+  - name: six
+    key: sk-bench-six
+    rpm: 1000000000
+    input_tpm: 1000000000000
+    output_tpm: 1000000000000
+    models:
+      - match: gpt-4o
+        rpm: 1000000000
+        input_tpm: 1000000000000
+        output_tpm: 1000000000000
+  - name: fifteen
+    key: sk-bench-fifteen
+    rpm: 1000000000
+    input_tpm: 1000000000000
+    output_tpm: 1000000000000
+    per_day: { requests: 1000000000, input_tokens: 1000000000000, output_tokens: 1000000000000 }
+    models:
+      - match: gpt-4o
+        rpm: 1000000000
+        input_tpm: 1000000000000
+        output_tpm: 1000000000000
+    pool: bench
+pools:
+  - name: bench
+    rpm: 1000000000
+    input_tpm: 1000000000000
+    output_tpm: 1000000000000
+    per_day: { requests: 1000000000, input_tokens: 1000000000000, output_tokens: 1000000000000 }
+EOF
+  redis-server --port $((BASE + 400)) --bind 127.0.0.1 --save "" --appendonly no >/dev/null & pids+=($!)
+  "$LIMITER" serve --config "$LIMIT_KEYS" --redis-url redis://127.0.0.1:$((BASE + 400)) \
+    --grpc-addr 127.0.0.1:$((BASE + 100)) --http-addr 127.0.0.1:$((BASE + 200)) >"$WORK/limiter.log" 2>&1 & pids+=($!)
+  wait_http http://127.0.0.1:$((BASE + 200))/readyz
+  {
+    echo "${HEADER/| other |/| other | Redis µs per call |}---:|"
+    for round in 1 2 3; do
+      for key in three six fifteen; do
+        redis-cli -p $((BASE + 400)) config resetstat >/dev/null
+        "$LOADTEST" grpc --target 127.0.0.1:$((BASE + 100)) --api authz --key "sk-bench-$key" --model gpt-4o \
+          --concurrency 64 --duration "${SECS}s" --prompt-tokens 30 --max-tokens 32 \
+          --json "$WORK/limits-$key-$round.json" >/dev/null
+        us=$(redis-cli -p $((BASE + 400)) info commandstats | grep -o 'cmdstat_evalsha:.*usec_per_call=[0-9.]*' | sed 's/.*=//')
+        echo "$(row "$key limits, round $round" "$WORK/limits-$key-$round.json") ${us:-?} |"
+      done
+    done
+    echo
+    echo "Command: \`scripts/bench.sh --only limits\`: \`llm-loadtest grpc --target 127.0.0.1:PORT --api authz --key KEY --model gpt-4o --concurrency 64 --duration ${SECS}s --prompt-tokens 30 --max-tokens 32\`, rounds alternating a key held to its own per-minute limits (3 limits, 1 ring), one with a \`models\` entry for gpt-4o too (6, 2 rings) and one with \`per_day\`, that entry and a pool with per-minute and per-day limits (15, 5 rings), every limit far away, against one \`llm-ratelimit serve\` on one local Redis. Redis µs per call: \`INFO commandstats\` (EVALSHA), reset before each run. $(machine)"
+  } >"$OUT/limits-node.md"
+  stop_started
+  cat "$OUT/limits-node.md"
 fi
 
 # --- tracing: what OpenTelemetry spans cost the sidecar over gRPC -----------------------

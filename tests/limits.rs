@@ -347,8 +347,7 @@ async fn run_sequence(redis_url: &str, world: World, ops: Vec<Op>) -> Result<(),
     // Every ring the sequence touched keeps the layout's invariants: block sums, the
     // head's empty slot, totals = slots + the head's counts.
     for ring in model.0.keys() {
-        common::layout::check_ring(redis_url, &ring_key_of(ring), ring.shape.slots() as usize)
-            .await?;
+        common::layout::check_ring(redis_url, &ring_key_of(ring), ring.shape).await?;
     }
     Ok(())
 }
@@ -1103,4 +1102,79 @@ async fn three_nodes_admit_exactly_a_configured_pools_limit_on_a_cluster() {
     let b = own(json_at(&bases[1], "/v1/usage/race-b").await);
     assert_eq!(a + b, 60, "race-a {a}, race-b {b}");
     assert!(a > 0 && b > 0, "both keys raced: race-a {a}, race-b {b}");
+}
+
+/// A day ring's bucket is a whole minute, shared by every key of a pool: its requests
+/// counter holds far more than a u16 (65,535), so a busy key or pool is never refused below
+/// its per-day limits, on either store; a per-window ring's sub-second bucket keeps the
+/// u16 and refuses past it until the next bucket, alike on both stores.
+#[tokio::test]
+async fn a_day_bucket_counts_past_65535_requests() {
+    let redis = RedisServer::start();
+    let now = Arc::new(AtomicU64::new(T0 + 5));
+    let read = now.clone();
+    let clock: Clock = Arc::new(move || read.load(Ordering::SeqCst));
+    let stores = [
+        Store::Memory(MemoryStore::with_clock(clock.clone())),
+        Store::Redis(
+            RedisStore::connect_with_clock(&redis.url(), Duration::from_secs(2), clock)
+                .await
+                .unwrap(),
+        ),
+    ];
+    let big = limits([10_000_000, 10_000_000, 10_000_000]);
+    for store in &stores {
+        let tag = unique("busy-pool");
+        let day = Bound {
+            ring: RingRef {
+                tag: tag.clone(),
+                scope: Scope::Pool,
+                shape: WindowShape::DAY,
+            },
+            limits: big,
+        };
+        let minute = Bound {
+            ring: RingRef {
+                tag: tag.clone(),
+                scope: Scope::Key(key("member")),
+                shape: shape(60_000, 100),
+            },
+            limits: big,
+        };
+        // 40,000 and 40,000 in one minute of the day ring, in two 100 ms buckets of the
+        // per-window ring.
+        for step in 0..2u64 {
+            now.store(T0 + 5 + 100 * step, Ordering::SeqCst);
+            let v = store
+                .reserve_all(
+                    &[day.clone(), minute.clone()],
+                    &usage([40_000, 1, 1]),
+                    Charge::Check,
+                    None,
+                )
+                .await
+                .unwrap();
+            let Verdict::Admitted { snapshots, .. } = v else {
+                panic!("request {step} refused below every limit: {v:?}");
+            };
+            assert_eq!(snapshots[0].usage.requests, 40_000 * (step + 1));
+        }
+        // The per-window ring's bucket holds 40,000 of at most 65,535: 30,000 more is
+        // refused, for the next bucket, though every limit has room.
+        let v = store
+            .reserve_all(
+                &[minute.clone()],
+                &usage([30_000, 1, 1]),
+                Charge::Check,
+                None,
+            )
+            .await
+            .unwrap();
+        let Verdict::Denied { retry_after_ms, .. } = v else {
+            panic!("a sub-second bucket took more than a u16: {v:?}");
+        };
+        assert_eq!(retry_after_ms, Some(100 - 5));
+        let day_used = store.usage_all(&[day.ring.clone()]).await.unwrap();
+        assert_eq!(day_used[0].usage.requests, 80_000);
+    }
 }

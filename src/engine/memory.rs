@@ -21,8 +21,17 @@ use dashmap::DashMap;
 use super::rings::{Bound, Claim, RingRef, Verdict};
 use super::{system_clock, Charge, Clock, LimitKind, Settlement, Snapshot, Usage, WindowShape};
 
-/// Widths of a slot's counters, as in the Redis ring (u16 requests, u32 tokens).
-const SLOT_MAX: [u64; 3] = [u16::MAX as u64, u32::MAX as u64, u32::MAX as u64];
+/// Widths of a slot's counters, as in the Redis ring (`lua/window.lua`): requests are a
+/// u16 in buckets shorter than a second and a u32 in longer ones (a day's one-minute
+/// buckets, shared by a pool's keys); tokens are u32s.
+fn slot_max(shape: WindowShape) -> [u64; 3] {
+    let requests = if shape.precision_ms() >= 1000 {
+        u32::MAX
+    } else {
+        u16::MAX.into()
+    };
+    [requests.into(), u32::MAX.into(), u32::MAX.into()]
+}
 
 /// One key's window: a ring of buckets plus the running totals of those in the window.
 struct Ring {
@@ -289,9 +298,10 @@ impl MemoryStore {
             .zip(&heads)
             .map(|((ring, b), &head)| {
                 let (cur, limits) = (ring.slot(head), b.limits.to_array());
+                let max = slot_max(b.ring.shape);
                 charge == Charge::Force
                     || (0..3).all(|k| {
-                        cur[k] + want_a[k] <= SLOT_MAX[k] && ring.totals[k] + want_a[k] <= limits[k]
+                        cur[k] + want_a[k] <= max[k] && ring.totals[k] + want_a[k] <= limits[k]
                     })
             })
             .collect();
@@ -330,11 +340,12 @@ impl MemoryStore {
         for (i, b) in set.iter().enumerate() {
             let ring = &mut rings[i];
             let idx = ring.index(heads[i]);
+            let max = slot_max(b.ring.shape);
             let mut added = [0; 3];
             for k in 0..3 {
                 // Only what the slot can hold is added, so the totals stay the sums of the
                 // slots.
-                let add = want_a[k].min(SLOT_MAX[k] - ring.slots[idx][k]);
+                let add = want_a[k].min(max[k] - ring.slots[idx][k]);
                 ring.slots[idx][k] += add;
                 ring.totals[k] += add;
                 added[k] = add;
@@ -404,7 +415,7 @@ impl MemoryStore {
         // Against what the marker still holds: a refund by it may have taken some back.
         let new = (old + output_tokens)
             .saturating_sub(marker.amounts[2])
-            .min(SLOT_MAX[2]);
+            .min(u32::MAX.into());
         ring.slots[i][2] = new;
         ring.totals[2] = ring.totals[2] + new - old;
         if new > 0 && marker.bucket < ring.tail {

@@ -1,5 +1,6 @@
 //! The Redis ring layout (`lua/window.lua`) as the property tests check it.
 
+use llm_ratelimit::engine::WindowShape;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
@@ -7,8 +8,12 @@ use proptest::test_runner::TestCaseError;
 /// bucket's slot is empty (its counts are in the header), and the header's totals are the
 /// sums of all slots and the head's counts: the invariants that let a scan skip whole
 /// blocks and an admission touch only the header.
-pub async fn check_ring(url: &str, ring: &str, slots: usize) -> Result<(), TestCaseError> {
-    const HDR: usize = 58;
+/// A slot's requests are a u16 in buckets under a second and a u32 in longer ones.
+pub async fn check_ring(url: &str, ring: &str, shape: WindowShape) -> Result<(), TestCaseError> {
+    const HDR: usize = 60;
+    let slots = shape.slots() as usize;
+    let req = if shape.precision_ms() >= 1000 { 4 } else { 2 };
+    let width = req + 8;
     let client = redis::Client::open(url).unwrap();
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
     let bytes: Option<Vec<u8>> = redis::cmd("GET")
@@ -21,15 +26,15 @@ pub async fn check_ring(url: &str, ring: &str, slots: usize) -> Result<(), TestC
     };
     let block = (slots as f64).sqrt().ceil() as usize;
     let blocks = slots.div_ceil(block);
-    prop_assert_eq!(bytes.len(), HDR + 10 * slots + 24 * blocks);
+    prop_assert_eq!(bytes.len(), HDR + width * slots + 24 * blocks);
     let be = |at: usize, n: usize| {
         bytes[at..at + n]
             .iter()
             .fold(0i64, |a, b| a << 8 | *b as i64)
     };
     let slot = |s: usize| {
-        let at = HDR + 10 * s;
-        [be(at, 2), be(at + 2, 4), be(at + 6, 4)]
+        let at = HDR + width * s;
+        [be(at, req), be(at + req, 4), be(at + req + 4, 4)]
     };
     let head = be(0, 8);
     prop_assert_eq!(
@@ -38,7 +43,7 @@ pub async fn check_ring(url: &str, ring: &str, slots: usize) -> Result<(), TestC
         "the head's slot of {}",
         ring
     );
-    let mut totals = [be(48, 2), be(50, 4), be(54, 4)];
+    let mut totals = [be(48, 4), be(52, 4), be(56, 4)];
     for j in 0..blocks {
         let mut sum = [0i64; 3];
         for s in j * block..((j + 1) * block).min(slots) {
@@ -48,7 +53,7 @@ pub async fn check_ring(url: &str, ring: &str, slots: usize) -> Result<(), TestC
                 totals[k] += v[k];
             }
         }
-        let at = HDR + 10 * slots + 24 * j;
+        let at = HDR + width * slots + 24 * j;
         let stored = [be(at, 8), be(at + 8, 8), be(at + 16, 8)];
         prop_assert_eq!(stored, sum, "block {} of {}", j, ring);
     }
