@@ -1163,7 +1163,7 @@ async fn a_day_bucket_counts_past_65535_requests() {
         // refused, for the next bucket, though every limit has room.
         let v = store
             .reserve_all(
-                &[minute.clone()],
+                std::slice::from_ref(&minute),
                 &usage([30_000, 1, 1]),
                 Charge::Check,
                 None,
