@@ -1174,7 +1174,10 @@ async fn a_day_bucket_counts_past_65535_requests() {
             panic!("a sub-second bucket took more than a u16: {v:?}");
         };
         assert_eq!(retry_after_ms, Some(100 - 5));
-        let day_used = store.usage_all(&[day.ring.clone()]).await.unwrap();
+        let day_used = store
+            .usage_all(std::slice::from_ref(&day.ring))
+            .await
+            .unwrap();
         assert_eq!(day_used[0].usage.requests, 80_000);
     }
 }
