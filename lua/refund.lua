@@ -57,9 +57,16 @@ local function refund(ring, precision, slots, ttl)
       marker_changed = true
     end
   else
+    -- Newest first, and only while the window still holds some of what is owed: the
+    -- totals are its sums, and nothing lies before the tail (a lower bound of the oldest
+    -- non-empty bucket), so a refund larger than the window stops there, not a window on.
     local x = b
     local v = cur
-    while (left[1] > 0 or left[2] > 0 or left[3] > 0) and x > b - slots do
+    local function owed()
+      return (left[1] > 0 and h[3] > 0) or (left[2] > 0 and h[4] > 0)
+        or (left[3] > 0 and h[5] > 0)
+    end
+    while owed() and x > b - slots and x >= h[2] do
       if x ~= b then v = counts_of(ring, h, x, slots) end
       take_from(x, v)
       x = x - 1

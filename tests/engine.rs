@@ -899,6 +899,34 @@ async fn rediss_urls_speak_tls() {
     );
 }
 
+/// A refund without a marker larger than the window holds walks back only over the
+/// buckets that can hold some of it (from the head to the tail), not a whole window: on a
+/// day ring (1,441 buckets) with one request in it, a handful of reads, not ~1,400.
+#[tokio::test]
+async fn a_refund_larger_than_the_window_reads_only_its_non_empty_buckets() {
+    let redis = RedisServer::start();
+    let (now, store) = redis_on_manual_clock(&redis.url(), T0).await;
+    let day = WindowShape::DAY;
+    let key = unique_key("refund-day");
+    admit_at(&store, &now, &key, day, T0, [1, 100, 50]).await;
+    // Ten minutes on: the head moved, the request sits ten buckets back.
+    now.store(T0 + 600_000, Ordering::SeqCst);
+    redis.cli(&["CONFIG", "RESETSTAT"]);
+    let s = store
+        .refund(&key, day, &usage([5, 999, 999]), None)
+        .await
+        .unwrap();
+    assert_eq!(s.usage, usage([0, 0, 0]));
+    let stats = redis.cli(&["INFO", "commandstats"]);
+    let reads: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_getrange:calls="))
+        .and_then(|l| l.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(reads <= 20, "a refund read {reads} ranges:\n{stats}");
+}
+
 #[tokio::test]
 async fn a_refund_takes_back_from_the_newest_buckets_and_never_below_zero() {
     let redis = RedisServer::start();
