@@ -5,9 +5,9 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
 /// The ring's block sums (`lua/window.lua`) equal the sums of their slots, the head
-/// bucket's slot is empty (its counts are in the header), and the header's totals are the
-/// sums of all slots and the head's counts: the invariants that let a scan skip whole
-/// blocks and an admission touch only the header.
+/// bucket's slot is empty (its counts are in the header), the header's totals are the
+/// sums of all slots and the head's counts, and the tail is exact: the invariants that let
+/// a scan skip whole blocks and an admission touch only the header.
 /// A slot's requests are a u16 in buckets under a second and a u32 in longer ones.
 pub async fn check_ring(url: &str, ring: &str, shape: WindowShape) -> Result<(), TestCaseError> {
     const HDR: usize = 60;
@@ -63,5 +63,16 @@ pub async fn check_ring(url: &str, ring: &str, shape: WindowShape) -> Result<(),
         "totals of {}",
         ring
     );
+    // The head's requests fit the slot they will move to.
+    prop_assert!(be(48, 4) < 1 << (8 * req), "head requests of {}", ring);
+    // The tail is exact: the oldest non-empty bucket in the window, or the head. Slot s
+    // holds the bucket of the window that is s modulo the slots.
+    let n = slots as i64;
+    let oldest = (0..slots)
+        .filter(|s| slot(*s) != [0, 0, 0])
+        .map(|s| head - (head - s as i64).rem_euclid(n))
+        .min()
+        .unwrap_or(head);
+    prop_assert_eq!(be(8, 8), oldest, "tail of {}", ring);
     Ok(())
 }
