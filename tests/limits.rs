@@ -1141,19 +1141,17 @@ async fn a_day_bucket_counts_past_65535_requests() {
             },
             limits: big,
         };
+        let check = |set: Vec<Bound>, requests: u64| async move {
+            store
+                .reserve_all(&set, &usage([requests, 1, 1]), Charge::Check, None)
+                .await
+                .unwrap()
+        };
         // 40,000 and 40,000 in one minute of the day ring, in two 100 ms buckets of the
         // per-window ring.
         for step in 0..2u64 {
             now.store(T0 + 5 + 100 * step, Ordering::SeqCst);
-            let v = store
-                .reserve_all(
-                    &[day.clone(), minute.clone()],
-                    &usage([40_000, 1, 1]),
-                    Charge::Check,
-                    None,
-                )
-                .await
-                .unwrap();
+            let v = check(vec![day.clone(), minute.clone()], 40_000).await;
             let Verdict::Admitted { snapshots, .. } = v else {
                 panic!("request {step} refused below every limit: {v:?}");
             };
@@ -1161,15 +1159,7 @@ async fn a_day_bucket_counts_past_65535_requests() {
         }
         // The per-window ring's bucket holds 40,000 of at most 65,535: 30,000 more is
         // refused, for the next bucket, though every limit has room.
-        let v = store
-            .reserve_all(
-                std::slice::from_ref(&minute),
-                &usage([30_000, 1, 1]),
-                Charge::Check,
-                None,
-            )
-            .await
-            .unwrap();
+        let v = check(vec![minute.clone()], 30_000).await;
         let Verdict::Denied { retry_after_ms, .. } = v else {
             panic!("a sub-second bucket took more than a u16: {v:?}");
         };
