@@ -81,6 +81,15 @@ wait_http() {
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# sidecar_on_redis CONFIG: a fresh local Redis and one `llm-ratelimit serve` on it with
+# CONFIG (gRPC on BASE + 100, HTTP on BASE + 200), stopped by stop_started; waits until ready.
+sidecar_on_redis() {
+  redis-server --port $((BASE + 400)) --bind 127.0.0.1 --save "" --appendonly no >/dev/null & pids+=($!)
+  "$LIMITER" serve --config "$1" --redis-url redis://127.0.0.1:$((BASE + 400)) \
+    --grpc-addr 127.0.0.1:$((BASE + 100)) --http-addr 127.0.0.1:$((BASE + 200)) >"$WORK/limiter.log" 2>&1 & pids+=($!)
+  wait_http http://127.0.0.1:$((BASE + 200))/readyz
+}
+
 # row NAME JSON...: one Markdown table row from llm-loadtest --json files (summed over
 # several files: req/s and counts add up, latency is the worst file's).
 row() {
@@ -189,10 +198,7 @@ fi
 # --- grpc: the sidecar without Envoy ----------------------------------------------------
 if want grpc; then
   echo "== grpc: the sidecar over gRPC, no Envoy"
-  redis-server --port $((BASE + 400)) --bind 127.0.0.1 --save "" --appendonly no >/dev/null & pids+=($!)
-  "$LIMITER" serve --config "$CHAT_KEYS" --redis-url redis://127.0.0.1:$((BASE + 400)) \
-    --grpc-addr 127.0.0.1:$((BASE + 100)) --http-addr 127.0.0.1:$((BASE + 200)) >"$WORK/limiter.log" 2>&1 & pids+=($!)
-  wait_http http://127.0.0.1:$((BASE + 200))/readyz
+  sidecar_on_redis "$CHAT_KEYS"
   {
     echo "$HEADER"
     for api in authz ratelimit; do
@@ -229,10 +235,7 @@ keys:
     input_tpm: 1000000000000
     output_tpm: 1000000000000
 EOF
-  redis-server --port $((BASE + 400)) --bind 127.0.0.1 --save "" --appendonly no >/dev/null & pids+=($!)
-  "$LIMITER" serve --config "$DENY_KEYS" --redis-url redis://127.0.0.1:$((BASE + 400)) \
-    --grpc-addr 127.0.0.1:$((BASE + 100)) --http-addr 127.0.0.1:$((BASE + 200)) >"$WORK/limiter.log" 2>&1 & pids+=($!)
-  wait_http http://127.0.0.1:$((BASE + 200))/readyz
+  sidecar_on_redis "$DENY_KEYS"
   {
     echo "$HEADER"
     for api in authz ratelimit; do
@@ -294,10 +297,7 @@ pools:
     output_tpm: 1000000000000
     per_day: { requests: 1000000000, input_tokens: 1000000000000, output_tokens: 1000000000000 }
 EOF
-  redis-server --port $((BASE + 400)) --bind 127.0.0.1 --save "" --appendonly no >/dev/null & pids+=($!)
-  "$LIMITER" serve --config "$LIMIT_KEYS" --redis-url redis://127.0.0.1:$((BASE + 400)) \
-    --grpc-addr 127.0.0.1:$((BASE + 100)) --http-addr 127.0.0.1:$((BASE + 200)) >"$WORK/limiter.log" 2>&1 & pids+=($!)
-  wait_http http://127.0.0.1:$((BASE + 200))/readyz
+  sidecar_on_redis "$LIMIT_KEYS"
   {
     echo "${HEADER/| other |/| other | Redis µs per call |}---:|"
     for round in 1 2 3; do
