@@ -60,7 +60,47 @@ pub(crate) fn count_request(
             total += count_tools(tokenizer, encoding, tools, param)?;
         }
     }
+    // Structured outputs: the schema is put in front of the model too.
+    if let Some(format) = root.field("response_format") {
+        total += count_format(tokenizer, encoding, format.field("json_schema"));
+    }
     Ok(total)
+}
+
+/// A structured-output format (Chat's `response_format.json_schema`, Responses'
+/// `text.format`): its name, description and schema are rendered into the prompt, in a
+/// form OpenAI does not document, so every key and value they hold is counted (see
+/// [`schema_text`]). `strict` and `type` are switches, not text.
+pub(crate) fn count_format(
+    tokenizer: &Tokenizer,
+    encoding: Encoding,
+    format: Option<&Json>,
+) -> u64 {
+    let members = format.and_then(Json::as_object).unwrap_or_default();
+    members
+        .iter()
+        .filter(|(key, _)| !matches!(key.as_ref(), "strict" | "type"))
+        .map(|(_, value)| schema_text(tokenizer, encoding, value))
+        .sum()
+}
+
+/// Every key and scalar value of a JSON subtree, each counted as text: a lower bound on
+/// what rendering it into the prompt costs, whatever the rendering. Used for the parts of
+/// a schema the cookbook formula does not cover, so no text the upstream reads is free.
+fn schema_text(tokenizer: &Tokenizer, encoding: Encoding, value: &Json) -> u64 {
+    match value {
+        Json::Array(items) => items
+            .iter()
+            .map(|item| schema_text(tokenizer, encoding, item))
+            .sum(),
+        Json::Object(members) => members
+            .iter()
+            .map(|(key, value)| {
+                tokenizer.count(encoding, key) + schema_text(tokenizer, encoding, value)
+            })
+            .sum(),
+        scalar => scalar_tokens(tokenizer, encoding, scalar),
+    }
 }
 
 fn count_message(
@@ -277,8 +317,14 @@ impl ToolsOverhead {
 ///
 /// Accepts Chat tools (`{"type":"function","function":{...}}`), legacy `functions`
 /// (the function objects themselves) and Responses tools (flat `{"type":"function",
-/// "name":...}`). Built-in tools without a name (web search, ...) are skipped. Nested
-/// object properties are not expanded, as in the cookbook: an approximation for deep schemas.
+/// "name":...}`). Built-in tools without a name (web search, ...) are skipped.
+///
+/// The cookbook formula reads only each property's type, description and enum; the
+/// upstream renders the whole schema. So everything else — nested `properties`, `items`,
+/// `anyOf`, `$defs`, defaults, a custom tool's grammar `format` — is counted on top, key by
+/// key and value by value ([`schema_text`]): a flat tool (every example OpenAI measured)
+/// costs exactly the formula, and a deep one can no longer hide a prompt in a nested
+/// description.
 pub(crate) fn count_tools(
     tokenizer: &Tokenizer,
     encoding: Encoding,
@@ -319,9 +365,25 @@ pub(crate) fn count_tools(
         line.push(':');
         line.push_str(description.strip_suffix('.').unwrap_or(description));
         total += k.func_init + tokenizer.count(encoding, &line);
+        // What the formula does not read: the function's other members (a custom tool's
+        // `format`), and the parameters' members but `type`, `properties` and `required`.
+        total += extra_members(
+            tokenizer,
+            encoding,
+            function,
+            &["name", "description", "parameters", "strict", "type"],
+        );
+        let parameters = function.field("parameters");
+        if let Some(parameters) = parameters {
+            total += extra_members(
+                tokenizer,
+                encoding,
+                parameters,
+                &["type", "properties", "required", "additionalProperties"],
+            );
+        }
 
-        let properties = function
-            .field("parameters")
+        let properties = parameters
             .and_then(|p| p.field("properties"))
             .and_then(Json::as_object)
             .unwrap_or_default();
@@ -352,12 +414,32 @@ pub(crate) fn count_tools(
             line.push(':');
             line.push_str(p_desc.strip_suffix('.').unwrap_or(p_desc));
             total += cost + tokenizer.count(encoding, &line);
+            total += extra_members(
+                tokenizer,
+                encoding,
+                schema,
+                &["type", "description", "enum"],
+            );
         }
     }
     if functions > 0 {
         total += k.func_end;
     }
     Ok(total)
+}
+
+/// [`schema_text`] of an object's members other than `read` (those the formula counts).
+/// Not an object: nothing (a malformed schema is the upstream's to refuse).
+fn extra_members(tokenizer: &Tokenizer, encoding: Encoding, object: &Json, read: &[&str]) -> u64 {
+    object
+        .as_object()
+        .unwrap_or_default()
+        .iter()
+        .filter(|(key, _)| !read.contains(&key.as_ref()))
+        .map(|(key, value)| {
+            tokenizer.count(encoding, key) + schema_text(tokenizer, encoding, value)
+        })
+        .sum()
 }
 
 /// An enum value as the model sees it: strings as themselves, numbers as their digits.
@@ -460,6 +542,70 @@ mod tests {
             );
             assert_eq!(input_tokens(&body), 170, "{model}");
         }
+    }
+
+    /// A long text (each word one token) hidden where the cookbook formula does not look.
+    fn hidden() -> String {
+        "secret".to_owned() + &" word".repeat(999)
+    }
+
+    #[test]
+    fn text_anywhere_in_a_tool_schema_is_counted() {
+        let t = tokenizer();
+        let text = hidden();
+        let n = t.count_text("gpt-4o", &text);
+        assert_eq!(n, 1000);
+        let with_tool = |function: &str| {
+            format!(
+                r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"hi"}}],"tools":[{{"type":"function","function":{function}}}]}}"#
+            )
+        };
+        let flat = with_tool(
+            r#"{"name":"f","parameters":{"type":"object","properties":{"a":{"type":"object","description":"x"}}}}"#,
+        );
+        let base = input_tokens(&flat);
+        let hiding_places = [
+            // A nested property's description.
+            format!(
+                r#"{{"name":"f","parameters":{{"type":"object","properties":{{"a":{{"type":"object","description":"x","properties":{{"b":{{"type":"string","description":"{text}"}}}}}}}}}}}}"#
+            ),
+            // Array items, $defs, a default value.
+            format!(
+                r#"{{"name":"f","parameters":{{"type":"object","properties":{{"a":{{"type":"object","description":"x","items":{{"description":"{text}"}}}}}}}}}}"#
+            ),
+            format!(
+                r#"{{"name":"f","parameters":{{"type":"object","properties":{{"a":{{"type":"object","description":"x"}}}},"$defs":{{"d":{{"description":"{text}"}}}}}}}}"#
+            ),
+            format!(
+                r#"{{"name":"f","parameters":{{"type":"object","properties":{{"a":{{"type":"object","description":"x","default":"{text}"}}}}}}}}"#
+            ),
+        ];
+        for function in hiding_places {
+            let counted = input_tokens(&with_tool(&function));
+            assert!(
+                counted >= base + n,
+                "{counted} < {base} + {n}: {}",
+                &function[..80]
+            );
+        }
+        // A custom tool's grammar is text the model reads as well.
+        let custom = format!(
+            r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"hi"}}],"tools":[{{"type":"custom","custom":{{"name":"g","format":{{"type":"grammar","grammar":{{"syntax":"lark","definition":"{text}"}}}}}}}}]}}"#
+        );
+        assert!(input_tokens(&custom) >= n);
+    }
+
+    #[test]
+    fn a_structured_output_schema_is_counted() {
+        let text = hidden();
+        let plain = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+        let base = input_tokens(plain);
+        let json_object = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_object"}}"#;
+        assert_eq!(input_tokens(json_object), base);
+        let schema = format!(
+            r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"hi"}}],"response_format":{{"type":"json_schema","json_schema":{{"name":"s","strict":true,"schema":{{"type":"object","properties":{{"a":{{"type":"string","description":"{text}"}}}}}}}}}}}}"#
+        );
+        assert!(input_tokens(&schema) >= base + 1000);
     }
 
     #[test]

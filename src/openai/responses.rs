@@ -6,7 +6,9 @@
 //! count as one system message, and the reply is primed once. This is an estimate that
 //! equals the chat count for the same conversation.
 
-use super::chat::{count_call, count_parts, count_tools, REPLY_PRIMING, TOKENS_PER_MESSAGE};
+use super::chat::{
+    count_call, count_format, count_parts, count_tools, REPLY_PRIMING, TOKENS_PER_MESSAGE,
+};
 use super::error::RequestError;
 use super::json::Json;
 use super::tokens::{Encoding, Tokenizer};
@@ -55,6 +57,12 @@ pub(crate) fn count_request(
     if let Some(tools) = root.field("tools") {
         total += count_tools(tokenizer, encoding, tools, "tools")?;
     }
+    // Structured outputs: `text.format` holds the schema itself (name, schema, ...).
+    total += count_format(
+        tokenizer,
+        encoding,
+        root.field("text").and_then(|t| t.field("format")),
+    );
     Ok(total)
 }
 
@@ -191,6 +199,25 @@ mod tests {
             + t.count_text("gpt-4o", "get_weather:Weather")
             + 12;
         assert_eq!(responses(body).unwrap().input_tokens, want);
+    }
+
+    #[test]
+    fn a_text_format_schema_is_counted() {
+        let text = "secret".to_owned() + &" word".repeat(999);
+        let base =
+            responses(r#"{"model":"gpt-4o","input":"hi","text":{"format":{"type":"text"}}}"#)
+                .unwrap()
+                .input_tokens;
+        assert_eq!(
+            base,
+            responses(r#"{"model":"gpt-4o","input":"hi"}"#)
+                .unwrap()
+                .input_tokens
+        );
+        let body = format!(
+            r#"{{"model":"gpt-4o","input":"hi","text":{{"format":{{"type":"json_schema","name":"s","strict":true,"schema":{{"type":"object","description":"{text}"}}}}}}}}"#
+        );
+        assert!(responses(&body).unwrap().input_tokens >= base + 1000);
     }
 
     #[test]
