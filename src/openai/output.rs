@@ -142,9 +142,11 @@ impl OutputMeter {
     /// Ends the body. Usage from the response if present (chat/completions:
     /// `usage.completion_tokens`; responses: `usage.output_tokens`, including the
     /// `response.completed` SSE event); else the tokens of the generated text (chat:
-    /// `choices[].delta.content` / `message.content`, refusals, tool-call names and
-    /// arguments; completions: `choices[].text`; responses: the `*.delta` events, or the
-    /// output items of a JSON body), counted with the model's encoding. `None` when nothing
+    /// `choices[].delta.content` / `message.content`, refusals, reasoning text
+    /// (`reasoning_content`, `reasoning`), tool-call names and arguments; completions:
+    /// `choices[].text`; responses: the text, reasoning and arguments `*.delta` events, or
+    /// the output items of a JSON body, reasoning summaries included), counted with the
+    /// model's encoding. `None` when nothing
     /// usable was seen (an error body, an oversized JSON body without `usage` at its end,
     /// embeddings).
     pub fn finish(mut self, tokenizer: &Tokenizer) -> Option<OutputCount> {
@@ -289,6 +291,16 @@ impl OutputMeter {
                 message.field("refusal"),
                 tokenizer,
             );
+            // Reasoning text that OpenAI-compatible servers stream beside the answer
+            // (vLLM, SGLang, DeepSeek: `reasoning_content`; vLLM, Ollama, OpenRouter,
+            // Groq: `reasoning`): output tokens the model generated and bills.
+            for field in ["reasoning_content", "reasoning"] {
+                self.append(
+                    Segment::new(index, 0, Part::Reasoning),
+                    message.field(field),
+                    tokenizer,
+                );
+            }
             if let Some(call) = message.field("function_call") {
                 self.append(
                     Segment::new(index, u64::MAX, Part::ToolName),
@@ -358,6 +370,15 @@ impl OutputMeter {
                         tokenizer,
                     );
                 }
+                // A reasoning item's summary is generated text too.
+                let summary = item
+                    .field("summary")
+                    .and_then(Json::as_array)
+                    .unwrap_or_default();
+                for (summary_index, part) in summary.iter().enumerate() {
+                    let segment = Segment::new(output_index, summary_index as u64, Part::Reasoning);
+                    self.append(segment, part.field("text"), tokenizer);
+                }
                 self.append(
                     Segment::new(output_index, 0, Part::ToolName),
                     item.field("name"),
@@ -376,6 +397,14 @@ impl OutputMeter {
             Some(
                 "response.function_call_arguments.delta" | "response.custom_tool_call_input.delta",
             ) => Part::ToolArguments,
+            // Reasoning an upstream shows (gpt-oss on vLLM streams its reasoning text;
+            // OpenAI streams summaries): generated output like the answer.
+            Some(
+                "response.reasoning_text.delta"
+                | "response.reasoning_summary_text.delta"
+                | "response.reasoning.delta"
+                | "response.reasoning_summary.delta",
+            ) => Part::Reasoning,
             _ => return,
         };
         self.saw_output = true;
@@ -425,6 +454,7 @@ impl Segment {
 enum Part {
     Content,
     Refusal,
+    Reasoning,
     ToolName,
     ToolArguments,
 }
@@ -784,6 +814,47 @@ mod tests {
             meter_chunked(Endpoint::ChatCompletions, "gpt-4o", body),
             counted(want)
         );
+    }
+
+    #[test]
+    fn streamed_reasoning_text_is_output() {
+        // vLLM / DeepSeek stream the reasoning in `reasoning_content`, others in
+        // `reasoning`; without a usage chunk it must still be counted.
+        let thought = "I think".to_owned() + &" so".repeat(499);
+        let n = tokenizer().count_text("gpt-4o", &thought);
+        assert_eq!(n, 501);
+        for field in ["reasoning_content", "reasoning"] {
+            let body = format!(
+                "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"{field}\":\"{thought}\"}}}}]}}\n\n\
+                 data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"Hello world!\"}}}}]}}\n\n\
+                 data: [DONE]\n\n"
+            );
+            assert_eq!(
+                meter_chunked(Endpoint::ChatCompletions, "gpt-4o", &body),
+                counted(n + 3),
+                "{field}"
+            );
+            let json = format!(
+                "{{\"choices\":[{{\"index\":0,\"message\":{{\"{field}\":\"{thought}\",\"content\":\"Hello world!\"}}}}]}}"
+            );
+            assert_eq!(
+                meter(Endpoint::ChatCompletions, "gpt-4o", &json),
+                counted(n + 3),
+                "{field} body"
+            );
+        }
+        let responses = format!(
+            "data: {{\"type\":\"response.reasoning_text.delta\",\"output_index\":0,\"content_index\":0,\"delta\":\"{thought}\"}}\n\n\
+             data: {{\"type\":\"response.reasoning_summary_text.delta\",\"output_index\":0,\"summary_index\":0,\"delta\":\"Hello world!\"}}\n\n"
+        );
+        assert_eq!(
+            meter_chunked(Endpoint::Responses, "gpt-4o", &responses),
+            counted(n + 3)
+        );
+        let body = format!(
+            "{{\"output\":[{{\"type\":\"reasoning\",\"summary\":[{{\"type\":\"summary_text\",\"text\":\"{thought}\"}}]}}]}}"
+        );
+        assert_eq!(meter(Endpoint::Responses, "gpt-4o", &body), counted(n));
     }
 
     #[test]
