@@ -306,10 +306,13 @@ impl Limiter {
             .deployment
             .as_deref()
             .map(|d| config.azure_model(d).unwrap_or(d).to_owned());
-        let request = if metered {
+        let request = match if metered {
             self.understand_body(endpoint, req.body, model_hint).await
         } else {
             self.tokenizer.understand(Endpoint::Other, b"")
+        } {
+            Ok(request) => self.deployment_in_body(config, request, req.body).await,
+            Err(e) => Err(e),
         }
         .map_err(|e| {
             self.metrics.reject("invalid_request");
@@ -335,6 +338,34 @@ impl Limiter {
             request,
             want,
         })
+    }
+
+    /// Azure's v1 API (`/openai/v1/chat/completions`) and its Responses API
+    /// (`/openai/responses`) take the deployment in the body's `model`, so a body `model`
+    /// that names a configured deployment is metered as that deployment's model, like a
+    /// deployment in the path: else `prod-gpt4o` would escape the `gpt-4o` entry of
+    /// `models` (and be tokenized as an unknown model). The body is counted again only
+    /// when the mapped model uses another encoding.
+    async fn deployment_in_body(
+        &self,
+        config: &Config,
+        request: LlmRequest,
+        body: &[u8],
+    ) -> Result<LlmRequest, RequestError> {
+        let Some(model) = config
+            .azure_model(&request.model)
+            .filter(|m| *m != request.model)
+        else {
+            return Ok(request);
+        };
+        if Encoding::for_model(model) == Encoding::for_model(&request.model) {
+            return Ok(LlmRequest {
+                model: model.to_owned(),
+                ..request
+            });
+        }
+        self.understand_body(request.endpoint, body, Some(model.to_owned()))
+            .await
     }
 
     /// Parses and tokenizes a body. A small one is done in place (a few µs); a large one
