@@ -68,9 +68,7 @@ async fn used(base: &str, entry: &str) -> ([u64; 3], [u64; 3]) {
 async fn a_deployment_named_in_the_body_or_in_another_case_is_metered_as_its_model() {
     let base = node().await;
     let text = "Расскажите о скользящих окнах: 日本語のテキスト、トークン数。";
-    let chat = |model: &str| {
-        json!({"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 5})
-    };
+    let chat = |model: &str| json!({"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 5});
     // Azure's v1 API: the deployment is the body's `model`. The first takes the gpt-4o
     // entry's one request; every other spelling of that deployment is then refused.
     let (status, err) = check(&base, "/openai/v1/chat/completions", &chat("prod-4o")).await;

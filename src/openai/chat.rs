@@ -17,12 +17,70 @@ pub(crate) const TOKENS_PER_NAME: u64 = 1;
 /// Every reply is primed with `<|start|>assistant<|message|>`.
 pub(crate) const REPLY_PRIMING: u64 = 3;
 
-/// An image in `detail: "low"` is a fixed 85 tokens (OpenAI vision docs).
-const IMAGE_LOW_DETAIL: u64 = 85;
-/// `high`/`auto` detail costs 85 + 170 per 512 px tile of the resized image, which we
-/// cannot know without fetching and decoding it. We charge the documented cost of a
-/// 1024×1024 image (4 tiles: 85 + 4 × 170 = 765), a fixed estimate.
-const IMAGE_HIGH_DETAIL_ESTIMATE: u64 = 765;
+/// What one image costs a model, per OpenAI's vision docs ("Calculating costs"). The
+/// real figure depends on the image's size, which we cannot know without fetching and
+/// decoding it, so `high`/`auto` detail is charged the documented cost of a 1024×1024
+/// image, a fixed estimate; `low` detail is the model's fixed base cost.
+///
+/// - Tile models: base + tile × 512 px tiles (4 for 1024×1024). gpt-4o, gpt-4.1 and the
+///   rest: 85 + 4 × 170 = 765 (o-series and gpt-5 cost a little less; they are charged
+///   this too). gpt-4o-mini bills images at about 33× those tokens: 2,833 + 4 × 5,667.
+/// - Patch models (gpt-4.1-mini/-nano, gpt-5-mini/-nano, o4-mini): 32 px patches
+///   (1,024 for 1024×1024) times a per-model multiplier; charged so whatever the detail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ImageCost {
+    low: u64,
+    high: u64,
+}
+
+impl ImageCost {
+    const TILES: ImageCost = ImageCost {
+        low: 85,
+        high: 85 + 4 * 170,
+    };
+    const GPT_4O_MINI: ImageCost = ImageCost {
+        low: 2833,
+        high: 2833 + 4 * 5667,
+    };
+
+    /// 1,024 patches × `multiplier` / 100, rounded up.
+    const fn patches(multiplier: u64) -> ImageCost {
+        let tokens = (1024 * multiplier).div_ceil(100);
+        ImageCost {
+            low: tokens,
+            high: tokens,
+        }
+    }
+
+    pub(crate) fn for_model(model: &str) -> ImageCost {
+        // As for the encoding: a fine-tune costs what its base model does, a provider
+        // prefix is ignored.
+        let model = match model.strip_prefix("ft:") {
+            Some(rest) => rest.split(':').next().unwrap_or_default(),
+            None => model,
+        };
+        let model = model.rsplit('/').next().unwrap_or_default();
+        const TABLE: [(&str, ImageCost); 6] = [
+            ("gpt-4o-mini", ImageCost::GPT_4O_MINI),
+            ("gpt-4.1-mini", ImageCost::patches(162)),
+            ("gpt-5-mini", ImageCost::patches(162)),
+            ("gpt-4.1-nano", ImageCost::patches(246)),
+            ("gpt-5-nano", ImageCost::patches(246)),
+            ("o4-mini", ImageCost::patches(172)),
+        ];
+        TABLE
+            .iter()
+            .find(|(prefix, _)| model.starts_with(prefix))
+            .map_or(ImageCost::TILES, |&(_, cost)| cost)
+    }
+
+    fn tokens(self, detail: Option<&Json>) -> u64 {
+        match detail.and_then(Json::as_str) {
+            Some("low") => self.low,
+            _ => self.high,
+        }
+    }
+}
 
 const ROLES: [&str; 6] = [
     "system",
@@ -38,6 +96,7 @@ const ROLES_SUPPORTED: &str = "'system', 'assistant', 'user', 'function', 'tool'
 pub(crate) fn count_request(
     tokenizer: &Tokenizer,
     encoding: Encoding,
+    images: ImageCost,
     root: &Json,
 ) -> Result<u64, RequestError> {
     let messages = match root.field("messages") {
@@ -53,7 +112,7 @@ pub(crate) fn count_request(
     }
     let mut total = REPLY_PRIMING;
     for (i, message) in messages.iter().enumerate() {
-        total += count_message(tokenizer, encoding, i, message)?;
+        total += count_message(tokenizer, encoding, images, i, message)?;
     }
     for param in ["tools", "functions"] {
         if let Some(tools) = root.field(param) {
@@ -106,6 +165,7 @@ fn schema_text(tokenizer: &Tokenizer, encoding: Encoding, value: &Json) -> u64 {
 fn count_message(
     tokenizer: &Tokenizer,
     encoding: Encoding,
+    images: ImageCost,
     i: usize,
     message: &Json,
 ) -> Result<u64, RequestError> {
@@ -137,7 +197,7 @@ fn count_message(
     let mut total = TOKENS_PER_MESSAGE;
     for (key, value) in members {
         total += match (key.as_ref(), value) {
-            ("content", content) => count_content(tokenizer, encoding, content, &|| {
+            ("content", content) => count_content(tokenizer, encoding, images, content, &|| {
                 format!("messages[{i}].content")
             })?,
             ("name", Json::Str(name)) => tokenizer.count(encoding, name) + TOKENS_PER_NAME,
@@ -166,13 +226,14 @@ fn count_message(
 fn count_content(
     tokenizer: &Tokenizer,
     encoding: Encoding,
+    images: ImageCost,
     content: &Json,
     param: &dyn Fn() -> String,
 ) -> Result<u64, RequestError> {
     match content {
         Json::Null => Ok(0),
         Json::Str(text) => Ok(tokenizer.count(encoding, text)),
-        Json::Array(parts) => count_parts(tokenizer, encoding, parts, param),
+        Json::Array(parts) => count_parts(tokenizer, encoding, images, parts, param),
         other => Err(RequestError::invalid_type(
             param(),
             "a string or an array",
@@ -189,6 +250,7 @@ fn count_content(
 pub(crate) fn count_parts(
     tokenizer: &Tokenizer,
     encoding: Encoding,
+    images: ImageCost,
     parts: &[Json],
     param: &dyn Fn() -> String,
 ) -> Result<u64, RequestError> {
@@ -228,19 +290,12 @@ pub(crate) fn count_parts(
                 .field("refusal")
                 .and_then(Json::as_str)
                 .map_or(0, |t| tokenizer.count(encoding, t)),
-            "image_url" => image_tokens(part.field("image_url").and_then(|i| i.field("detail"))),
-            "input_image" => image_tokens(part.field("detail")),
+            "image_url" => images.tokens(part.field("image_url").and_then(|i| i.field("detail"))),
+            "input_image" => images.tokens(part.field("detail")),
             _ => 0,
         };
     }
     Ok(total)
-}
-
-fn image_tokens(detail: Option<&Json>) -> u64 {
-    match detail.and_then(Json::as_str) {
-        Some("low") => IMAGE_LOW_DETAIL,
-        _ => IMAGE_HIGH_DETAIL_ESTIMATE,
-    }
 }
 
 /// An assistant message's earlier tool calls. An approximation: OpenAI does not document how
@@ -625,6 +680,42 @@ mod tests {
         assert_eq!(input_tokens(&image(r#","detail":"low""#)), 7 + 85);
         assert_eq!(input_tokens(&image(r#","detail":"high""#)), 7 + 765);
         assert_eq!(input_tokens(&image("")), 7 + 765);
+    }
+
+    #[test]
+    fn an_image_costs_what_its_model_bills() {
+        // gpt-4o-mini bills an image at ~33× gpt-4o's tokens; patch models at 1,024
+        // patches (a 1024×1024 image) × their multiplier. Charging everyone gpt-4o's 765
+        // let a gpt-4o-mini client send each image for 3% of its cost.
+        let image = |model: &str, detail: &str| {
+            input_tokens(&format!(
+                r#"{{"model":"{model}","messages":[{{"role":"user","content":[
+                {{"type":"image_url","image_url":{{"url":"https://x/y.png","detail":"{detail}"}}}}]}}]}}"#
+            )) - 7
+        };
+        let cases = [
+            ("gpt-4o", 85, 765),
+            ("gpt-4.1", 85, 765),
+            ("gpt-4o-mini", 2833, 25_501),
+            ("gpt-4o-mini-2024-07-18", 2833, 25_501),
+            ("ft:gpt-4o-mini-2024-07-18:org::id", 2833, 25_501),
+            ("gpt-4.1-mini", 1659, 1659),
+            ("gpt-5-nano", 2520, 2520),
+            ("o4-mini", 1762, 1762),
+        ];
+        for (model, low, high) in cases {
+            assert_eq!(
+                (image(model, "low"), image(model, "high")),
+                (low, high),
+                "{model}"
+            );
+        }
+        // Responses' input_image the same.
+        let body = r#"{"model":"gpt-4o-mini","input":[{"role":"user","content":[{"type":"input_image","image_url":"https://x/y.png"}]}]}"#;
+        let r = tokenizer()
+            .understand(Endpoint::Responses, body.as_bytes())
+            .unwrap();
+        assert!(r.input_tokens > 25_501, "{}", r.input_tokens);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! input tokens, read the output budget and how many completions it buys. Chat and Responses inputs have their own files;
 //! the fields every endpoint shares, and the simple Completions / Embeddings inputs, are here.
 
-use super::chat;
+use super::chat::{self, ImageCost};
 use super::endpoint::Endpoint;
 use super::error::RequestError;
 use super::json::Json;
@@ -80,9 +80,10 @@ impl Tokenizer {
             None => model(&root)?,
         };
         let encoding = Encoding::for_model(model);
+        let images = ImageCost::for_model(model);
         let (input_tokens, max_output_tokens, completions, stream) = match endpoint {
             Endpoint::ChatCompletions => {
-                let input = chat::count_request(self, encoding, &root)?;
+                let input = chat::count_request(self, encoding, images, &root)?;
                 let max_completion = output_budget(&root, "max_completion_tokens")?;
                 let max_tokens = output_budget(&root, "max_tokens")?;
                 let n = choice_count(&root, "n", MAX_N)?;
@@ -119,7 +120,7 @@ impl Tokenizer {
                 (tokens, None, 1, false)
             }
             Endpoint::Responses => {
-                let input = responses::count_request(self, encoding, &root)?;
+                let input = responses::count_request(self, encoding, images, &root)?;
                 (
                     input,
                     budget(output_budget(&root, "max_output_tokens")?, None),

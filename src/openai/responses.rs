@@ -7,7 +7,8 @@
 //! equals the chat count for the same conversation.
 
 use super::chat::{
-    count_call, count_format, count_parts, count_tools, REPLY_PRIMING, TOKENS_PER_MESSAGE,
+    count_call, count_format, count_parts, count_tools, ImageCost, REPLY_PRIMING,
+    TOKENS_PER_MESSAGE,
 };
 use super::error::RequestError;
 use super::json::Json;
@@ -19,6 +20,7 @@ const ROLES_SUPPORTED: &str = "'assistant', 'system', 'developer', and 'user'";
 pub(crate) fn count_request(
     tokenizer: &Tokenizer,
     encoding: Encoding,
+    images: ImageCost,
     root: &Json,
 ) -> Result<u64, RequestError> {
     let mut total = REPLY_PRIMING;
@@ -43,7 +45,7 @@ pub(crate) fn count_request(
         Some(Json::Str(text)) => total += message(tokenizer, encoding, "user", text),
         Some(Json::Array(items)) => {
             for (i, item) in items.iter().enumerate() {
-                total += count_item(tokenizer, encoding, i, item)?;
+                total += count_item(tokenizer, encoding, images, i, item)?;
             }
         }
         Some(other) => {
@@ -76,6 +78,7 @@ fn message(tokenizer: &Tokenizer, encoding: Encoding, role: &str, text: &str) ->
 fn count_item(
     tokenizer: &Tokenizer,
     encoding: Encoding,
+    images: ImageCost,
     i: usize,
     item: &Json,
 ) -> Result<u64, RequestError> {
@@ -110,9 +113,11 @@ fn count_item(
             let content = match item.field("content") {
                 None => return Err(RequestError::missing(format!("input[{i}].content"))),
                 Some(Json::Str(text)) => tokenizer.count(encoding, text),
-                Some(Json::Array(parts)) => count_parts(tokenizer, encoding, parts, &|| {
-                    format!("input[{i}].content")
-                })?,
+                Some(Json::Array(parts)) => {
+                    count_parts(tokenizer, encoding, images, parts, &|| {
+                        format!("input[{i}].content")
+                    })?
+                }
                 Some(other) => {
                     return Err(RequestError::invalid_type(
                         format!("input[{i}].content"),
@@ -130,7 +135,9 @@ fn count_item(
             let output = match item.field("output") {
                 Some(Json::Str(text)) => tokenizer.count(encoding, text),
                 Some(Json::Array(parts)) => {
-                    count_parts(tokenizer, encoding, parts, &|| format!("input[{i}].output"))?
+                    count_parts(tokenizer, encoding, images, parts, &|| {
+                        format!("input[{i}].output")
+                    })?
                 }
                 _ => 0,
             };
