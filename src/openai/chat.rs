@@ -74,7 +74,7 @@ impl ImageCost {
             .map_or(ImageCost::TILES, |&(_, cost)| cost)
     }
 
-    fn tokens(self, detail: Option<&Json>) -> u64 {
+    pub(crate) fn tokens(self, detail: Option<&Json>) -> u64 {
         match detail.and_then(Json::as_str) {
             Some("low") => self.low,
             _ => self.high,

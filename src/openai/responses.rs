@@ -73,8 +73,8 @@ fn message(tokenizer: &Tokenizer, encoding: Encoding, role: &str, text: &str) ->
 }
 
 /// One input item. Messages (with or without `"type":"message"`), function calls and their
-/// outputs are counted; reasoning items, item references and built-in tool calls carry no
-/// text we can see and count nothing.
+/// outputs are counted as chat counts them; every other item counts the text it holds
+/// ([`item_text`]); an item reference counts nothing (the item is stored upstream).
 fn count_item(
     tokenizer: &Tokenizer,
     encoding: Encoding,
@@ -143,7 +143,57 @@ fn count_item(
             };
             Ok(TOKENS_PER_MESSAGE + output)
         }
-        Some(_) => Ok(0),
+        // Every other item (shell, MCP, computer, search, code-interpreter calls and their
+        // outputs, reasoning summaries, items of types added later): what text it holds
+        // is put before the model, so it is counted. An item reference points at a
+        // stored item the limiter cannot see.
+        Some("item_reference") => Ok(0),
+        Some(_) => Ok(match item_text(tokenizer, encoding, images, item) {
+            0 => 0,
+            text => TOKENS_PER_MESSAGE + text,
+        }),
+    }
+}
+
+/// Members of an item that name or point at something rather than hold text the model
+/// reads: identifiers, states, and media (an image counts as one, below; a data URL's
+/// base64 is not text). `encrypted_content` is a reasoning item's hidden reasoning, which
+/// OpenAI may drop from the context: not counted (its size says little about its tokens).
+const NOT_TEXT: [&str; 10] = [
+    "type",
+    "id",
+    "call_id",
+    "status",
+    "encrypted_content",
+    "image_url",
+    "file_data",
+    "file_id",
+    "file_url",
+    "url",
+];
+
+/// The text of an item of a type [`count_item`] does not model: every string under it
+/// but [`NOT_TEXT`] members, and an image's cost for each image or screenshot in it.
+fn item_text(tokenizer: &Tokenizer, encoding: Encoding, images: ImageCost, value: &Json) -> u64 {
+    match value {
+        Json::Str(text) => tokenizer.count(encoding, text),
+        Json::Array(items) => items
+            .iter()
+            .map(|item| item_text(tokenizer, encoding, images, item))
+            .sum(),
+        Json::Object(members) => {
+            let image = match value.field("type").and_then(Json::as_str) {
+                Some("input_image" | "computer_screenshot") => images.tokens(value.field("detail")),
+                _ => 0,
+            };
+            image
+                + members
+                    .iter()
+                    .filter(|(key, _)| !NOT_TEXT.contains(&key.as_ref()))
+                    .map(|(_, v)| item_text(tokenizer, encoding, images, v))
+                    .sum::<u64>()
+        }
+        _ => 0,
     }
 }
 
@@ -206,6 +256,35 @@ mod tests {
             + t.count_text("gpt-4o", "get_weather:Weather")
             + 12;
         assert_eq!(responses(body).unwrap().input_tokens, want);
+    }
+
+    #[test]
+    fn text_in_any_input_item_is_counted() {
+        let t = tokenizer();
+        let text = "secret".to_owned() + &" word".repeat(999);
+        assert_eq!(t.count_text("gpt-4o", &text), 1000);
+        let items = [
+            format!(
+                r#"{{"type":"local_shell_call_output","id":"x","call_id":"c","output":"{text}"}}"#
+            ),
+            format!(
+                r#"{{"type":"mcp_call","id":"x","server_label":"s","name":"n","arguments":"{{}}","output":"{text}"}}"#
+            ),
+            format!(
+                r#"{{"type":"reasoning","id":"rs_1","summary":[{{"type":"summary_text","text":"{text}"}}],"encrypted_content":"gAAAA"}}"#
+            ),
+            format!(r#"{{"type":"some_future_item","payload":{{"deep":["{text}"]}}}}"#),
+        ];
+        for item in items {
+            let body = format!(r#"{{"model":"gpt-4o","input":[{item}]}}"#);
+            let counted = responses(&body).unwrap().input_tokens;
+            assert!(counted >= 1000, "{counted}: {}", &item[..60]);
+        }
+        // Identifiers, encrypted reasoning and media data are not text.
+        let opaque = r#"{"model":"gpt-4o","input":[{"type":"reasoning","id":"rs_1","summary":[],"encrypted_content":"gAAAAABoZXhhbXBsZQ=="},{"type":"item_reference","id":"msg_1"}]}"#;
+        assert_eq!(responses(opaque).unwrap().input_tokens, 3);
+        let screenshot = r#"{"model":"gpt-4o","input":[{"type":"computer_call_output","call_id":"c","output":{"type":"computer_screenshot","image_url":"data:image/png;base64,iVBORw0KGgo="}}]}"#;
+        assert_eq!(responses(screenshot).unwrap().input_tokens, 3 + 3 + 765);
     }
 
     #[test]
