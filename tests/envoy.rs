@@ -541,6 +541,7 @@ mod recorder {
         pub method: String,
         pub path: String,
         pub request_id: String,
+        pub accept_encoding: String,
     }
 
     #[derive(Default)]
@@ -634,6 +635,7 @@ mod recorder {
                     method: request.method().to_string(),
                     path: request.uri().to_string(),
                     request_id: header("x-request-id"),
+                    accept_encoding: header("accept-encoding"),
                 };
                 seen.0.lock().unwrap().upstream.push(upstream);
                 axum::Json(serde_json::json!({"object": "recorded"}))
@@ -746,6 +748,7 @@ fn envoy_hands_limiter_and_upstream_the_same_path(envoy_file: &str) {
         let mut headers = headers;
         headers.push(("x-request-id", "chosen-by-the-client"));
         headers.push(("content-type", "application/json"));
+        headers.push(("accept-encoding", "gzip, deflate, br"));
         let (checks, upstreams) = {
             let seen = seen();
             (seen.checks.len(), seen.upstream.len())
@@ -770,6 +773,8 @@ fn envoy_hands_limiter_and_upstream_the_same_path(envoy_file: &str) {
         assert_eq!(check.path, *normalised, "{target}: the limiter's path");
         assert_eq!(up.path, *normalised, "{target}: the upstream's path");
         assert_eq!(up.method, "POST");
+        // The upstream answers uncompressed, so settlement can read its usage.
+        assert_eq!(up.accept_encoding, "", "{target}");
         // The key, from whichever header the client used.
         match i % 3 {
             0 => assert_eq!(check.headers.get("authorization"), Some(&bearer)),

@@ -650,8 +650,8 @@ struct Seen {
     /// Each /v1/report: reservation, x-upstream-status, body.
     reports: Vec<(String, String, String)>,
     report_traces: Vec<(String, String)>,
-    /// Each upstream request: method, path, x-llm-ratelimit-key.
-    upstream: Vec<(String, String, String)>,
+    /// Each upstream request: method, path, x-llm-ratelimit-key, accept-encoding.
+    upstream: Vec<(String, String, String, String)>,
 }
 
 /// A limiter that admits everything (reservation `r-N`) and records; an upstream that
@@ -719,6 +719,7 @@ fn stand_ins(runtime: &tokio::runtime::Runtime, limiter: u16, upstream: u16) -> 
                 request.method().to_string(),
                 request.uri().to_string(),
                 header(request.headers(), "x-llm-ratelimit-key"),
+                header(request.headers(), "accept-encoding"),
             ));
             axum::Json(json!({"object": "recorded", "n": seen.upstream.len()}))
         }
@@ -826,6 +827,7 @@ fn nginx_hands_limiter_and_upstream_the_same_path_and_reports_each_response_once
         ("authorization", "Bearer sk-secret"),
         ("content-type", "application/json"),
         ("cookie", "session=1"),
+        ("accept-encoding", "gzip, deflate, br"),
         // A client cannot name the key the upstream sees, nor the path the limiter meters.
         ("x-llm-ratelimit-key", "forged"),
         ("x-original-uri", "/v1/embeddings"),
@@ -872,6 +874,8 @@ fn nginx_hands_limiter_and_upstream_the_same_path_and_reports_each_response_once
         assert_eq!(up[0].1, *normalised, "{target}: the upstream's path");
         assert_eq!(up[0].0, "POST");
         assert_eq!(up[0].2, "stand-in", "{target}: the key the upstream sees");
+        // The upstream answers uncompressed, so the report can read its usage.
+        assert_eq!(up[0].3, "", "{target}: accept-encoding");
         // The limiter gets the key, the body's type and the original request; no cookie.
         assert!(check[0].2.contains(&"authorization".to_string()));
         assert!(
