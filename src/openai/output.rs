@@ -88,6 +88,9 @@ pub struct OutputMeter {
     /// The model reasons in tokens it never shows (see [`hides_reasoning`]): its text is
     /// not its output, so only `usage` is a figure to settle on.
     hidden_reasoning: bool,
+    /// The response generated output that is not text (audio, images): billed as output
+    /// tokens, but not countable from text, so again only `usage` will do.
+    opaque_output: bool,
 }
 
 /// Whether `model` is one of OpenAI's reasoning models (o1, o3, o4, gpt-5 and their
@@ -136,6 +139,7 @@ impl OutputMeter {
             saw_output: false,
             text: GeneratedText::default(),
             hidden_reasoning: false,
+            opaque_output: false,
         }
     }
 
@@ -200,7 +204,7 @@ impl OutputMeter {
                 source: OutputSource::Usage,
             });
         }
-        if !self.saw_output || self.hidden_reasoning {
+        if !self.saw_output || self.hidden_reasoning || self.opaque_output {
             return None;
         }
         Some(OutputCount {
@@ -320,6 +324,10 @@ impl OutputMeter {
                 message.field("refusal"),
                 tokenizer,
             );
+            // Audio output (`modalities: ["audio"]`): its tokens are not its transcript.
+            if message.field("audio").is_some() {
+                self.opaque_output = true;
+            }
             // Reasoning text that OpenAI-compatible servers stream beside the answer
             // (vLLM, SGLang, DeepSeek: `reasoning_content`; vLLM, Ollama, OpenRouter,
             // Groq: `reasoning`): output tokens the model generated and bills.
@@ -386,6 +394,14 @@ impl OutputMeter {
                 .unwrap_or_default();
             for (output_index, item) in items.iter().enumerate() {
                 self.saw_output = true;
+                if let Some("image_generation_call") = item.field("type").and_then(Json::as_str) {
+                    self.opaque_output = true;
+                }
+                self.append(
+                    Segment::new(output_index as u64, 0, Part::ToolArguments),
+                    item.field("code"),
+                    tokenizer,
+                );
                 let output_index = output_index as u64;
                 let parts = item
                     .field("content")
@@ -424,8 +440,20 @@ impl OutputMeter {
         let part = match event.field("type").and_then(Json::as_str) {
             Some("response.output_text.delta" | "response.refusal.delta") => Part::Content,
             Some(
-                "response.function_call_arguments.delta" | "response.custom_tool_call_input.delta",
+                "response.function_call_arguments.delta"
+                | "response.custom_tool_call_input.delta"
+                | "response.mcp_call_arguments.delta"
+                | "response.code_interpreter_call_code.delta",
             ) => Part::ToolArguments,
+            // Generated images and audio are billed output that is not text.
+            Some(kind)
+                if kind.starts_with("response.image_generation_call.")
+                    || kind.starts_with("response.audio.") =>
+            {
+                self.saw_output = true;
+                self.opaque_output = true;
+                return;
+            }
             // Reasoning an upstream shows (gpt-oss on vLLM streams its reasoning text;
             // OpenAI streams summaries): generated output like the answer.
             Some(
@@ -884,6 +912,47 @@ mod tests {
             "{{\"output\":[{{\"type\":\"reasoning\",\"summary\":[{{\"type\":\"summary_text\",\"text\":\"{thought}\"}}]}}]}}"
         );
         assert_eq!(meter(Endpoint::Responses, "gpt-4o", &body), counted(n));
+    }
+
+    #[test]
+    fn audio_or_image_output_settles_only_on_usage() {
+        // Audio tokens are billed far above their transcript; images have no text.
+        let audio = concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"audio\":{\"id\":\"a\",\"data\":\"UklGR\",\"transcript\":\"Hi\"}}}]}\n\n",
+            "data: [DONE]\n\n",
+        );
+        assert_eq!(
+            meter_chunked(Endpoint::ChatCompletions, "gpt-4o-audio-preview", audio),
+            None
+        );
+        let body = r#"{"choices":[{"index":0,"message":{"content":null,"audio":{"id":"a","data":"UklGR","transcript":"Hi"}}}]}"#;
+        assert_eq!(
+            meter(Endpoint::ChatCompletions, "gpt-4o-audio-preview", body),
+            None
+        );
+        let with_usage = r#"{"choices":[{"index":0,"message":{"audio":{"id":"a"}}}],"usage":{"completion_tokens":301}}"#;
+        assert_eq!(
+            meter(
+                Endpoint::ChatCompletions,
+                "gpt-4o-audio-preview",
+                with_usage
+            ),
+            usage(301)
+        );
+        let image = concat!(
+            "data: {\"type\":\"response.output_text.delta\",\"output_index\":1,\"content_index\":0,\"delta\":\"Here\"}\n\n",
+            "data: {\"type\":\"response.image_generation_call.partial_image\",\"output_index\":0,\"partial_image_b64\":\"iVBOR\"}\n\n",
+        );
+        assert_eq!(meter_chunked(Endpoint::Responses, "gpt-4o", image), None);
+        let body = r#"{"output":[{"type":"image_generation_call","result":"iVBOR"}]}"#;
+        assert_eq!(meter(Endpoint::Responses, "gpt-4o", body), None);
+        // Code the model writes for a built-in tool is output text.
+        let code = "data: {\"type\":\"response.code_interpreter_call_code.delta\",\"output_index\":0,\"delta\":\"print(1)\"}\n\n";
+        let want = tokenizer().count_text("gpt-4o", "print(1)");
+        assert_eq!(
+            meter_chunked(Endpoint::Responses, "gpt-4o", code),
+            counted(want)
+        );
     }
 
     #[test]
