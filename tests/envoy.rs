@@ -513,6 +513,7 @@ mod recorder {
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex};
 
+    use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
     use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
         Authorization, AuthorizationServer,
     };
@@ -542,6 +543,8 @@ mod recorder {
         pub path: String,
         pub request_id: String,
         pub accept_encoding: String,
+        /// Every `x-llm-ratelimit-key` value it got, joined by `|`.
+        pub key: String,
     }
 
     #[derive(Default)]
@@ -582,9 +585,21 @@ mod recorder {
                 ]
                 .into(),
             };
+            // The key's name for the upstream, set as the limiter sets it (authz.rs).
+            let key = HeaderValueOption {
+                header: Some(HeaderValue {
+                    key: "x-llm-ratelimit-key".to_string(),
+                    value: "stand-in".to_string(),
+                    raw_value: Vec::new(),
+                }),
+                ..Default::default()
+            };
             Ok(Response::new(CheckResponse {
                 status: Some(rpc::Status::default()),
-                http_response: Some(HttpResponse::OkResponse(OkHttpResponse::default())),
+                http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                    headers: vec![key],
+                    ..Default::default()
+                })),
                 dynamic_metadata: Some(metadata),
             }))
         }
@@ -636,6 +651,13 @@ mod recorder {
                     path: request.uri().to_string(),
                     request_id: header("x-request-id"),
                     accept_encoding: header("accept-encoding"),
+                    key: request
+                        .headers()
+                        .get_all("x-llm-ratelimit-key")
+                        .iter()
+                        .map(|v| v.to_str().unwrap_or_default())
+                        .collect::<Vec<_>>()
+                        .join("|"),
                 };
                 seen.0.lock().unwrap().upstream.push(upstream);
                 axum::Json(serde_json::json!({"object": "recorded"}))
@@ -749,6 +771,7 @@ fn envoy_hands_limiter_and_upstream_the_same_path(envoy_file: &str) {
         headers.push(("x-request-id", "chosen-by-the-client"));
         headers.push(("content-type", "application/json"));
         headers.push(("accept-encoding", "gzip, deflate, br"));
+        headers.push(("x-llm-ratelimit-key", "forged"));
         let (checks, upstreams) = {
             let seen = seen();
             (seen.checks.len(), seen.upstream.len())
@@ -775,6 +798,8 @@ fn envoy_hands_limiter_and_upstream_the_same_path(envoy_file: &str) {
         assert_eq!(up.method, "POST");
         // The upstream answers uncompressed, so settlement can read its usage.
         assert_eq!(up.accept_encoding, "", "{target}");
+        // The key's name the upstream sees is the limiter's, never one the client sent.
+        assert_eq!(up.key, "stand-in", "{target}");
         // The key, from whichever header the client used.
         match i % 3 {
             0 => assert_eq!(check.headers.get("authorization"), Some(&bearer)),
