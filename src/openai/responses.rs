@@ -59,6 +59,13 @@ pub(crate) fn count_request(
     if let Some(tools) = root.field("tools") {
         total += count_tools(tokenizer, encoding, tools, "tools")?;
     }
+    // A stored prompt's own text lives upstream, but the variables substituted into it
+    // are here: strings, or input items (text, images, files).
+    // (Each value apart: a variable may be called `id` or `url`.)
+    let variables = root.field("prompt").and_then(|p| p.field("variables"));
+    for (_, value) in variables.and_then(Json::as_object).unwrap_or_default() {
+        total += item_text(tokenizer, encoding, images, value);
+    }
     // Structured outputs: `text.format` holds the schema itself (name, schema, ...).
     total += count_format(
         tokenizer,
@@ -285,6 +292,15 @@ mod tests {
         assert_eq!(responses(opaque).unwrap().input_tokens, 3);
         let screenshot = r#"{"model":"gpt-4o","input":[{"type":"computer_call_output","call_id":"c","output":{"type":"computer_screenshot","image_url":"data:image/png;base64,iVBORw0KGgo="}}]}"#;
         assert_eq!(responses(screenshot).unwrap().input_tokens, 3 + 3 + 765);
+    }
+
+    #[test]
+    fn a_stored_prompts_variables_are_counted() {
+        let text = "secret".to_owned() + &" word".repeat(999);
+        let body = format!(
+            r#"{{"model":"gpt-4o","prompt":{{"id":"pmpt_1","version":"2","variables":{{"url":"{text}","doc":{{"type":"input_text","text":"{text}"}}}}}}}}"#
+        );
+        assert!(responses(&body).unwrap().input_tokens >= 3 + 2000);
     }
 
     #[test]
