@@ -123,6 +123,15 @@ pub(crate) fn count_request(
     if let Some(format) = root.field("response_format") {
         total += count_format(tokenizer, encoding, format.field("json_schema"));
     }
+    // Not OpenAI's, but OpenAI-compatible servers put them in the prompt: vLLM renders
+    // `documents` (RAG) through the chat template, TensorRT-LLM takes `prompt_token_ids`
+    // as the tokenized prompt.
+    if let Some(documents) = root.field("documents") {
+        total += schema_text(tokenizer, encoding, documents);
+    }
+    if let Some(ids) = root.field("prompt_token_ids").and_then(Json::as_array) {
+        total += ids.len() as u64;
+    }
     Ok(total)
 }
 
@@ -648,6 +657,22 @@ mod tests {
             r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"hi"}}],"tools":[{{"type":"custom","custom":{{"name":"g","format":{{"type":"grammar","grammar":{{"syntax":"lark","definition":"{text}"}}}}}}}}]}}"#
         );
         assert!(input_tokens(&custom) >= n);
+    }
+
+    #[test]
+    fn server_extensions_that_reach_the_prompt_are_counted() {
+        let text = hidden();
+        let plain = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+        let base = input_tokens(plain);
+        let documents = format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],"documents":[{{"title":"t","text":"{text}"}}]}}"#
+        );
+        assert!(input_tokens(&documents) >= base + 1000);
+        let ids = format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],"prompt_token_ids":[{}]}}"#,
+            vec!["7"; 5000].join(",")
+        );
+        assert_eq!(input_tokens(&ids), base + 5000);
     }
 
     #[test]
