@@ -116,3 +116,71 @@ async fn a_deployment_named_in_the_body_or_in_another_case_is_metered_as_its_mod
         .input_tokens;
     assert_eq!(gpt4, [1, tokens, 5]);
 }
+
+/// `/v1/check` for a POST to chat with the key in `api-key`, the body as raw bytes and
+/// extra headers: the status.
+async fn check_raw(base: &str, headers: &[(&str, &str)], body: Vec<u8>) -> u16 {
+    let mut req = reqwest::Client::new()
+        .post(format!("{base}/v1/check"))
+        .header("x-original-uri", "/v1/chat/completions")
+        .header("api-key", SECRET)
+        .body(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.unwrap().status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_an_upstream_may_read_differently_are_refused_or_read_as_it_reads_them() {
+    let base = node().await;
+    let chat = r#"{"model":"gpt-4","messages":[{"role":"user","content":"hi"}],"max_tokens":5}"#;
+    // Bytes a lenient upstream might still decode to a request (Python's json.loads
+    // takes a UTF-8 BOM and UTF-16; a server may inflate a gzip body): the limiter cannot
+    // count them, so it refuses them, counting nothing.
+    let mut bom = "\u{feff}".as_bytes().to_vec();
+    bom.extend_from_slice(chat.as_bytes());
+    let utf16: Vec<u8> = chat.encode_utf16().flat_map(u16::to_le_bytes).collect();
+    // A gzip member's header and a stored (uncompressed) deflate block of the body: what
+    // `Content-Encoding: gzip` sends (the trailer's checksum is never read).
+    let mut gzip = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff, 1];
+    let len = chat.len() as u16;
+    gzip.extend_from_slice(&len.to_le_bytes());
+    gzip.extend_from_slice(&(!len).to_le_bytes());
+    gzip.extend_from_slice(chat.as_bytes());
+    gzip.extend_from_slice(&[0; 8]);
+    let nan = chat.replace(r#""max_tokens":5"#, r#""max_tokens":5,"temperature":NaN"#);
+    let refused: [(&str, &[(&str, &str)], Vec<u8>); 4] = [
+        ("utf-8 bom", &[], bom),
+        (
+            "utf-16",
+            &[("content-type", "application/json; charset=utf-16")],
+            utf16,
+        ),
+        ("gzip", &[("content-encoding", "gzip")], gzip),
+        ("NaN", &[], nan.into_bytes()),
+    ];
+    for (what, headers, body) in refused {
+        assert_eq!(check_raw(&base, headers, body).await, 400, "{what}");
+    }
+    let (key, _) = used(&base, "gpt-4").await;
+    assert_eq!(key, [0, 0, 0], "refusals count nothing");
+
+    // Duplicate keys: Python, Go, JavaScript and nlohmann::json keep the last, and so
+    // does the limiter (model, messages, budgets alike).
+    let duplicated = r#"{"model":"gpt-4o","model":"gpt-4","messages":[{"role":"user","content":"x"}],
+        "messages":[{"role":"user","content":"hi"}],"max_tokens":5,"max_tokens":4000,"n":1,"n":3}"#;
+    assert_eq!(
+        check_raw(&base, &[], duplicated.as_bytes().to_vec()).await,
+        200
+    );
+    let input = llm_ratelimit::openai::Tokenizer::new()
+        .understand(
+            llm_ratelimit::openai::Endpoint::ChatCompletions,
+            chat.as_bytes(),
+        )
+        .unwrap()
+        .input_tokens;
+    let (_, gpt4) = used(&base, "gpt-4").await;
+    assert_eq!(gpt4, [1, input, 4000 * 3]);
+}
