@@ -10,7 +10,9 @@
 //! - A JSON document (the body, or one SSE line) is kept whole up to [`HEAD_CAP`] (32 KiB)
 //!   and parsed at its end. A longer one keeps only its last [`TAIL`] (8 KiB) and its
 //!   `usage` object is read from there: OpenAI writes `usage` after `choices`/`output`,
-//!   followed by a few short fields only. A long document without `usage` in its tail gives
+//!   followed by a few short fields only. A JSON body's `usage` objects are also caught as
+//!   they pass (up to 4 KiB each, two held), so one written earlier (vLLM puts
+//!   `prompt_logprobs` after it) is found too. A long document without `usage` gives
 //!   nothing (a JSON body: the reservation stays as reserved, the safe side; an SSE line: it
 //!   is skipped).
 //! - Generated text is counted in pieces as it arrives: each stream of text keeps only the
@@ -23,8 +25,8 @@
 //!   (this bounds CPU); the rest is estimated at the tokens-per-byte rate of what was
 //!   counted.
 //!
-//! So one meter holds at most `HEAD_CAP + 2·TAIL` bytes of document plus
-//! `MAX_SEGMENTS × (FORCED_CUT + one event's text)` of pending text: under 200 KiB in the
+//! So one meter holds at most `HEAD_CAP + 2·TAIL` bytes of document, 8 KiB of usage, and
+//! `MAX_SEGMENTS × (FORCED_CUT + one event's text)` of pending text: about 200 KiB in the
 //! worst case (64 KiB + 32 × 4 KiB, with events under the line cap), a few KiB for a
 //! usual one-choice stream.
 
@@ -85,6 +87,10 @@ pub struct OutputMeter {
     /// A choice, delta or output item was seen: the response did generate (maybe nothing).
     saw_output: bool,
     text: GeneratedText,
+    /// Every `"usage":{...}` object of a JSON body, as it passes: a body too long to keep
+    /// whole may have its usage anywhere (vLLM writes `prompt_logprobs` after it, which
+    /// a client can make as long as its prompt).
+    usage_scan: UsageScan,
     /// The model reasons in tokens it never shows (see [`hides_reasoning`]): its text is
     /// not its output, so only `usage` is a figure to settle on.
     hidden_reasoning: bool,
@@ -140,6 +146,7 @@ impl OutputMeter {
             text: GeneratedText::default(),
             hidden_reasoning: false,
             opaque_output: false,
+            usage_scan: UsageScan::default(),
         }
     }
 
@@ -161,7 +168,10 @@ impl OutputMeter {
             };
         }
         match self.format {
-            Format::Json => self.document.push(chunk),
+            Format::Json => {
+                self.document.push(chunk);
+                self.usage_scan.feed(chunk);
+            }
             Format::Sse => self.feed_sse(chunk, tokenizer),
             Format::Undecided | Format::Ignored => {}
         }
@@ -169,7 +179,10 @@ impl OutputMeter {
 
     /// Bytes this meter holds now (buffers' capacity): what the per-stream bound is about.
     pub fn retained_bytes(&self) -> usize {
-        self.document.bytes.capacity() + self.text.retained_bytes()
+        self.document.bytes.capacity()
+            + self.text.retained_bytes()
+            + self.usage_scan.object.capacity()
+            + self.usage_scan.last.capacity()
     }
 
     /// Ends the body. Usage from the response if present (chat/completions:
@@ -189,6 +202,10 @@ impl OutputMeter {
                 let body = std::mem::take(&mut self.document);
                 if body.overflowed {
                     self.usage_from_tail(&body.bytes);
+                    if self.usage.is_none() {
+                        let usage = std::mem::take(&mut self.usage_scan).last;
+                        self.usage_from_object(&usage);
+                    }
                 } else if let Ok(response) = Json::parse(&body.bytes) {
                     self.observe(&response, true, tokenizer);
                 }
@@ -237,6 +254,21 @@ impl OutputMeter {
             self.usage_from_tail(&line.bytes);
         } else if !line.bytes.is_empty() {
             self.sse_line(&line.bytes, tokenizer);
+        }
+    }
+
+    /// The output tokens of a `usage` object's text.
+    fn usage_from_object(&mut self, object: &[u8]) {
+        let field = match self.endpoint {
+            Endpoint::ChatCompletions | Endpoint::Completions => "completion_tokens",
+            Endpoint::Responses => "output_tokens",
+            Endpoint::Embeddings | Endpoint::Other => return,
+        };
+        if let Some(tokens) = Json::parse(object)
+            .ok()
+            .and_then(|usage| usage.field(field).and_then(Json::as_u64))
+        {
+            self.usage = Some(tokens);
         }
     }
 
@@ -562,6 +594,98 @@ fn extend_within(bytes: &mut Vec<u8>, more: &[u8], cap: usize) {
         bytes.reserve_exact(target - bytes.len());
     }
     bytes.extend_from_slice(more);
+}
+
+/// Finds `"usage":{...}` objects in a JSON body fed in chunks of any size, keeping the
+/// last whole one. `"usage"` followed by `:` is a key (a string value is never followed
+/// by a colon, and a quote inside a string is escaped); the object is followed to its
+/// matching brace, strings and escapes skipped, and dropped if longer than
+/// [`UsageScan::CAP`] (OpenAI's are a few hundred bytes).
+#[derive(Debug, Default)]
+struct UsageScan {
+    /// Bytes of `"usage"` matched so far.
+    matched: usize,
+    state: ScanState,
+    object: Vec<u8>,
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+    /// The last whole usage object seen.
+    last: Vec<u8>,
+}
+
+#[derive(Debug, Default, PartialEq)]
+enum ScanState {
+    #[default]
+    Key,
+    /// After the key: whitespace, then `:`.
+    Colon,
+    /// After the colon: whitespace, then `{`.
+    Open,
+    Object,
+}
+
+impl UsageScan {
+    const KEY: &'static [u8] = b"\"usage\"";
+    const CAP: usize = 4 << 10;
+
+    fn feed(&mut self, chunk: &[u8]) {
+        for &b in chunk {
+            match self.state {
+                ScanState::Key => {
+                    if b == Self::KEY[self.matched] {
+                        self.matched += 1;
+                        if self.matched == Self::KEY.len() {
+                            self.matched = 0;
+                            self.state = ScanState::Colon;
+                        }
+                    } else {
+                        // `"` is the only byte of the key that also starts it.
+                        self.matched = usize::from(b == b'"');
+                    }
+                }
+                ScanState::Colon | ScanState::Open if b.is_ascii_whitespace() => {}
+                ScanState::Colon if b == b':' => self.state = ScanState::Open,
+                ScanState::Open if b == b'{' => {
+                    self.state = ScanState::Object;
+                    self.object.clear();
+                    self.object.push(b);
+                    (self.depth, self.in_string, self.escaped) = (1, false, false);
+                }
+                ScanState::Colon | ScanState::Open => {
+                    self.state = ScanState::Key;
+                    self.matched = usize::from(b == b'"');
+                }
+                ScanState::Object => self.object_byte(b),
+            }
+        }
+    }
+
+    fn object_byte(&mut self, b: u8) {
+        if self.object.len() == Self::CAP {
+            // Not a usage object of any upstream we know: dropped, its memory too.
+            self.object = Vec::new();
+            self.state = ScanState::Key;
+            return;
+        }
+        self.object.push(b);
+        match (self.in_string, b) {
+            (true, _) if self.escaped => self.escaped = false,
+            (true, b'\\') => self.escaped = true,
+            (true, b'"') => self.in_string = false,
+            (true, _) => {}
+            (false, b'"') => self.in_string = true,
+            (false, b'{') => self.depth += 1,
+            (false, b'}') => {
+                self.depth -= 1;
+                if self.depth == 0 {
+                    std::mem::swap(&mut self.last, &mut self.object);
+                    self.state = ScanState::Key;
+                }
+            }
+            (false, _) => {}
+        }
+    }
 }
 
 /// The `{...}` after the last `"usage"` key in `tail`, if it is whole there.
@@ -1059,15 +1183,27 @@ mod tests {
             tokenizer(),
         );
         assert_eq!(m.finish(tokenizer()), usage(1234));
-        // Without usage at its end, an oversized body gives nothing: the reservation stays.
+        // Usage before a long tail (vLLM's `prompt_logprobs` follow it) is found too, in
+        // any chunking; without any usage an oversized body gives nothing.
+        let head =
+            br#"{"choices":[],"usage": {"completion_tokens":5,"x":"}\"{"} ,"prompt_logprobs":""#;
+        for split in [1, 7, head.len()] {
+            let mut m = OutputMeter::new(Endpoint::ChatCompletions, "gpt-4o");
+            for piece in head.chunks(split) {
+                m.feed(piece, tokenizer());
+            }
+            for _ in 0..3 {
+                m.feed(&pad, tokenizer());
+            }
+            m.feed(b"\"}", tokenizer());
+            assert_eq!(m.finish(tokenizer()), usage(5), "{split}");
+        }
         let mut m = OutputMeter::new(Endpoint::ChatCompletions, "gpt-4o");
         m.feed(
-            b"{\"usage\":{\"completion_tokens\":5},\"pad\":\"",
+            b"{\"text\":\"usage\",\"\\\"usage\":1,\"pad\":\"",
             tokenizer(),
         );
-        for _ in 0..9 {
-            m.feed(&pad, tokenizer());
-        }
+        m.feed(&pad, tokenizer());
         m.feed(b"\"}", tokenizer());
         assert_eq!(m.finish(tokenizer()), None);
     }
