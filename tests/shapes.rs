@@ -117,9 +117,11 @@ async fn a_deployment_named_in_the_body_or_in_another_case_is_metered_as_its_mod
     assert_eq!(gpt4, [1, tokens, 5]);
 }
 
+type Headers<'a> = &'a [(&'a str, &'a str)];
+
 /// `/v1/check` for a POST to chat with the key in `api-key`, the body as raw bytes and
 /// extra headers: the status.
-async fn check_raw(base: &str, headers: &[(&str, &str)], body: Vec<u8>) -> u16 {
+async fn check_raw(base: &str, headers: Headers<'_>, body: Vec<u8>) -> u16 {
     let mut req = reqwest::Client::new()
         .post(format!("{base}/v1/check"))
         .header("x-original-uri", "/v1/chat/completions")
@@ -150,7 +152,7 @@ async fn bodies_an_upstream_may_read_differently_are_refused_or_read_as_it_reads
     gzip.extend_from_slice(chat.as_bytes());
     gzip.extend_from_slice(&[0; 8]);
     let nan = chat.replace(r#""max_tokens":5"#, r#""max_tokens":5,"temperature":NaN"#);
-    let refused: [(&str, &[(&str, &str)], Vec<u8>); 4] = [
+    let refused: [(&str, Headers, Vec<u8>); 4] = [
         ("utf-8 bom", &[], bom),
         (
             "utf-16",
