@@ -129,7 +129,7 @@ fn client_secret<'a>(req: &ClientRequest<'a>) -> Option<&'a str> {
 }
 
 /// The bearer secret from an `Authorization` value (`Bearer <key>`, any case).
-fn bearer(authorization: Option<&str>) -> Option<&str> {
+pub(crate) fn bearer(authorization: Option<&str>) -> Option<&str> {
     let value = authorization?.trim();
     let (scheme, key) = value.split_once(' ')?;
     let key = key.trim();

@@ -861,6 +861,64 @@ async fn should_rate_limit_names_the_day_window_of_a_per_day_denial() {
 }
 
 #[tokio::test]
+async fn should_rate_limit_charges_the_key_ext_authz_admitted_beside_a_non_bearer_authorization() {
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
+    use llm_ratelimit::admission::{ClientRequest, Limiter};
+
+    // envoy/ratelimit-filter.yaml: ext_authz (count only) authenticates, the ratelimit
+    // filter charges. A client sends its key in `api-key` and any other credential in
+    // `Authorization`; Envoy puts both in the descriptors, `authorization` last.
+    let limiter = Arc::new(Limiter::new(
+        Arc::new(arc_swap::ArcSwap::from_pointee(daily_config())),
+        Store::Memory(MemoryStore::new()),
+        Arc::new(llm_ratelimit::metrics::Metrics::default()),
+    ));
+    let rls = llm_ratelimit::grpc::RateLimiter::new(limiter.clone());
+    let body = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+    for authorization in ["Basic dXNlcjpwdw==", "Bearer", "sk-not-a-key"] {
+        let counted = limiter
+            .count(ClientRequest {
+                method: "POST",
+                authorization: Some(authorization),
+                api_key: Some(DAILY),
+                path: "/v1/chat/completions",
+                body,
+            })
+            .await;
+        // ext_authz reads the key from `api-key` (the Authorization is no Bearer key) ...
+        let admitted = counted
+            .admitted
+            .expect("ext_authz admits the api-key's key");
+        assert_eq!(admitted.key.as_str(), "daily");
+    }
+    // ... so the ratelimit filter's charges must go to that key too: 2 a day.
+    let mut codes = Vec::new();
+    for authorization in ["Basic dXNlcjpwdw==", "Bearer", "sk-not-a-key"] {
+        let call = rls_request(&[
+            ("api_key", DAILY),
+            ("api_key", authorization),
+            ("limit", "requests"),
+        ]);
+        let answer = rls.should_rate_limit(call).await.unwrap().into_inner();
+        codes.push(Code::try_from(answer.overall_code).unwrap());
+    }
+    assert_eq!(codes, [Code::Ok, Code::Ok, Code::OverLimit]);
+    let usage = limiter.usage("daily").await.unwrap();
+    assert_eq!(usage["per_day"]["requests"]["used"], 2, "{usage}");
+    // A Bearer key still wins over `api-key`, as in ext_authz.
+    let call = rls_request(&[
+        ("api_key", "sk-other"),
+        ("api_key", &format!("Bearer {DAILY}")),
+    ]);
+    let answer = rls.should_rate_limit(call).await.unwrap().into_inner();
+    assert_eq!(
+        Code::try_from(answer.overall_code).unwrap(),
+        Code::OverLimit
+    );
+}
+
+#[tokio::test]
 async fn a_per_day_denial_over_http_names_the_day_window() {
     let base = common::http_node(daily_config(), Store::Memory(MemoryStore::new())).await;
     for _ in 0..2 {
