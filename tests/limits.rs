@@ -919,6 +919,45 @@ async fn should_rate_limit_charges_the_key_ext_authz_admitted_beside_a_non_beare
 }
 
 #[tokio::test]
+async fn window_gauges_cover_a_key_with_more_limit_sets_than_one_store_call_takes() {
+    // Own per window, per day and seven model entries: nine rings, more than one store
+    // call takes (MAX_RINGS), all under one hash tag.
+    let mut yaml = "keys:\n  - name: many\n    key: sk-test-limits-many\n    rpm: 100\n    input_tpm: 100000\n    output_tpm: 100000\n    per_day:\n      requests: 1000\n    models:\n".to_string();
+    for i in 0..7 {
+        yaml.push_str(&format!("      - match: \"m{i}*\"\n        rpm: 10\n"));
+    }
+    let config = llm_ratelimit::config::Config::parse(&yaml, "many.yaml").unwrap();
+    let base = common::http_node(config, Store::Memory(MemoryStore::new())).await;
+    assert_eq!(
+        check_as(&base, "sk-test-limits-many", "m6-large")
+            .await
+            .status(),
+        200
+    );
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let used = |scope: &str| {
+        common::counter(
+            &text,
+            &format!(
+                r#"llm_ratelimit_window_used{{key="many",limit="requests",scope="{scope}"}} "#
+            ),
+        )
+    };
+    assert_eq!(used("window"), 1, "{text}");
+    assert_eq!(used("per_day"), 1, "{text}");
+    assert_eq!(used("model:m6*"), 1, "{text}");
+    assert!(text.contains(r#"scope="model:m0*""#), "{text}");
+    // Reading them is no store error.
+    let errors = r#"llm_ratelimit_store_errors_total{kind="protocol"} "#;
+    assert_eq!(common::counter(&text, errors), 0, "{text}");
+}
+
+#[tokio::test]
 async fn a_per_day_denial_over_http_names_the_day_window() {
     let base = common::http_node(daily_config(), Store::Memory(MemoryStore::new())).await;
     for _ in 0..2 {
