@@ -495,9 +495,9 @@ impl Limiter {
 
     /// Sets the window gauges (`llm_ratelimit_window_*`) of every configured key from
     /// the store, for every limit set the key is held to (its own per window and per day,
-    /// each `models` entry, its pool's), one store call per key (per eight rings), a few keys at a time; a
-    /// key whose windows cannot be read is left out. Keys no longer configured disappear
-    /// with the next scrape. Cancelled before every read has answered, it changes nothing.
+    /// each `models` entry, its pool's), one store call per key (per eight rings), a few
+    /// keys at a time; a key whose windows cannot be read is left out. Keys no longer
+    /// configured disappear with the next scrape. Cancelled before every read has answered, it changes nothing.
     pub async fn observe_windows(&self) {
         use futures_util::StreamExt;
         let config = self.config.load_full();
