@@ -2,7 +2,8 @@
 //! sliding-window engine, for the `ratelimit` filter.
 //!
 //! A descriptor is ours when it has an `api_key` entry (the bearer secret, with or without
-//! `Bearer `; of several, the one Check would take, see `secret_of`). Its optional `limit` entry names the limit it is held to (`requests`,
+//! `Bearer `; of several, the one Check would take, see `secret_of`). Its optional `limit`
+//! entry names the limit it is held to (`requests`,
 //! `input_tokens`, `output_tokens`; default `requests`; any other value refuses the whole
 //! call — a typo must not mean "unlimited"), and it asks for `hits_addend` (the
 //! descriptor's, else the request's, else 1). A `phase: response` entry marks a charge
