@@ -324,11 +324,14 @@ impl Limiter {
             .deployment
             .as_deref()
             .map(|d| config.azure_model(d).unwrap_or(d).to_owned());
+        let from_path = model_hint.is_some();
         let request = match if metered {
             self.understand_body(endpoint, req.body, model_hint).await
         } else {
             self.tokenizer.understand(Endpoint::Other, b"")
         } {
+            // A deployment in the path already named the model (mapped once, not twice).
+            Ok(request) if from_path => Ok(request),
             Ok(request) => self.deployment_in_body(config, request, req.body).await,
             Err(e) => Err(e),
         }
