@@ -85,10 +85,7 @@ impl Tokenizer {
             Endpoint::ChatCompletions => {
                 let input = chat::count_request(self, encoding, images, &root)?;
                 let max_completion = output_budget(&root, "max_completion_tokens")?;
-                let max_tokens = budget(
-                    output_budget(&root, "max_tokens")?,
-                    output_budget(&root, "n_predict")?,
-                );
+                let max_tokens = output_budget(&root, "max_tokens")?;
                 // `best_of` is not OpenAI's on chat, but vLLM (before V1) and TensorRT-LLM
                 // take it and generate that many candidates: metered as on completions.
                 let stream = stream(&root)?;
@@ -113,7 +110,7 @@ impl Tokenizer {
                 let max_tokens = output_budget(&root, "max_tokens")?;
                 (
                     input,
-                    budget(max_tokens, output_budget(&root, "n_predict")?),
+                    budget(max_tokens, None),
                     per_prompt.saturating_mul(prompts),
                     stream,
                 )
@@ -193,9 +190,7 @@ fn output_budget(root: &Json, name: &str) -> Result<Option<u64>, RequestError> {
 /// that only know `max_tokens` ignore `max_completion_tokens`. So the larger of the two is
 /// reserved, and a `0` counts as unset: reserving `0` for `max_completion_tokens: 0,
 /// max_tokens: 100000` would let 100,000 tokens through on a reservation of nothing.
-/// `None` (the configured default applies) when neither is above 0. llama.cpp's server
-/// also takes its native `n_predict`, before `max_tokens`: it is read as one more budget
-/// field on chat and completions (its `-1`, no limit, is refused like any negative).
+/// `None` (the configured default applies) when neither is above 0.
 fn budget(a: Option<u64>, b: Option<u64>) -> Option<u64> {
     a.into_iter().chain(b).filter(|&n| n > 0).max()
 }
@@ -417,18 +412,6 @@ mod tests {
                 "{extra}"
             );
         }
-        // llama.cpp's n_predict wins over max_tokens there.
-        assert_eq!(
-            budget(
-                Endpoint::ChatCompletions,
-                &chat(r#""max_tokens":10,"n_predict":9000"#)
-            ),
-            Some(9000)
-        );
-        let e = understand(Endpoint::ChatCompletions, &chat(r#""n_predict":-1"#)).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("n_predict"));
-        let completions = r#"{"model":"davinci-002","prompt":"x","max_tokens":5,"n_predict":700}"#;
-        assert_eq!(budget(Endpoint::Completions, completions), Some(700));
         let completions = r#"{"model":"davinci-002","prompt":"x","max_tokens":0}"#;
         assert_eq!(budget(Endpoint::Completions, completions), None);
         let responses = r#"{"model":"gpt-4o","input":"x","max_output_tokens":0}"#;
