@@ -151,12 +151,9 @@ async fn chat_usage_matches_the_limiters_counts() {
         let completion = usage["completion_tokens"].as_u64().unwrap();
         assert_eq!(prompt, input_tokens(Endpoint::ChatCompletions, &body));
         assert_eq!(usage["total_tokens"].as_u64().unwrap(), prompt + completion);
-        // The larger of the two budgets; a 0 is unset (the limiter's reservation rule).
-        let max = [&body["max_completion_tokens"], &body["max_tokens"]]
-            .into_iter()
-            .filter_map(Value::as_u64)
-            .filter(|&n| n > 0)
-            .max()
+        let max = body["max_completion_tokens"]
+            .as_u64()
+            .or(body["max_tokens"].as_u64())
             .unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS);
         assert!(completion <= max);
         assert_eq!(
