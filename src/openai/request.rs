@@ -15,9 +15,9 @@ pub struct LlmRequest {
     pub endpoint: Endpoint,
     pub model: String,
     pub input_tokens: u64,
-    /// The larger of `max_completion_tokens` and `max_tokens` (chat), `max_tokens`
-    /// (completions), `max_output_tokens` (responses); `None` when the request sets none
-    /// above 0 (admission then applies the configured default). See [`budget`].
+    /// `max_completion_tokens`, else `max_tokens` (chat / completions), `max_output_tokens`
+    /// (responses); `None` when the request sets none (admission then applies the
+    /// configured default).
     pub max_output_tokens: Option<u64>,
     /// `false` for embeddings and [`Endpoint::Other`]: no output reservation at all.
     pub reserves_output: bool,
@@ -90,7 +90,7 @@ impl Tokenizer {
                 // take it and generate that many candidates: metered as on completions.
                 let stream = stream(&root)?;
                 let n = completions_per_prompt(&root, stream)?;
-                (input, budget(max_completion, max_tokens), n, stream)
+                (input, max_completion.or(max_tokens), n, stream)
             }
             Endpoint::Completions => {
                 let prompt = root
@@ -110,7 +110,7 @@ impl Tokenizer {
                 let max_tokens = output_budget(&root, "max_tokens")?;
                 (
                     input,
-                    budget(max_tokens, None),
+                    max_tokens,
                     per_prompt.saturating_mul(prompts),
                     stream,
                 )
@@ -126,7 +126,7 @@ impl Tokenizer {
                 let input = responses::count_request(self, encoding, images, &root)?;
                 (
                     input,
-                    budget(output_budget(&root, "max_output_tokens")?, None),
+                    output_budget(&root, "max_output_tokens")?,
                     1,
                     stream(&root)?,
                 )
@@ -179,20 +179,6 @@ fn output_budget(root: &Json, name: &str) -> Result<Option<u64>, RequestError> {
         )),
         Some(other) => Err(RequestError::invalid_type(name, "an integer", other)),
     }
-}
-
-/// The output budget the upstream may act on, from the budget fields a request sets.
-///
-/// Upstreams disagree on which field wins when both are set: OpenAI documents
-/// `max_completion_tokens` as the replacement of `max_tokens`, SGLang and many gateways
-/// read `max_completion_tokens or max_tokens` (so a `0` falls through to the other field,
-/// and two `0`s or none to the server's own default, often the whole context), and servers
-/// that only know `max_tokens` ignore `max_completion_tokens`. So the larger of the two is
-/// reserved, and a `0` counts as unset: reserving `0` for `max_completion_tokens: 0,
-/// max_tokens: 100000` would let 100,000 tokens through on a reservation of nothing.
-/// `None` (the configured default applies) when neither is above 0.
-fn budget(a: Option<u64>, b: Option<u64>) -> Option<u64> {
-    a.into_iter().chain(b).filter(|&n| n > 0).max()
 }
 
 /// A count of completions (`n`, `best_of`): absent or null → 1; otherwise an integer in
@@ -368,12 +354,11 @@ mod tests {
     }
 
     #[test]
-    fn output_budget_is_the_larger_of_both_fields() {
+    fn output_budget_prefers_max_completion_tokens() {
         let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],
                        "max_tokens":100,"max_completion_tokens":50,"stream":true}"#;
         let r = understand(Endpoint::ChatCompletions, body).unwrap();
-        // An upstream that reads only `max_tokens` generates up to 100.
-        assert_eq!(r.max_output_tokens, Some(100));
+        assert_eq!(r.max_output_tokens, Some(50));
         assert!(r.stream && r.reserves_output);
         let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"max_tokens":100,"max_completion_tokens":null}"#;
         assert_eq!(
@@ -385,37 +370,6 @@ mod tests {
         let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
         let r = understand(Endpoint::ChatCompletions, body).unwrap();
         assert_eq!((r.max_output_tokens, r.stream), (None, false));
-    }
-
-    #[test]
-    fn a_zero_budget_is_no_budget() {
-        // `max_completion_tokens or max_tokens` (SGLang, many gateways): a 0 falls through
-        // to the other field, or to the server's default; it must never reserve nothing.
-        let chat = |extra: &str| {
-            format!(r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"hi"}}],{extra}}}"#)
-        };
-        let budget = |endpoint: Endpoint, body: &str| {
-            understand(endpoint, body).expect(body).max_output_tokens
-        };
-        let cases = [
-            (r#""max_completion_tokens":0,"max_tokens":4000"#, Some(4000)),
-            (r#""max_completion_tokens":4000,"max_tokens":0"#, Some(4000)),
-            (r#""max_completion_tokens":0"#, None),
-            (r#""max_tokens":0"#, None),
-            (r#""max_completion_tokens":0,"max_tokens":0"#, None),
-            (r#""max_completion_tokens":7,"max_tokens":null"#, Some(7)),
-        ];
-        for (extra, want) in cases {
-            assert_eq!(
-                budget(Endpoint::ChatCompletions, &chat(extra)),
-                want,
-                "{extra}"
-            );
-        }
-        let completions = r#"{"model":"davinci-002","prompt":"x","max_tokens":0}"#;
-        assert_eq!(budget(Endpoint::Completions, completions), None);
-        let responses = r#"{"model":"gpt-4o","input":"x","max_output_tokens":0}"#;
-        assert_eq!(budget(Endpoint::Responses, responses), None);
     }
 
     #[test]
