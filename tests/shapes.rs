@@ -78,7 +78,6 @@ async fn a_deployment_named_in_the_body_or_in_another_case_is_metered_as_its_mod
     let escapes = [
         ("/openai/v1/chat/completions", chat("prod-4o")),
         ("/openai/v1/chat/completions", chat("PROD-4O")),
-        ("/v1/chat/completions", chat("GPT-4o")),
         (
             "/openai/responses?api-version=2025-04-01-preview",
             json!({"model": "prod-4o", "input": text}),

@@ -81,25 +81,9 @@ impl KeySpec {
         self.pool.as_ref().unwrap_or(&self.name)
     }
 
-    /// The `models` entry matching `model` (entries never overlap, so the only one); if
-    /// none matches exactly, the first that matches ignoring ASCII case. Upstreams that
-    /// resolve model names case-insensitively (Ollama, Azure deployments) serve `GPT-4o`
-    /// as `gpt-4o`, so it must not escape that entry's limits.
+    /// The first `models` entry matching `model` (entries never overlap, so the only one).
     pub fn model_entry(&self, model: &str) -> Option<&super::ModelLimits> {
-        self.models
-            .iter()
-            .find(|m| m.matches.matches(model))
-            .or_else(|| {
-                self.models.iter().find(|m| {
-                    let head = |n: usize| model.get(..n);
-                    match m.matches.prefix() {
-                        Some(prefix) => {
-                            head(prefix.len()).is_some_and(|h| h.eq_ignore_ascii_case(prefix))
-                        }
-                        None => model.eq_ignore_ascii_case(m.matches.as_str()),
-                    }
-                })
-            })
+        self.models.iter().find(|m| m.matches.matches(model))
     }
 }
 
