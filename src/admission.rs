@@ -18,9 +18,7 @@ use crate::engine::{
 use crate::metrics::{
     DecisionLabels, Metrics, OutcomeLabels, StoreErrorLabels, TokenLabels, WindowLabels,
 };
-use crate::openai::{
-    hides_reasoning, Encoding, Endpoint, LlmRequest, OutputMeter, RequestError, Route, Tokenizer,
-};
+use crate::openai::{Encoding, Endpoint, LlmRequest, OutputMeter, RequestError, Route, Tokenizer};
 use crate::shutdown::Drain;
 use crate::telemetry;
 
@@ -175,10 +173,7 @@ fn record_understood(u: &Understood) {
 }
 
 /// How to read the response travels inside the settlement handle:
-/// `<endpoint letter><encoding letter><engine handle>`; the encoding letter `h` is o200k
-/// for a model that hides its reasoning ([`hides_reasoning`]), whose text is no measure
-/// of its output (a node that does not know `h` refuses the handle: the reservation then
-/// stays as reserved, the safe side).
+/// `<endpoint letter><encoding letter><engine handle>`.
 const ENDPOINTS: [(Endpoint, char); 5] = [
     (Endpoint::ChatCompletions, 'c'),
     (Endpoint::Completions, 't'),
@@ -187,7 +182,6 @@ const ENDPOINTS: [(Endpoint, char); 5] = [
     (Endpoint::Other, 'o'),
 ];
 const ENCODINGS: [(Encoding, char); 2] = [(Encoding::O200k, 'o'), (Encoding::Cl100k, 'k')];
-const HIDDEN_REASONING: char = 'h';
 
 fn letter<T: PartialEq + Copy>(table: &[(T, char)], value: T) -> char {
     table
@@ -205,22 +199,15 @@ fn from_letter<T: Copy>(table: &[(T, char)], c: char) -> Option<T> {
 pub struct Handle {
     pub endpoint: Endpoint,
     pub encoding: Encoding,
-    /// The model reasons out of sight: settle only on the response's `usage`.
-    pub hidden_reasoning: bool,
     pub reservation: Claim,
 }
 
 impl Handle {
     pub fn encode(endpoint: Endpoint, model: &str, reservation: &Claim) -> String {
-        let encoding = if hides_reasoning(model) {
-            HIDDEN_REASONING
-        } else {
-            letter(&ENCODINGS, Encoding::for_model(model))
-        };
         format!(
             "{}{}{}",
             letter(&ENDPOINTS, endpoint),
-            encoding,
+            letter(&ENCODINGS, Encoding::for_model(model)),
             reservation.handle()
         )
     }
@@ -229,14 +216,10 @@ impl Handle {
     pub fn parse(handle: &str) -> Option<Handle> {
         let mut chars = handle.chars();
         let endpoint = from_letter(&ENDPOINTS, chars.next()?)?;
-        let (encoding, hidden_reasoning) = match chars.next()? {
-            HIDDEN_REASONING => (Encoding::O200k, true),
-            c => (from_letter(&ENCODINGS, c)?, false),
-        };
+        let encoding = from_letter(&ENCODINGS, chars.next()?)?;
         Some(Handle {
             endpoint,
             encoding,
-            hidden_reasoning,
             reservation: Claim::from_handle(chars.as_str())?,
         })
     }
@@ -244,7 +227,6 @@ impl Handle {
     /// A meter for the response this handle's request gets.
     pub fn meter(&self) -> OutputMeter {
         OutputMeter::with_encoding(self.endpoint, self.encoding)
-            .hiding_reasoning(self.hidden_reasoning)
     }
 }
 
@@ -1075,23 +1057,7 @@ mod tests {
         let back = Handle::parse(&h).unwrap();
         assert_eq!(back.endpoint, Endpoint::Completions);
         assert_eq!(back.encoding, Encoding::Cl100k);
-        assert!(!back.hidden_reasoning);
         assert_eq!(back.reservation, reservation);
-        // A model that hides its reasoning: o200k, settled only on usage.
-        let o3 = Handle::parse(&Handle::encode(
-            Endpoint::ChatCompletions,
-            "o3",
-            &reservation,
-        ))
-        .unwrap();
-        assert_eq!((o3.encoding, o3.hidden_reasoning), (Encoding::O200k, true));
-        assert_eq!(o3.reservation, reservation);
-        let (mut meter, tokenizer) = (o3.meter(), Tokenizer::new());
-        meter.feed(
-            b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n",
-            &tokenizer,
-        );
-        assert_eq!(meter.finish(&tokenizer), None);
         assert!(Handle::parse("zz").is_none());
         assert!(Handle::parse(&h[1..]).is_none());
     }

@@ -10,13 +10,11 @@ use llm_ratelimit::admission::Handle;
 use llm_ratelimit::engine::Reservation;
 use llm_ratelimit::openai::Encoding;
 
-/// A model name for a handle's encoding letter, for re-encoding (a handle carries the
-/// encoding, and whether the model hides its reasoning, not the model).
-fn model_for(handle: &Handle) -> &'static str {
-    match (handle.encoding, handle.hidden_reasoning) {
-        (_, true) => "o3",
-        (Encoding::O200k, false) => "gpt-4o",
-        (Encoding::Cl100k, false) => "gpt-4",
+/// A model name for each encoding, for re-encoding (a handle carries the encoding only).
+fn model_for(encoding: Encoding) -> &'static str {
+    match encoding {
+        Encoding::O200k => "gpt-4o",
+        Encoding::Cl100k => "gpt-4",
     }
 }
 
@@ -57,7 +55,7 @@ fuzz_target!(|data: &[u8]| {
     if let Some(handle) = Handle::parse(text) {
         let again = Handle::encode(
             handle.endpoint,
-            model_for(&handle),
+            model_for(handle.encoding),
             &handle.reservation,
         );
         assert_eq!(Handle::parse(&again).as_ref(), Some(&handle));

@@ -26,7 +26,7 @@ mod tokens;
 pub(crate) use endpoint::normalise as normalise_path;
 pub use endpoint::{Endpoint, Route, RouteError};
 pub use error::RequestError;
-pub use output::{hides_reasoning, OutputCount, OutputMeter, OutputSource};
+pub use output::{OutputCount, OutputMeter, OutputSource};
 pub use request::LlmRequest;
 pub use tokens::{Encoding, Tokenizer};
 

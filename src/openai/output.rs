@@ -91,42 +91,14 @@ pub struct OutputMeter {
     /// whole may have its usage anywhere (vLLM writes `prompt_logprobs` after it, which
     /// a client can make as long as its prompt).
     usage_scan: UsageScan,
-    /// The model reasons in tokens it never shows (see [`hides_reasoning`]): its text is
-    /// not its output, so only `usage` is a figure to settle on.
-    hidden_reasoning: bool,
     /// The response generated output that is not text (audio, images): billed as output
     /// tokens, but not countable from text, so again only `usage` will do.
     opaque_output: bool,
 }
 
-/// Whether `model` is one of OpenAI's reasoning models (o1, o3, o4, gpt-5 and their
-/// variants, codex), which generate reasoning tokens that are billed as output but never
-/// appear in the response: counting a stream's text would settle a 20,000-token answer at
-/// its visible few hundred. Chat models of those families (`gpt-5-chat`) do not reason.
-pub fn hides_reasoning(model: &str) -> bool {
-    let model = match model.strip_prefix("ft:") {
-        Some(rest) => rest.split(':').next().unwrap_or_default(),
-        None => model,
-    };
-    let model = model.rsplit('/').next().unwrap_or_default();
-    const REASONING: [&str; 6] = ["o1", "o3", "o4", "gpt-5", "codex-", "computer-use"];
-    REASONING.iter().any(|p| model.starts_with(p)) && !model.starts_with("gpt-5-chat")
-}
-
 impl OutputMeter {
     pub fn new(endpoint: Endpoint, model: &str) -> OutputMeter {
         OutputMeter::with_encoding(endpoint, Encoding::for_model(model))
-            .hiding_reasoning(hides_reasoning(model))
-    }
-
-    /// The same meter for a model that reasons out of sight ([`hides_reasoning`]): a
-    /// response without `usage` then gives nothing (the reservation stays as reserved,
-    /// the safe side) instead of the count of its visible text.
-    pub fn hiding_reasoning(self, hidden: bool) -> OutputMeter {
-        OutputMeter {
-            hidden_reasoning: hidden,
-            ..self
-        }
     }
 
     /// A meter that counts streamed text in `encoding` (when only the encoding of the
@@ -144,7 +116,6 @@ impl OutputMeter {
             usage: None,
             saw_output: false,
             text: GeneratedText::default(),
-            hidden_reasoning: false,
             opaque_output: false,
             usage_scan: UsageScan::default(),
         }
@@ -221,7 +192,7 @@ impl OutputMeter {
                 source: OutputSource::Usage,
             });
         }
-        if !self.saw_output || self.hidden_reasoning || self.opaque_output {
+        if !self.saw_output || self.opaque_output {
             return None;
         }
         Some(OutputCount {
@@ -1077,50 +1048,6 @@ mod tests {
             meter_chunked(Endpoint::Responses, "gpt-4o", code),
             counted(want)
         );
-    }
-
-    #[test]
-    fn a_model_that_hides_its_reasoning_settles_only_on_usage() {
-        // o3 streamed "Hello world!" after thousands of hidden reasoning tokens: its text
-        // is no measure of its output. Without usage, nothing (the reservation stays).
-        let body = format!("{CHAT_STREAM}data: [DONE]\n\n");
-        for model in [
-            "o3",
-            "o4-mini",
-            "o1-preview",
-            "gpt-5",
-            "gpt-5-mini-2025-08-07",
-            "ft:o4-mini:org::x",
-        ] {
-            assert!(hides_reasoning(model), "{model}");
-            assert_eq!(
-                meter_chunked(Endpoint::ChatCompletions, model, &body),
-                None,
-                "{model}"
-            );
-            let with_usage = format!(
-                "{CHAT_STREAM}data: {{\"choices\":[],\"usage\":{{\"completion_tokens\":2051}}}}\n\ndata: [DONE]\n\n"
-            );
-            assert_eq!(
-                meter_chunked(Endpoint::ChatCompletions, model, &with_usage),
-                usage(2051),
-                "{model}"
-            );
-        }
-        for model in [
-            "gpt-4o",
-            "gpt-4.1",
-            "gpt-5-chat-latest",
-            "deepseek-r1",
-            "omni-x",
-        ] {
-            assert!(!hides_reasoning(model), "{model}");
-            assert_eq!(
-                meter_chunked(Endpoint::ChatCompletions, model, &body),
-                counted(3),
-                "{model}"
-            );
-        }
     }
 
     #[test]
