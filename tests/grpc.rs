@@ -246,6 +246,48 @@ async fn an_unknown_limit_is_an_error_never_unlimited_and_statuses_describe_the_
     assert!(r.statuses[0].duration_until_reset.is_some());
 }
 
+#[tokio::test]
+async fn a_call_with_more_descriptors_than_envoy_ever_sends_is_refused_charging_nothing() {
+    use llm_ratelimit::grpc::MAX_DESCRIPTORS;
+    let (addr, limiter) = server().await;
+    let mut client = RateLimitServiceClient::connect(addr).await.unwrap();
+    // One of ours, then descriptors each naming a different unknown secret: grouping them
+    // once cost a runtime worker time quadratic in their number (40,000 of them, a 0.6 MB
+    // call, held it for ~27 s in a debug build), past the reach of the request timeout.
+    let many = |n: usize| {
+        let mut d = vec![descriptor(
+            &[("api_key", "sk-grpc-a"), ("limit", "input_tokens")],
+            Some(7),
+            false,
+        )];
+        d.extend(
+            (1..n).map(|i| descriptor(&[("api_key", &format!("sk-unknown-{i}"))], None, false)),
+        );
+        call(d)
+    };
+    let err = client
+        .should_rate_limit(many(MAX_DESCRIPTORS + 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains(&MAX_DESCRIPTORS.to_string()),
+        "{}",
+        err.message()
+    );
+    assert!(!err.message().contains("sk-"), "{}", err.message());
+    assert_eq!(used(&limiter).await, [0, 0, 0]);
+    // Up to the bound the call is read as always.
+    let r = client
+        .should_rate_limit(many(MAX_DESCRIPTORS))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.overall_code, Code::Ok as i32);
+    assert_eq!(r.statuses.len(), MAX_DESCRIPTORS);
+    assert_eq!(used(&limiter).await, [0, 7, 0]);
+}
+
 const TWO_KEYS: &str = "window: 10s\nkeys:\n  - name: team-a\n    key: sk-grpc-a\n    rpm: 50\n    input_tpm: 1000\n    output_tpm: 1000\n  - name: team-b\n    key: sk-grpc-b\n    rpm: 50\n    input_tpm: 1000\n    output_tpm: 1000\n";
 
 async fn server_on(store: Store, keys: &str) -> (String, Arc<Limiter>) {
