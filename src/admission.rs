@@ -166,7 +166,7 @@ fn record_understood(u: &Understood) {
         telemetry::record("gen_ai.operation.name", op);
     }
     if !u.request.model.is_empty() {
-        telemetry::record("gen_ai.request.model", u.request.model.as_str());
+        telemetry::record_text("gen_ai.request.model", &u.request.model);
     }
     telemetry::record("gen_ai.usage.input_tokens", u.want.input_tokens);
     telemetry::record("gen_ai.request.max_tokens", u.want.output_tokens);

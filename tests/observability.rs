@@ -563,6 +563,24 @@ async fn spans_reach_an_http_protobuf_collector() {
     assert_eq!(span.service, "edge-limiter");
     assert_eq!(span.parent, "50f067aa0ba902b7");
     assert_eq!(attr(span, "llm_ratelimit.decision"), "admitted");
+
+    // A model name is the client's text: a span keeps only its first 256 bytes, whatever
+    // the body holds (here 64 KiB; up to max_body_bytes), cut at a character boundary.
+    let trace = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let model = format!("gpt-4{}", "é".repeat(32 << 10));
+    let check = reqwest::Client::new()
+        .post(format!("{}/v1/check", node.http))
+        .header("authorization", "Bearer sk-obs-secret-a")
+        .header("traceparent", traceparent(trace, "50f067aa0ba902b7"))
+        .body(body().replace("gpt-4o-mini", &model))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(check.status(), 200);
+    let span = &spans_of(&received, trace, 1).await[0];
+    let kept = attr(span, "gen_ai.request.model");
+    assert!(model.starts_with(kept), "{} bytes kept", kept.len());
+    assert_eq!(kept.len(), 255);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
