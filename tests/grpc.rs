@@ -501,6 +501,60 @@ async fn check_allows_with_headers_and_metadata_and_denies_with_the_client_answe
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_holds_a_bounded_number_of_streams() {
+    let p = llm_ratelimit::pressure::Pressure::default();
+    let bound = llm_ratelimit::grpc::streams_per_connection(
+        p.max_in_flight + p.max_queued,
+        p.max_settlement_streams,
+    ) as usize;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let (addr, _limiter) = server().await;
+    let channel = tonic::transport::Endpoint::from_shared(addr)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let health = HealthClient::new(channel);
+    let watch = || {
+        let mut health = health.clone();
+        async move {
+            health
+                .watch(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    // Health `Watch` (like reflection) is never shed and stays open as long as the
+    // client likes: without a bound one connection held any number of them.
+    let mut open = Vec::new();
+    while open.len() < bound {
+        let n = (bound - open.len()).min(256);
+        let batch: Vec<_> = (0..n).map(|_| tokio::spawn(watch())).collect();
+        for stream in batch {
+            open.push(stream.await.unwrap());
+        }
+    }
+    // One more waits for a place (the server's SETTINGS_MAX_CONCURRENT_STREAMS) ...
+    let mut extra = tokio::spawn(watch());
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(300), &mut extra)
+            .await
+            .is_err(),
+        "a stream over the bound was opened"
+    );
+    // ... and gets it as soon as one closes.
+    drop(open.pop());
+    let extra = tokio::time::timeout(std::time::Duration::from_secs(30), extra)
+        .await
+        .expect("a freed place was not given to the waiting stream");
+    assert!(extra.is_ok());
+}
+
 #[tokio::test]
 async fn reflection_lets_grpcurl_call_without_proto_files() {
     let (addr, _limiter) = server().await;
