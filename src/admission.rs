@@ -121,6 +121,9 @@ pub struct Limiter {
     metrics: Arc<Metrics>,
     /// Shutdown: readiness off once draining begins; settlements in flight counted.
     drain: Arc<Drain>,
+    /// When the last complete reading of the window gauges started; held while one runs,
+    /// so scrapes read the store one at a time (see [`Limiter::observe_windows_once`]).
+    windows_read: tokio::sync::Mutex<Option<Instant>>,
 }
 
 /// The client's secret: `Authorization: Bearer <key>`, else Azure's `api-key: <key>`.
@@ -241,6 +244,7 @@ impl Limiter {
             ),
             metrics,
             drain: Arc::new(Drain::default()),
+            windows_read: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -491,6 +495,23 @@ impl Limiter {
             .store_errors
             .get_or_create(&StoreErrorLabels { kind: e.kind() })
             .inc();
+    }
+
+    /// [`Limiter::observe_windows`] for a scrape, one reading at a time: a scrape that
+    /// arrives while another reads waits for it, and takes the next complete reading that
+    /// started after it arrived — its own, or one a scrape waiting with it started. So
+    /// what a scrape shows is never older than the scrape, while any number of scrapes at
+    /// once cost at most two readings (one store call per key each) rather than one each:
+    /// `/metrics` passes no gate, and each reading costs a store call per key.
+    pub async fn observe_windows_once(&self) {
+        let arrived = Instant::now();
+        let mut last = self.windows_read.lock().await;
+        if last.is_some_and(|started| started >= arrived) {
+            return;
+        }
+        let started = Instant::now();
+        self.observe_windows().await;
+        *last = Some(started);
     }
 
     /// Sets the window gauges (`llm_ratelimit_window_*`) of every configured key from
