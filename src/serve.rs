@@ -105,6 +105,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         wait(stopped.clone()),
     );
     let drain = limiter.drain().clone();
+    let grace = options.pressure.request_timeout.max(Duration::from_secs(5));
+    let grpc_stopped = wait(stopped.clone());
     let grpc = crate::grpc::serve_with(
         grpc,
         limiter,
@@ -112,6 +114,19 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         options.pressure.max_settlement_streams,
         wait(stopped),
     );
+    // tonic's shutdown waits for every connection to close, also one that never finishes
+    // its HTTP/2 preface: at most `grace` after the stop (ext_proc settlements still in
+    // flight are waited for below, through the drain).
+    let grpc = async move {
+        let mut grpc = std::pin::pin!(grpc);
+        tokio::select! {
+            served = &mut grpc => served,
+            () = async {
+                grpc_stopped.await;
+                tokio::time::sleep(grace).await;
+            } => Ok(()),
+        }
+    };
     let signal = {
         let drain = drain.clone();
         let delay = options.shutdown_delay;

@@ -239,17 +239,17 @@ async fn sigterm_flips_readiness_serves_on_and_settles_what_is_in_flight() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_half_sent_request_does_not_hold_shutdown() {
+async fn a_half_sent_request_or_preface_does_not_hold_shutdown() {
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys.yaml");
     std::fs::write(&keys, KEYS).unwrap();
-    let http = free_port();
+    let (http, grpc) = (free_port(), free_port());
     let child = Command::new(LIMITER)
         .arg("serve")
         .arg("--config")
         .arg(&keys)
         .args(["--http-addr", &format!("127.0.0.1:{http}")])
-        .args(["--grpc-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
         .args(["--shutdown-delay", "0s"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -270,6 +270,11 @@ async fn a_half_sent_request_does_not_hold_shutdown() {
     slow.write_all(b"POST /v1/check HTTP/1.1\r\nhost: x\r\n")
         .await
         .unwrap();
+    // Likewise on the gRPC port, half an HTTP/2 preface.
+    let mut slow_grpc = TcpStream::connect(format!("127.0.0.1:{grpc}"))
+        .await
+        .unwrap();
+    slow_grpc.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
     assert!(Command::new("kill")
         .args(["-TERM", &node.0.id().to_string()])
         .status()
@@ -287,5 +292,5 @@ async fn a_half_sent_request_does_not_hold_shutdown() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(exit.success(), "{exit}");
-    drop(slow);
+    drop((slow, slow_grpc));
 }
