@@ -584,6 +584,71 @@ async fn spans_reach_an_http_protobuf_collector() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_level_logs_of_every_crate_hold_no_secret() {
+    // RUST_LOG=trace turns on hyper, h2, tonic and tower too: none of them may write a
+    // header value (or a descriptor) that holds a client's secret.
+    let node = limiter(&[("RUST_LOG", "trace".into())]).await;
+    let http = reqwest::Client::new();
+    for (header, value) in [
+        ("authorization", "Bearer sk-obs-secret-a"),
+        ("api-key", "sk-obs-secret-a"),
+        ("authorization", "Bearer sk-obs-secret-unknown"),
+    ] {
+        let r = http
+            .post(format!("{}/v1/check", node.http))
+            .header(header, value)
+            .body(body())
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            [200, 401, 429].contains(&r.status().as_u16()),
+            "{}",
+            r.status()
+        );
+    }
+    let mut authz = AuthorizationClient::connect(node.grpc.clone())
+        .await
+        .unwrap();
+    authz.check(check_request("sk-obs-secret-a")).await.unwrap();
+    let mut rls = RateLimitServiceClient::connect(node.grpc.clone())
+        .await
+        .unwrap();
+    rls.should_rate_limit(RateLimitRequest {
+        domain: "llm".into(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: vec![Entry {
+                key: "api_key".into(),
+                value: "sk-obs-secret-a".into(),
+            }],
+            ..Default::default()
+        }],
+        hits_addend: 1,
+    })
+    .await
+    .unwrap();
+    // Every request's own lines are written before its answer; wait until the three
+    // decisions of a known key on /v1/check and Check are in.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lines = loop {
+        let lines = node.lines.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let decided = lines
+            .iter()
+            .filter(|l| l.contains("admitted") || l.contains("denied"))
+            .count();
+        if decided >= 3 {
+            break lines;
+        }
+        assert!(Instant::now() < deadline, "{decided} decisions logged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(lines.iter().any(|l| l.contains("TRACE")), "no trace lines");
+    for line in &lines {
+        assert!(!line.contains("sk-obs-secret"), "{line}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_are_one_object_a_line_with_the_callers_trace_id() {
     let node = limiter(&[
         ("LOG_FORMAT", "json".into()),
