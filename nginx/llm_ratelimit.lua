@@ -314,8 +314,12 @@ function _M.log()
     if not reservation or not ctx.llm_body then
         return
     end
-    -- The last upstream's status ("502, 200" after a retry); none when none answered.
-    local upstream_status = (ngx.var.upstream_status or ""):match("(%d%d%d)%s*$") or "502"
+    -- The last upstream's status ("502, 200" after a retry). Nginx records its own 502 or
+    -- 504 when it could not reach one; none is recorded when the client went away before
+    -- the upstream answered (499): the upstream may have generated and billed output by
+    -- then, so the report carries no status, not an upstream error, and the reservation
+    -- stands (releasing it would let a client hang up on large generations uncounted).
+    local upstream_status = (ngx.var.upstream_status or ""):match("(%d%d%d)%s*$")
     local addr = ngx.var.llm_ratelimit_report_addr or "127.0.0.1:10200"
     local host, port = addr:match("^(.+):(%d+)$")
     local ok, err = ngx.timer.at(0, report, host, tonumber(port), reservation, upstream_status,

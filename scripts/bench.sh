@@ -208,8 +208,15 @@ if want grpc; then
         row "$api, $c in flight" "$WORK/grpc-$api-$c.json"
       done
     done
+    # Admission and settlement, as a request through Envoy costs the sidecar.
+    for c in 1 64; do
+      "$LOADTEST" grpc --target 127.0.0.1:$((BASE + 100)) --api authz --settle-output 16 "${KEYS[@]}" \
+        --concurrency "$c" --duration "${SECS}s" --prompt-tokens 30 --max-tokens 32 \
+        --json "$WORK/grpc-settle-$c.json" >/dev/null
+      row "authz + ext_proc settlement, $c in flight" "$WORK/grpc-settle-$c.json"
+    done
     echo
-    echo "Command: \`llm-loadtest grpc --target 127.0.0.1:PORT --api authz|ratelimit --key sk-bench-a --key sk-bench-b --concurrency C --duration ${SECS}s --prompt-tokens 30 --max-tokens 32\` against one \`llm-ratelimit serve\` on one local Redis. $(machine)"
+    echo "Command: \`llm-loadtest grpc --target 127.0.0.1:PORT --api authz|ratelimit --key sk-bench-a --key sk-bench-b --concurrency C --duration ${SECS}s --prompt-tokens 30 --max-tokens 32\` against one \`llm-ratelimit serve\` on one local Redis; the settlement rows add \`--settle-output 16\` (each admitted request then settled through ext_proc \`Process\`, its latency ending with the settlement). $(machine)"
   } >"$OUT/sidecar-grpc.md"
   redis-cli -p $((BASE + 400)) info commandstats | grep evalsha >>"$WORK/grpc-redis.txt" || true
   stop_started

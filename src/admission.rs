@@ -132,7 +132,7 @@ fn client_secret<'a>(req: &ClientRequest<'a>) -> Option<&'a str> {
 }
 
 /// The bearer secret from an `Authorization` value (`Bearer <key>`, any case).
-fn bearer(authorization: Option<&str>) -> Option<&str> {
+pub(crate) fn bearer(authorization: Option<&str>) -> Option<&str> {
     let value = authorization?.trim();
     let (scheme, key) = value.split_once(' ')?;
     let key = key.trim();
@@ -522,9 +522,9 @@ impl Limiter {
 
     /// Sets the window gauges (`llm_ratelimit_window_*`) of every configured key from
     /// the store, for every limit set the key is held to (its own per window and per day,
-    /// each `models` entry, its pool's), one store call per key, a few keys at a time; a
-    /// key whose windows cannot be read is left out. Keys no longer configured disappear
-    /// with the next scrape. Cancelled before every read has answered, it changes nothing.
+    /// each `models` entry, its pool's), one store call per key (per eight rings), a few
+    /// keys at a time; a key whose windows cannot be read is left out. Keys no longer
+    /// configured disappear with the next scrape. Cancelled before every read has answered, it changes nothing.
     pub async fn observe_windows(&self) {
         use futures_util::StreamExt;
         let config = self.config.load_full();
@@ -534,7 +534,15 @@ impl Limiter {
             .map(|spec| async move {
                 let applied = config_ref.all_limits_of(&spec);
                 let rings: Vec<RingRef> = applied.iter().map(|a| a.bound.ring.clone()).collect();
-                let read = store.usage_all(&rings).await.and_then(|v| {
+                // A key with many `models` entries has more rings than one call takes.
+                let read = async {
+                    let mut all = Vec::with_capacity(rings.len());
+                    for chunk in rings.chunks(crate::engine::rings::MAX_RINGS) {
+                        all.extend(store.usage_all(chunk).await?);
+                    }
+                    Ok::<_, StoreError>(all)
+                };
+                let read = read.await.and_then(|v| {
                     if v.len() == applied.len() {
                         Ok(v)
                     } else {

@@ -1247,3 +1247,29 @@ async fn a_settlement_into_an_empty_bucket_counts_from_that_bucket() {
         assert_eq!(snapshot.reset_ms, [1_500, 1_500, 1_500]);
     }
 }
+
+/// An upstream's usage is not ours to trust: a settlement of an absurd output count (say
+/// `"completion_tokens": 18446744073709551615`) saturates the bucket, as the slot's width
+/// allows, in both stores alike, and never wraps back to a small count (a release).
+#[tokio::test]
+async fn an_absurd_settlement_saturates_the_bucket_in_both_stores() {
+    let redis = RedisServer::start();
+    let (_, stores) = both_stores(&redis, T0).await;
+    let shape = shape(2_000, 100);
+    let mut answers = Vec::new();
+    for store in &stores {
+        let key = unique_key("absurd");
+        let res = admitted_for_settlement(store, &key, shape, [1, 0, 10]).await;
+        let settled = store.settle(&res, u64::MAX).await.unwrap();
+        let used = store.usage(&key, shape).await.unwrap().usage;
+        answers.push((settled, used));
+    }
+    let full = u64::from(u32::MAX);
+    let expected = (
+        Settlement::Applied {
+            delta: full as i64 - 10,
+        },
+        usage([1, 0, full]),
+    );
+    assert_eq!(answers, [expected, expected]);
+}

@@ -856,6 +856,9 @@ keys:
 enum Key {
     Bearer,
     Azure,
+    /// Azure's `api-key`, beside an `Authorization` that holds no Bearer key: the key is
+    /// the `api-key`'s, for the admission and for every charge.
+    AzureBesideBasic,
     Wrong,
     Missing,
 }
@@ -941,6 +944,13 @@ fn variants() -> Vec<Variant> {
             200,
         ),
         v("POST", "/v1/chat/completions", Azure, &chat_n(2, 10), 200),
+        v(
+            "POST",
+            "/v1/chat/completions",
+            AzureBesideBasic,
+            &chat_n(1, 40),
+            200,
+        ),
         v("POST", "/v1/chat/completions", Bearer, &stream, 200),
         v("POST", "/v1//completions", Bearer, &completions, 200),
         v("POST", "/V1/COMPLETIONS", Azure, &completions, 200),
@@ -1084,6 +1094,10 @@ fn no_request_reaches_the_upstream_uncounted(envoy_file: &'static str) {
         match v.key {
             Key::Bearer => headers.push(("authorization", bearer)),
             Key::Azure => headers.push(("api-key", "sk-e2e-paths")),
+            Key::AzureBesideBasic => {
+                headers.push(("api-key", "sk-e2e-paths"));
+                headers.push(("authorization", "Basic dXNlcjpwYXNz"));
+            }
             Key::Wrong => headers.push(("api-key", "sk-e2e-nope")),
             Key::Missing => {}
         }

@@ -861,6 +861,103 @@ async fn should_rate_limit_names_the_day_window_of_a_per_day_denial() {
 }
 
 #[tokio::test]
+async fn should_rate_limit_charges_the_key_ext_authz_admitted_beside_a_non_bearer_authorization() {
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
+    use llm_ratelimit::admission::{ClientRequest, Limiter};
+
+    // envoy/ratelimit-filter.yaml: ext_authz (count only) authenticates, the ratelimit
+    // filter charges. A client sends its key in `api-key` and any other credential in
+    // `Authorization`; Envoy puts both in the descriptors, `authorization` last.
+    let limiter = Arc::new(Limiter::new(
+        Arc::new(arc_swap::ArcSwap::from_pointee(daily_config())),
+        Store::Memory(MemoryStore::new()),
+        Arc::new(llm_ratelimit::metrics::Metrics::default()),
+    ));
+    let rls = llm_ratelimit::grpc::RateLimiter::new(limiter.clone());
+    let body = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+    for authorization in ["Basic dXNlcjpwdw==", "Bearer", "sk-not-a-key"] {
+        let counted = limiter
+            .count(ClientRequest {
+                method: "POST",
+                authorization: Some(authorization),
+                api_key: Some(DAILY),
+                path: "/v1/chat/completions",
+                body,
+            })
+            .await;
+        // ext_authz reads the key from `api-key` (the Authorization is no Bearer key) ...
+        let admitted = counted
+            .admitted
+            .expect("ext_authz admits the api-key's key");
+        assert_eq!(admitted.key.as_str(), "daily");
+    }
+    // ... so the ratelimit filter's charges must go to that key too: 2 a day.
+    let mut codes = Vec::new();
+    for authorization in ["Basic dXNlcjpwdw==", "Bearer", "sk-not-a-key"] {
+        let call = rls_request(&[
+            ("api_key", DAILY),
+            ("api_key", authorization),
+            ("limit", "requests"),
+        ]);
+        let answer = rls.should_rate_limit(call).await.unwrap().into_inner();
+        codes.push(Code::try_from(answer.overall_code).unwrap());
+    }
+    assert_eq!(codes, [Code::Ok, Code::Ok, Code::OverLimit]);
+    let usage = limiter.usage("daily").await.unwrap();
+    assert_eq!(usage["per_day"]["requests"]["used"], 2, "{usage}");
+    // A Bearer key still wins over `api-key`, as in ext_authz.
+    let call = rls_request(&[
+        ("api_key", "sk-other"),
+        ("api_key", &format!("Bearer {DAILY}")),
+    ]);
+    let answer = rls.should_rate_limit(call).await.unwrap().into_inner();
+    assert_eq!(
+        Code::try_from(answer.overall_code).unwrap(),
+        Code::OverLimit
+    );
+}
+
+#[tokio::test]
+async fn window_gauges_cover_a_key_with_more_limit_sets_than_one_store_call_takes() {
+    // Own per window, per day and seven model entries: nine rings, more than one store
+    // call takes (MAX_RINGS), all under one hash tag.
+    let mut yaml = "keys:\n  - name: many\n    key: sk-test-limits-many\n    rpm: 100\n    input_tpm: 100000\n    output_tpm: 100000\n    per_day:\n      requests: 1000\n    models:\n".to_string();
+    for i in 0..7 {
+        yaml.push_str(&format!("      - match: \"m{i}*\"\n        rpm: 10\n"));
+    }
+    let config = llm_ratelimit::config::Config::parse(&yaml, "many.yaml").unwrap();
+    let base = common::http_node(config, Store::Memory(MemoryStore::new())).await;
+    assert_eq!(
+        check_as(&base, "sk-test-limits-many", "m6-large")
+            .await
+            .status(),
+        200
+    );
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let used = |scope: &str| {
+        common::counter(
+            &text,
+            &format!(
+                r#"llm_ratelimit_window_used{{key="many",limit="requests",scope="{scope}"}} "#
+            ),
+        )
+    };
+    assert_eq!(used("window"), 1, "{text}");
+    assert_eq!(used("per_day"), 1, "{text}");
+    assert_eq!(used("model:m6*"), 1, "{text}");
+    assert!(text.contains(r#"scope="model:m0*""#), "{text}");
+    // Reading them is no store error.
+    let errors = r#"llm_ratelimit_store_errors_total{kind="protocol"} "#;
+    assert_eq!(common::counter(&text, errors), 0, "{text}");
+}
+
+#[tokio::test]
 async fn a_per_day_denial_over_http_names_the_day_window() {
     let base = common::http_node(daily_config(), Store::Memory(MemoryStore::new())).await;
     for _ in 0..2 {

@@ -714,13 +714,20 @@ fn stand_ins(runtime: &tokio::runtime::Runtime, limiter: u16, upstream: u16) -> 
     let upstream_app = axum::Router::new().fallback(move |request: axum::extract::Request| {
         let seen = upstream_seen.clone();
         async move {
-            let mut seen = seen.lock().unwrap();
-            seen.upstream.push((
-                request.method().to_string(),
-                request.uri().to_string(),
-                header(request.headers(), "x-llm-ratelimit-key"),
-            ));
-            axum::Json(json!({"object": "recorded", "n": seen.upstream.len()}))
+            let n = {
+                let mut seen = seen.lock().unwrap();
+                seen.upstream.push((
+                    request.method().to_string(),
+                    request.uri().to_string(),
+                    header(request.headers(), "x-llm-ratelimit-key"),
+                ));
+                seen.upstream.len()
+            };
+            // `?slow`: an upstream still working when the client gives up.
+            if request.uri().query() == Some("slow") {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+            axum::Json(json!({"object": "recorded", "n": n}))
         }
     });
     for (port, app) in [(limiter, limiter_app), (upstream, upstream_app)] {
@@ -963,6 +970,66 @@ fn nginx_hands_limiter_and_upstream_the_same_path_and_reports_each_response_once
     let log = nginx.log("access.log") + &nginx.log("error.log");
     assert!(!log.contains("sk-secret"), "{log}");
     assert!(log.contains("key=stand-in"), "{log}");
+}
+
+/// A client that gives up before the upstream answers leaves its reservation as it was:
+/// the upstream may have generated (and billed) output by then, and nobody saw how much.
+/// Reporting it as an upstream failure (`502`) would release the whole output reservation,
+/// so a client could have large generations run uncounted by hanging up on each; Envoy's
+/// ext_proc leaves such a reservation standing too.
+#[test]
+fn a_client_gone_before_the_upstream_answers_releases_nothing() {
+    use std::io::Write;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (limiter, upstream) = (free_port(), free_port());
+    let seen = stand_ins(&runtime, limiter, upstream);
+    let nginx = Nginx::start(free_port(), limiter, upstream, free_port());
+    wait_ready(
+        &format!("http://127.0.0.1:{upstream}/"),
+        Duration::from_secs(30),
+    );
+    let seen = || seen.lock().unwrap();
+    let body = chat(5, false).to_string();
+    let mut tcp = std::net::TcpStream::connect(&nginx.addr).unwrap();
+    let request = format!(
+        "POST /v1/chat/completions?slow HTTP/1.1\r\nhost: llm\r\nauthorization: Bearer sk-secret\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tcp.write_all(request.as_bytes()).unwrap();
+    poll(10, || match seen().upstream.len() {
+        1 => Ok(()),
+        n => Err(format!("{n} upstream requests")),
+    });
+    drop(tcp);
+    let reports = poll(10, || {
+        let reports = seen().reports.clone();
+        if reports.is_empty() {
+            Err("no report".to_string())
+        } else {
+            Ok(reports)
+        }
+    });
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    let (reservation, status, reported) = &reports[0];
+    assert_eq!(reservation, "r-1");
+    assert_eq!(status, "", "no upstream status: not an upstream error");
+    assert_eq!(reported, "");
+    // An upstream Nginx cannot reach did no work: Nginx's own 502 is reported, and the
+    // limiter releases the output reservation.
+    let unreachable = Nginx::start(free_port(), limiter, free_port(), free_port());
+    let response = post(&unreachable.url, Some("sk-secret"), body.clone());
+    assert_eq!(response.status(), 502);
+    let reports = poll(10, || {
+        let reports = seen().reports.clone();
+        if reports.len() == 2 {
+            Ok(reports)
+        } else {
+            Err(format!("{} reports", reports.len()))
+        }
+    });
+    assert_eq!(reports[1].0, "r-2");
+    assert_eq!(reports[1].1, "502");
 }
 
 /// A few hundred request targets built at random (fixed seed) from pieces that exercise

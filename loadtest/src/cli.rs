@@ -40,6 +40,13 @@ pub enum Command {
         /// HTTP/2 connections per target; requests are multiplexed over them.
         #[arg(long, default_value_t = 1)]
         connections: usize,
+        /// With `--api authz`: settle each admitted request through ext_proc `Process`, as
+        /// Envoy does once the upstream has answered, reporting this many output tokens in
+        /// a JSON usage body; the request's latency then ends when its settlement has.
+        /// Without it nothing is settled: each admission keeps its output reservation
+        /// until its bucket leaves the window.
+        #[arg(long)]
+        settle_output: Option<u32>,
     },
 }
 
@@ -229,7 +236,12 @@ pub enum Pace {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     Http,
-    Grpc { api: Api, connections: usize },
+    Grpc {
+        api: Api,
+        connections: usize,
+        /// Output tokens each admitted `Check` is settled to through ext_proc, if any.
+        settle_output: Option<u32>,
+    },
 }
 
 /// A checked run description.
@@ -267,11 +279,25 @@ impl Settings {
                 load,
                 api,
                 connections,
+                settle_output,
             } => {
                 if connections == 0 || connections > 1024 {
                     return Err("--connections must be between 1 and 1024".into());
                 }
-                (load, Mode::Grpc { api, connections })
+                if settle_output.is_some() && api != Api::Authz {
+                    return Err("--settle-output applies to --api authz only".into());
+                }
+                if settle_output == Some(0) {
+                    return Err("--settle-output must be at least 1".into());
+                }
+                (
+                    load,
+                    Mode::Grpc {
+                        api,
+                        connections,
+                        settle_output,
+                    },
+                )
             }
         };
         if load.target.len() > usize::from(u16::MAX) {

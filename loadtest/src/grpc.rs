@@ -11,6 +11,14 @@
 //!   requests, `limit: input_tokens` with `hits_addend` = the prompt's tokens, and with
 //!   `--max-tokens`, `limit: output_tokens` with `hits_addend` = that budget.
 //!
+//! With `--settle-output N` (authz only), each admitted request is then settled through
+//! `envoy.service.ext_proc.v3.ExternalProcessor/Process` as Envoy's ext_proc filter does in
+//! observability mode once the upstream has answered: the handle `Check` left in its
+//! dynamic metadata in `metadata_context` (under ext_authz's namespace, where Envoy puts
+//! it), the response's headers, then one body with a usage of N output tokens. The record's
+//! answer comes when the limiter has settled it (it ends the stream after settling), so
+//! latency and throughput cover a request's whole sidecar work.
+//!
 //! Every message is encoded once before the run; a small codec sends those bytes as
 //! they are and decodes only the answer. Each target gets `--connections` HTTP/2
 //! channels, which the workers share (requests are multiplexed).
@@ -19,8 +27,8 @@
 //! allowed is 200; a denial carries its status (429 is rate limited, with the limit and
 //! whose it is named in its body); `OVER_LIMIT` is 429 (its `raw_body` names them the
 //! same way); a gRPC error is 503 (Envoy's `status_on_error` in this project's configs).
-//! No upstream runs, so completion tokens are 0 and prompt tokens are the tool's own
-//! count.
+//! No upstream runs, so completion tokens are 0 (N once settled with `--settle-output`)
+//! and prompt tokens are the tool's own count.
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
@@ -28,30 +36,38 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use bytes::{BufMut, Bytes};
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata};
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Phase;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse,
+};
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
-use envoy_types::pb::google::protobuf::UInt64Value;
+use envoy_types::pb::google::protobuf::value::Kind;
+use envoy_types::pb::google::protobuf::{Struct, UInt64Value, Value};
 use http::uri::PathAndQuery;
 use prost::Message;
 use tonic::client::Grpc;
 use tonic::codec::{Codec, EncodeBuf, Encoder};
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
-use tonic_prost::ProstDecoder;
+use tonic_prost::{ProstCodec, ProstDecoder};
 
 use crate::cli::Api;
 use crate::drive::{Client, Clock};
 use crate::plan::{Pick, Plan};
 use crate::record::{LimitKind, Record};
 use crate::response::Seen;
+use llm_ratelimit::grpc::{METADATA_NAMESPACE, RESERVATION_FIELD};
 
 const CHECK: &str = "/envoy.service.auth.v3.Authorization/Check";
 const SHOULD_RATE_LIMIT: &str = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit";
+const PROCESS: &str = "/envoy.service.ext_proc.v3.ExternalProcessor/Process";
 /// The ratelimit filter's domain in `envoy/ratelimit-filter.yaml`.
 const DOMAIN: &str = "llm";
 /// The `host` a gateway would report; nothing is sent to it.
@@ -238,6 +254,8 @@ impl<R: Message + Default + Send + 'static> Codec for Preencoded<R> {
 /// What every gRPC worker shares.
 pub struct Shared {
     pub api: Api,
+    /// `--settle-output`: settle each admission to this many output tokens.
+    pub settle_output: Option<u32>,
     pub channels: Vec<Vec<Channel>>,
     pub messages: Vec<Bytes>,
     pub plan: std::sync::Arc<Plan>,
@@ -292,7 +310,21 @@ impl GrpcClient {
                 )
                 .await
             {
-                Ok(r) => check_answer(r.into_inner()),
+                Ok(r) => {
+                    let response = r.into_inner();
+                    let handle = reservation_of(&response);
+                    let (status, mut seen) = check_answer(response);
+                    if let (200, Some(output), Some(handle)) =
+                        (status, self.shared.settle_output, handle)
+                    {
+                        let prompt =
+                            self.shared.plan.variants[usize::from(pick.variant)].prompt_tokens;
+                        if settle(client, handle, prompt, output).await {
+                            seen.completion_tokens = Some(output);
+                        }
+                    }
+                    (status, seen)
+                }
                 Err(_) => (503, Seen::default()),
             },
             Api::Ratelimit => match client
@@ -308,6 +340,99 @@ impl GrpcClient {
             },
         };
         (sent_us, status, seen)
+    }
+}
+
+/// The settlement handle an admitting `Check` left in its dynamic metadata, if any.
+fn reservation_of(response: &CheckResponse) -> Option<String> {
+    match response
+        .dynamic_metadata
+        .as_ref()?
+        .fields
+        .get(RESERVATION_FIELD)?
+        .kind
+        .as_ref()?
+    {
+        Kind::StringValue(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// The two messages Envoy's ext_proc filter sends for a 200 JSON answer: its headers, with
+/// ext_authz's metadata (the handle) in `metadata_context`, then the whole body.
+fn settlement_messages(handle: String, prompt: u32, output: u32) -> [ProcessingRequest; 2] {
+    let reservation = Struct {
+        fields: HashMap::from([(
+            RESERVATION_FIELD.to_string(),
+            Value {
+                kind: Some(Kind::StringValue(handle)),
+            },
+        )]),
+    };
+    let header = |key: &str, value: &str| HeaderValue {
+        key: key.into(),
+        raw_value: value.as_bytes().to_vec(),
+        ..Default::default()
+    };
+    let headers = ProcessingRequest {
+        request: Some(Phase::ResponseHeaders(HttpHeaders {
+            headers: Some(HeaderMap {
+                headers: vec![
+                    header(":status", "200"),
+                    header("content-type", "application/json"),
+                ],
+            }),
+            end_of_stream: false,
+            ..Default::default()
+        })),
+        metadata_context: Some(Metadata {
+            filter_metadata: HashMap::from([(METADATA_NAMESPACE.to_string(), reservation)]),
+            ..Default::default()
+        }),
+        observability_mode: true,
+        ..Default::default()
+    };
+    let total = u64::from(prompt) + u64::from(output);
+    let body = format!(
+        r#"{{"id":"chatcmpl-llm-loadtest","object":"chat.completion","choices":[],"usage":{{"prompt_tokens":{prompt},"completion_tokens":{output},"total_tokens":{total}}}}}"#
+    );
+    let body = ProcessingRequest {
+        request: Some(Phase::ResponseBody(HttpBody {
+            body: body.into_bytes(),
+            end_of_stream: true,
+            ..Default::default()
+        })),
+        observability_mode: true,
+        ..Default::default()
+    };
+    [headers, body]
+}
+
+/// Settles one reservation through ext_proc `Process`; true once the limiter has ended
+/// the stream, which it does after settling.
+async fn settle(client: &mut Grpc<Channel>, handle: String, prompt: u32, output: u32) -> bool {
+    if client.ready().await.is_err() {
+        return false;
+    }
+    let messages = settlement_messages(handle, prompt, output);
+    let request = tonic::Request::new(tonic::codegen::tokio_stream::iter(messages));
+    let Ok(response) = client
+        .streaming(
+            request,
+            PathAndQuery::from_static(PROCESS),
+            ProstCodec::<ProcessingRequest, ProcessingResponse>::default(),
+        )
+        .await
+    else {
+        return false;
+    };
+    let mut replies = response.into_inner();
+    loop {
+        match replies.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => return true,
+            Err(_) => return false,
+        }
     }
 }
 

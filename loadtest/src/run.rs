@@ -63,11 +63,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<Verdict> {
             })
             .await
         }
-        Mode::Grpc { api, connections } => {
+        Mode::Grpc {
+            api,
+            connections,
+            settle_output,
+        } => {
             let channels = grpc::connect(&settings.targets, connections).await?;
             let path = format!("/v1{}", settings.endpoint.path());
             let shared = Arc::new(grpc::Shared {
                 api,
+                settle_output,
                 channels,
                 messages: grpc::messages(api, &path, &settings.secrets, &settings.models, &plan),
                 plan: plan.clone(),

@@ -39,6 +39,8 @@ pub struct Summary {
     pub workers: usize,
     pub prompt_tokens: PromptRange,
     pub max_tokens: Option<u32>,
+    /// `grpc --settle-output`: output tokens each admission was settled to.
+    pub settle_output: Option<u32>,
     pub requests: Counts,
     /// Open loop: slots that found no free worker before the end.
     pub unsent: u64,
@@ -210,6 +212,10 @@ impl Summary {
                 max: settings.prompt_tokens.max,
             },
             max_tokens: settings.max_tokens,
+            settle_output: match settings.mode {
+                Mode::Http => None,
+                Mode::Grpc { settle_output, .. } => settle_output,
+            },
             requests,
             unsent: finished.unsent,
             throughput_rps: round1(requests.total as f64 / seconds),

@@ -292,13 +292,60 @@ async fn grpc_ratelimit_admits_exactly_the_rpm() {
     grpc_admits_exactly_the_rpm("ratelimit").await;
 }
 
+/// `grpc --api authz --settle-output 3` with `--max-tokens 100` on a key of 2,000 output
+/// TPM: each admission reserves 100 and is then settled through ext_proc to 3, so far
+/// more than the 20 that reservations alone would allow get in, the limiter's window
+/// holds exactly 3 output tokens per admitted request, and the audit agrees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_authz_settle_output_settles_every_admission_through_ext_proc() {
+    let dir = tempfile::tempdir().unwrap();
+    let (limiter, config) = node(
+        dir.path(),
+        "keys:
+  - name: team-out
+    key: sk-loadtest-secret-alpha
+    rpm: 100000000
+    input_tpm: 100000000000
+    output_tpm: 2000
+",
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let serving = limiter.clone();
+    tokio::spawn(async move {
+        llm_ratelimit::grpc::serve(listener, serving, std::future::pending())
+            .await
+            .unwrap()
+    });
+    let json = dir.path().join("run.json");
+    let out = loadtest(args(&format!(
+        "grpc --api authz --target {addr} --key {SECRET_A} --max-tokens 100 \
+         --settle-output 3 --duration 2s --concurrency 2 --verify {} --verify-strict \
+         --json {}",
+        config.display(),
+        json.display()
+    )))
+    .await;
+    let s = summary(&out, &json);
+    let ok = u(&s["requests"]["ok"]);
+    assert_eq!(u(&s["requests"]["errors"]), 0, "{s}");
+    assert!(ok > 20, "reservations were not settled: {s}");
+    assert_eq!(u(&s["tokens"]["completion"]), 3 * ok, "{s}");
+    assert_eq!(s["settle_output"], 3, "{s}");
+    assert_eq!(s["verify"]["passed"], true, "{s}");
+    // Every settlement ended before its record did: the window holds the settled output.
+    let usage = limiter.usage("team-out").await.unwrap();
+    assert_eq!(usage["requests"]["used"], ok, "{usage}");
+    assert_eq!(usage["output_tokens"]["used"], 3 * ok, "{usage}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_flags_and_unreachable_targets_fail_clearly_and_quickly() {
     // A port nothing listens on.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();
     drop(closed);
-    let cases: [(Vec<String>, i32, &str); 6] = [
+    let cases: [(Vec<String>, i32, &str); 7] = [
         (
             args(&format!(
                 "http --target http://127.0.0.1:{port} --key {SECRET_A} --duration 1s \
@@ -346,6 +393,14 @@ async fn bad_flags_and_unreachable_targets_fail_clearly_and_quickly() {
             )),
             1,
             "--json: cannot write /nonexistent-dir/run.json",
+        ),
+        (
+            args(&format!(
+                "grpc --api ratelimit --target 127.0.0.1:1 --key {SECRET_A} --duration 1s \
+                 --concurrency 1 --settle-output 5"
+            )),
+            2,
+            "--settle-output applies to --api authz only",
         ),
     ];
     for (args, code, message) in cases {

@@ -413,7 +413,9 @@ impl MemoryStore {
         let i = ring.index(marker.bucket);
         let old = ring.slots[i][2];
         // Against what the marker still holds: a refund by it may have taken some back.
-        let new = (old + output_tokens)
+        // Saturating: the count comes from the upstream's response, and may be anything.
+        let new = old
+            .saturating_add(output_tokens)
             .saturating_sub(marker.amounts[2])
             .min(u32::MAX.into());
         ring.slots[i][2] = new;

@@ -2,7 +2,8 @@
 //! sliding-window engine, for the `ratelimit` filter.
 //!
 //! A descriptor is ours when it has an `api_key` entry (the bearer secret, with or without
-//! `Bearer `). Its optional `limit` entry names the limit it is held to (`requests`,
+//! `Bearer `; of several, the one Check would take, see `secret_of`). Its optional `limit`
+//! entry names the limit it is held to (`requests`,
 //! `input_tokens`, `output_tokens`; default `requests`; any other value refuses the whole
 //! call — a typo must not mean "unlimited"), and it asks for `hits_addend` (the
 //! descriptor's, else the request's, else 1). A `phase: response` entry marks a charge
@@ -35,8 +36,9 @@ use envoy_types::pb::google::protobuf::{Duration as ProtoDuration, Struct, Value
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
-use crate::admission::{Charged, Limiter};
+use crate::admission::{bearer, Charged, Limiter};
 use crate::answer::rate_limit_headers;
+use crate::config::Config;
 use crate::engine::{Charge, LimitKind, Limits, Snapshot, Usage};
 use crate::telemetry::{self, TraceHeaders};
 use tracing::Instrument;
@@ -87,10 +89,31 @@ pub const MAX_DESCRIPTORS: usize = 256;
 /// make a typo in Envoy's config an unlimited key, so the whole call is refused.
 struct UnknownLimit(String);
 
+/// The secret a descriptor's `api_key` entries name, read as ext_authz reads the headers
+/// they come from (Envoy adds an entry per header present, e.g. `api-key` and
+/// `authorization`): a `Bearer` credential first, else a plain key the config knows. An
+/// entry that is neither (an `Authorization: Basic ...` beside a valid `api-key`) must not
+/// hide the key ext_authz admitted the request as: the request would be charged to no one.
+fn secret_of(values: &[&str], config: &Config) -> Option<String> {
+    if let Some(key) = values.iter().rev().find_map(|v| bearer(Some(v))) {
+        return Some(key.to_string());
+    }
+    values
+        .iter()
+        .map(|v| v.trim())
+        .find(|v| config.key_by_secret(v).is_some())
+        .or_else(|| values.last().map(|v| v.trim()))
+        .map(str::to_string)
+}
+
 /// Reads one descriptor: `Ok(None)` when it is not ours (no `api_key`) or is an
 /// after-response charge for a request that was not admitted.
-fn read(d: &RateLimitDescriptor, request_hits: u32) -> Result<Option<Ask>, UnknownLimit> {
-    let mut secret = None;
+fn read(
+    d: &RateLimitDescriptor,
+    request_hits: u32,
+    config: &Config,
+) -> Result<Option<Ask>, UnknownLimit> {
+    let mut secrets = Vec::new();
     let mut kind = LimitKind::Requests;
     let mut after_response = false;
     let mut admitted = false;
@@ -98,7 +121,7 @@ fn read(d: &RateLimitDescriptor, request_hits: u32) -> Result<Option<Ask>, Unkno
     let mut model = None;
     for e in &d.entries {
         match e.key.as_str() {
-            "api_key" => secret = Some(e.value.clone()),
+            "api_key" => secrets.push(e.value.as_str()),
             "model" if !e.value.is_empty() => model = Some(e.value.clone()),
             "request_id" if !e.value.is_empty() => request_id = Some(e.value.clone()),
             "limit" => {
@@ -120,7 +143,7 @@ fn read(d: &RateLimitDescriptor, request_hits: u32) -> Result<Option<Ask>, Unkno
         None if request_hits > 0 => u64::from(request_hits),
         None => 1,
     };
-    Ok(secret.map(|secret| Ask {
+    Ok(secret_of(&secrets, config).map(|secret| Ask {
         secret,
         kind,
         hits,
@@ -236,10 +259,11 @@ impl RateLimiter {
                 request.descriptors.len()
             )));
         }
+        let config = self.limiter.config();
         let asks: Vec<Option<Ask>> = match request
             .descriptors
             .iter()
-            .map(|d| read(d, request.hits_addend))
+            .map(|d| read(d, request.hits_addend, &config))
             .collect()
         {
             Ok(asks) => asks,
@@ -251,7 +275,7 @@ impl RateLimiter {
                 )));
             }
         };
-        let window = self.limiter.config().window();
+        let window = config.window();
         let mut groups: Vec<Group> = Vec::new();
         for (i, ask) in asks.iter().enumerate() {
             let Some(ask) = ask else { continue };
