@@ -117,10 +117,13 @@ pub struct Limiter {
     tokenizer: Arc<Tokenizer>,
     /// Large bodies tokenized at once on blocking threads: half the cores, so they
     /// never take every CPU from small requests.
-    offload: Semaphore,
+    offload: Arc<Semaphore>,
     metrics: Arc<Metrics>,
     /// Shutdown: readiness off once draining begins; settlements in flight counted.
     drain: Arc<Drain>,
+    /// When the last complete reading of the window gauges started; held while one runs,
+    /// so scrapes read the store one at a time (see [`Limiter::observe_windows_once`]).
+    windows_read: tokio::sync::Mutex<Option<Instant>>,
 }
 
 /// The client's secret: `Authorization: Bearer <key>`, else Azure's `api-key: <key>`.
@@ -166,7 +169,7 @@ fn record_understood(u: &Understood) {
         telemetry::record("gen_ai.operation.name", op);
     }
     if !u.request.model.is_empty() {
-        telemetry::record("gen_ai.request.model", u.request.model.as_str());
+        telemetry::record_text("gen_ai.request.model", &u.request.model);
     }
     telemetry::record("gen_ai.usage.input_tokens", u.want.input_tokens);
     telemetry::record("gen_ai.request.max_tokens", u.want.output_tokens);
@@ -236,11 +239,12 @@ impl Limiter {
             config,
             store,
             tokenizer: Arc::new(Tokenizer::new()),
-            offload: Semaphore::new(
+            offload: Arc::new(Semaphore::new(
                 std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
-            ),
+            )),
             metrics,
             drain: Arc::new(Drain::default()),
+            windows_read: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -373,7 +377,10 @@ impl Limiter {
 
     /// Parses and tokenizes a body. A small one is done in place (a few µs); a large one
     /// (up to milliseconds per MiB) on a blocking thread, at most `offload` at once, so
-    /// large bodies never stall the async workers that answer small requests.
+    /// large bodies never stall the async workers that answer small requests. The slot
+    /// goes with the blocking work, which runs to its end even when the caller stops
+    /// waiting (a deadline, the request timeout): released with the caller, it let one more
+    /// body onto the blocking threads per caller that gave up, each with a copy of its body.
     async fn understand_body(
         &self,
         endpoint: Endpoint,
@@ -382,17 +389,20 @@ impl Limiter {
     ) -> Result<LlmRequest, RequestError> {
         // The semaphore is never closed; were it, the body is tokenized in place.
         let permit = if body.len() > OFFLOAD_BYTES {
-            self.offload.acquire().await.ok()
+            self.offload.clone().acquire_owned().await.ok()
         } else {
             None
         };
-        let Some(_permit) = permit else {
+        let Some(permit) = permit else {
             return self
                 .tokenizer
                 .understand_with(endpoint, body, model_hint.as_deref());
         };
         let (tokenizer, body) = (self.tokenizer.clone(), body.to_vec());
-        let work = move || tokenizer.understand_with(endpoint, &body, model_hint.as_deref());
+        let work = move || {
+            let _slot = permit;
+            tokenizer.understand_with(endpoint, &body, model_hint.as_deref())
+        };
         match tokio::task::spawn_blocking(work).await {
             Ok(result) => result,
             // The task panicked (a bug): answer as for a body we could not read.
@@ -525,6 +535,23 @@ impl Limiter {
             .store_errors
             .get_or_create(&StoreErrorLabels { kind: e.kind() })
             .inc();
+    }
+
+    /// [`Limiter::observe_windows`] for a scrape, one reading at a time: a scrape that
+    /// arrives while another reads waits for it, and takes the next complete reading that
+    /// started after it arrived — its own, or one a scrape waiting with it started. So
+    /// what a scrape shows is never older than the scrape, while any number of scrapes at
+    /// once cost at most two readings (one store call per key each) rather than one each:
+    /// `/metrics` passes no gate, and each reading costs a store call per key.
+    pub async fn observe_windows_once(&self) {
+        let arrived = Instant::now();
+        let mut last = self.windows_read.lock().await;
+        if last.is_some_and(|started| started >= arrived) {
+            return;
+        }
+        let started = Instant::now();
+        self.observe_windows().await;
+        *last = Some(started);
     }
 
     /// Sets the window gauges (`llm_ratelimit_window_*`) of every configured key from
@@ -1036,6 +1063,45 @@ mod tests {
         assert_eq!(bearer(Some("Basic abc")), None);
         assert_eq!(bearer(Some("Bearer ")), None);
         assert_eq!(bearer(None), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_body_holds_its_tokenizing_slot_until_tokenized_even_if_the_caller_gives_up() {
+        let config = Config::parse(
+            "keys:\n  - name: a\n    key: sk-offload\n    rpm: 1\n    input_tpm: 1\n    output_tpm: 1\n",
+            "k.yaml",
+        )
+        .unwrap();
+        let limiter = Limiter::new(
+            Arc::new(ArcSwap::from_pointee(config)),
+            Store::Memory(crate::engine::memory::MemoryStore::new()),
+            Arc::new(Metrics::default()),
+        );
+        let slots = limiter.offload.available_permits();
+        // A body that takes a while to tokenize (one long run of letters: ~0.1 s in a
+        // release build, more in a debug one) ...
+        let body = format!(
+            r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"{}"}}]}}"#,
+            "a".repeat(256 << 10)
+        );
+        // ... whose caller gives up at once (a gRPC deadline, the request timeout).
+        let gave_up = tokio::time::timeout(
+            Duration::from_millis(1),
+            limiter.understand_body(Endpoint::ChatCompletions, body.as_bytes(), None),
+        )
+        .await;
+        assert!(gave_up.is_err(), "tokenized within 1 ms");
+        // The tokenizing goes on, and keeps its slot: else every caller that gives up lets
+        // one more body onto the blocking threads, past the bound of half the cores.
+        assert!(
+            limiter.offload.available_permits() < slots,
+            "the slot was given back while the body is still being tokenized"
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while limiter.offload.available_permits() < slots {
+            assert!(Instant::now() < deadline, "the slot never came back");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     #[test]

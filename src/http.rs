@@ -86,7 +86,7 @@ const WINDOW_READ_BUDGET: std::time::Duration = std::time::Duration::from_millis
 async fn metrics(State(limiter): State<Arc<Limiter>>) -> Response {
     // The window gauges are read from the store now, so a scrape sees the window as it is;
     // a stalled store keeps the last reading rather than holding the scrape.
-    let _ = tokio::time::timeout(WINDOW_READ_BUDGET, limiter.observe_windows()).await;
+    let _ = tokio::time::timeout(WINDOW_READ_BUDGET, limiter.observe_windows_once()).await;
     (
         [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
         limiter.metrics().render(),

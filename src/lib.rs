@@ -11,6 +11,7 @@ pub mod config;
 pub mod engine;
 pub mod grpc;
 pub mod http;
+pub mod listen;
 pub mod metrics;
 pub mod mock;
 pub mod openai;

@@ -117,6 +117,8 @@ impl Shed {
 
 /// One node's admission gate; shared (`Arc`) by the gRPC and HTTP servers.
 pub struct Gate {
+    /// Running slots plus queue places: the most admissions the gate holds at once.
+    admissions: usize,
     running: Arc<Semaphore>,
     queue: Semaphore,
     queue_wait: Duration,
@@ -142,6 +144,7 @@ impl Gate {
     /// A gate of `pressure`'s sizes, counted in `metrics`.
     pub fn new(pressure: &Pressure, metrics: &Metrics) -> Gate {
         Gate {
+            admissions: pressure.max_in_flight.max(1) + pressure.max_queued,
             running: Arc::new(Semaphore::new(pressure.max_in_flight.max(1))),
             queue: Semaphore::new(pressure.max_queued),
             queue_wait: pressure.queue_wait,
@@ -150,6 +153,11 @@ impl Gate {
             in_flight: metrics.in_flight.clone(),
             queued: metrics.queued.clone(),
         }
+    }
+
+    /// The most admissions the gate holds at once, running and queued.
+    pub fn admissions(&self) -> usize {
+        self.admissions
     }
 
     /// A running slot at once, else after a wait of at most `wait` in the queue, else the

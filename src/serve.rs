@@ -2,14 +2,12 @@
 //! and runs the listeners until SIGTERM or Ctrl-C, then shuts down as [`crate::shutdown`]
 //! describes: readiness off, `shutdown_delay` of serving on, stop accepting, drain.
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use axum::serve::ListenerExt;
 
 use crate::admission::Limiter;
 use crate::config::{spawn_watcher, Config, ReloadOutcome};
@@ -98,17 +96,17 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    // TCP_NODELAY on every accepted connection: small replies must not wait for Nagle.
-    let http = http.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let http = axum::serve(
+    // Each request head has a deadline, and shutdown waits for no half-sent head (src/listen.rs).
+    let http = crate::listen::serve(
         http,
         crate::http::router_with(limiter.clone(), gate.clone()),
-    )
-    .with_graceful_shutdown(wait(stopped.clone()))
-    .into_future();
+        crate::listen::HEAD_TIMEOUT,
+        options.pressure.request_timeout.max(Duration::from_secs(5)),
+        wait(stopped.clone()),
+    );
     let drain = limiter.drain().clone();
+    let grace = options.pressure.request_timeout.max(Duration::from_secs(5));
+    let grpc_stopped = wait(stopped.clone());
     let grpc = crate::grpc::serve_with(
         grpc,
         limiter,
@@ -116,6 +114,19 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         options.pressure.max_settlement_streams,
         wait(stopped),
     );
+    // tonic's shutdown waits for every connection to close, also one that never finishes
+    // its HTTP/2 preface: at most `grace` after the stop (ext_proc settlements still in
+    // flight are waited for below, through the drain).
+    let grpc = async move {
+        let mut grpc = std::pin::pin!(grpc);
+        tokio::select! {
+            served = &mut grpc => served,
+            () = async {
+                grpc_stopped.await;
+                tokio::time::sleep(grace).await;
+            } => Ok(()),
+        }
+    };
     let signal = {
         let drain = drain.clone();
         let delay = options.shutdown_delay;
@@ -134,7 +145,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             let _ = stop.send(true);
         }
     };
-    let (http, grpc, ()) = tokio::join!(http, grpc, signal);
+    let ((), grpc, ()) = tokio::join!(http, grpc, signal);
     // The listeners have finished their calls; settlements run in tasks of their own
     // (an ext_proc stream can end before its settlement is written), so wait for those.
     if drain.in_flight() > 0 {
@@ -146,7 +157,6 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     drain.settled().await;
     watcher.abort();
     tracing::info!("stopped");
-    http?;
     grpc
 }
 

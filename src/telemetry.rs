@@ -240,6 +240,25 @@ pub fn record(field: &'static str, value: impl tracing::Value) {
     }
 }
 
+/// The longest text a span attribute takes from a request (OpenAI model names are under
+/// 64 bytes). The SDK sets no bound on an attribute's length, and the exporter queues up
+/// to 2,048 spans: a client's 1 MiB `model` kept whole would hold a GiB of a node's
+/// memory and make each export batch too large for a collector to take.
+pub const MAX_ATTRIBUTE_BYTES: usize = 256;
+
+/// Records client-supplied `text` as `field`, cut to its first [`MAX_ATTRIBUTE_BYTES`]
+/// (at a character boundary).
+pub fn record_text(field: &'static str, text: &str) {
+    if !enabled() {
+        return;
+    }
+    let mut end = text.len().min(MAX_ATTRIBUTE_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Span::current().record(field, &text[..end]);
+}
+
 /// The JSON event format with the OpenTelemetry `trace_id` and `span_id` of the span the
 /// event happened in added to the object.
 struct WithTraceIds<F>(F);

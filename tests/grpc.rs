@@ -246,6 +246,48 @@ async fn an_unknown_limit_is_an_error_never_unlimited_and_statuses_describe_the_
     assert!(r.statuses[0].duration_until_reset.is_some());
 }
 
+#[tokio::test]
+async fn a_call_with_more_descriptors_than_envoy_ever_sends_is_refused_charging_nothing() {
+    use llm_ratelimit::grpc::MAX_DESCRIPTORS;
+    let (addr, limiter) = server().await;
+    let mut client = RateLimitServiceClient::connect(addr).await.unwrap();
+    // One of ours, then descriptors each naming a different unknown secret: grouping them
+    // once cost a runtime worker time quadratic in their number (40,000 of them, a 0.6 MB
+    // call, held it for ~27 s in a debug build), past the reach of the request timeout.
+    let many = |n: usize| {
+        let mut d = vec![descriptor(
+            &[("api_key", "sk-grpc-a"), ("limit", "input_tokens")],
+            Some(7),
+            false,
+        )];
+        d.extend(
+            (1..n).map(|i| descriptor(&[("api_key", &format!("sk-unknown-{i}"))], None, false)),
+        );
+        call(d)
+    };
+    let err = client
+        .should_rate_limit(many(MAX_DESCRIPTORS + 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains(&MAX_DESCRIPTORS.to_string()),
+        "{}",
+        err.message()
+    );
+    assert!(!err.message().contains("sk-"), "{}", err.message());
+    assert_eq!(used(&limiter).await, [0, 0, 0]);
+    // Up to the bound the call is read as always.
+    let r = client
+        .should_rate_limit(many(MAX_DESCRIPTORS))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.overall_code, Code::Ok as i32);
+    assert_eq!(r.statuses.len(), MAX_DESCRIPTORS);
+    assert_eq!(used(&limiter).await, [0, 7, 0]);
+}
+
 const TWO_KEYS: &str = "window: 10s\nkeys:\n  - name: team-a\n    key: sk-grpc-a\n    rpm: 50\n    input_tpm: 1000\n    output_tpm: 1000\n  - name: team-b\n    key: sk-grpc-b\n    rpm: 50\n    input_tpm: 1000\n    output_tpm: 1000\n";
 
 async fn server_on(store: Store, keys: &str) -> (String, Arc<Limiter>) {
@@ -457,6 +499,60 @@ async fn check_allows_with_headers_and_metadata_and_denies_with_the_client_answe
         assert!(std::time::Instant::now() < deadline, "never SERVING");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_holds_a_bounded_number_of_streams() {
+    let p = llm_ratelimit::pressure::Pressure::default();
+    let bound = llm_ratelimit::grpc::streams_per_connection(
+        p.max_in_flight + p.max_queued,
+        p.max_settlement_streams,
+    ) as usize;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let (addr, _limiter) = server().await;
+    let channel = tonic::transport::Endpoint::from_shared(addr)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let health = HealthClient::new(channel);
+    let watch = || {
+        let mut health = health.clone();
+        async move {
+            health
+                .watch(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    // Health `Watch` (like reflection) is never shed and stays open as long as the
+    // client likes: without a bound one connection held any number of them.
+    let mut open = Vec::new();
+    while open.len() < bound {
+        let n = (bound - open.len()).min(256);
+        let batch: Vec<_> = (0..n).map(|_| tokio::spawn(watch())).collect();
+        for stream in batch {
+            open.push(stream.await.unwrap());
+        }
+    }
+    // One more waits for a place (the server's SETTINGS_MAX_CONCURRENT_STREAMS) ...
+    let mut extra = tokio::spawn(watch());
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(300), &mut extra)
+            .await
+            .is_err(),
+        "a stream over the bound was opened"
+    );
+    // ... and gets it as soon as one closes.
+    drop(open.pop());
+    let extra = tokio::time::timeout(std::time::Duration::from_secs(30), extra)
+        .await
+        .expect("a freed place was not given to the waiting stream");
+    assert!(extra.is_ok());
 }
 
 #[tokio::test]

@@ -311,3 +311,64 @@ async fn a_store_that_is_down_gives_503_and_not_ready() {
         200
     );
 }
+
+/// Script calls Redis has answered so far (every store call is one).
+fn script_calls(redis: &RedisServer) -> u64 {
+    redis
+        .cli(&["INFO", "commandstats"])
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_eval") || l.starts_with("cmdstat_fcall"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrapes_at_once_share_their_reading_of_the_windows() {
+    // `/metrics` passes no gate, and each reading of the window gauges is one store call
+    // per key: 32 scrapes at once on 40 keys were 1,280 store calls, one reading each.
+    const KEYS: usize = 40;
+    const SCRAPES: usize = 32;
+    let mut yaml = String::from("keys:\n");
+    for i in 0..KEYS {
+        yaml.push_str(&format!(
+            "  - name: k{i}\n    key: sk-scrape-{i}\n    rpm: 10\n    input_tpm: 1000\n    output_tpm: 1000\n"
+        ));
+    }
+    let redis = RedisServer::start();
+    let base = node(
+        Config::parse(&yaml, "k.yaml").unwrap(),
+        redis_store(&redis).await,
+    )
+    .await;
+    let scrape = || async {
+        reqwest::get(format!("{base}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    // One scrape alone reads every key's windows (once Redis holds the scripts).
+    let _ = scrape().await;
+    let before = script_calls(&redis);
+    let text = scrape().await;
+    assert!(text
+        .contains(r#"llm_ratelimit_window_limit{key="k39",limit="requests",scope="window"} 10"#));
+    assert_eq!(script_calls(&redis) - before, KEYS as u64);
+    // Many at once share: one reading in flight, the others take the next.
+    let before = script_calls(&redis);
+    let all = futures_util::future::join_all((0..SCRAPES).map(|_| scrape())).await;
+    assert!(all.iter().all(|t| t.contains("llm_ratelimit_window_used")));
+    let calls = script_calls(&redis) - before;
+    assert!(
+        calls <= (SCRAPES / 4 * KEYS) as u64,
+        "{SCRAPES} scrapes at once made {calls} store calls"
+    );
+}

@@ -563,6 +563,89 @@ async fn spans_reach_an_http_protobuf_collector() {
     assert_eq!(span.service, "edge-limiter");
     assert_eq!(span.parent, "50f067aa0ba902b7");
     assert_eq!(attr(span, "llm_ratelimit.decision"), "admitted");
+
+    // A model name is the client's text: a span keeps only its first 256 bytes, whatever
+    // the body holds (here 64 KiB; up to max_body_bytes), cut at a character boundary.
+    let trace = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let model = format!("gpt-4{}", "é".repeat(32 << 10));
+    let check = reqwest::Client::new()
+        .post(format!("{}/v1/check", node.http))
+        .header("authorization", "Bearer sk-obs-secret-a")
+        .header("traceparent", traceparent(trace, "50f067aa0ba902b7"))
+        .body(body().replace("gpt-4o-mini", &model))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(check.status(), 200);
+    let span = &spans_of(&received, trace, 1).await[0];
+    let kept = attr(span, "gen_ai.request.model");
+    assert!(model.starts_with(kept), "{} bytes kept", kept.len());
+    assert_eq!(kept.len(), 255);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_level_logs_of_every_crate_hold_no_secret() {
+    // RUST_LOG=trace turns on hyper, h2, tonic and tower too: none of them may write a
+    // header value (or a descriptor) that holds a client's secret.
+    let node = limiter(&[("RUST_LOG", "trace".into())]).await;
+    let http = reqwest::Client::new();
+    for (header, value) in [
+        ("authorization", "Bearer sk-obs-secret-a"),
+        ("api-key", "sk-obs-secret-a"),
+        ("authorization", "Bearer sk-obs-secret-unknown"),
+    ] {
+        let r = http
+            .post(format!("{}/v1/check", node.http))
+            .header(header, value)
+            .body(body())
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            [200, 401, 429].contains(&r.status().as_u16()),
+            "{}",
+            r.status()
+        );
+    }
+    let mut authz = AuthorizationClient::connect(node.grpc.clone())
+        .await
+        .unwrap();
+    authz.check(check_request("sk-obs-secret-a")).await.unwrap();
+    let mut rls = RateLimitServiceClient::connect(node.grpc.clone())
+        .await
+        .unwrap();
+    rls.should_rate_limit(RateLimitRequest {
+        domain: "llm".into(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: vec![Entry {
+                key: "api_key".into(),
+                value: "sk-obs-secret-a".into(),
+            }],
+            ..Default::default()
+        }],
+        hits_addend: 1,
+    })
+    .await
+    .unwrap();
+    // Every request's own lines are written before its answer; wait until the three
+    // decisions of a known key on /v1/check and Check are in.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lines = loop {
+        let lines = node.lines.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let decided = lines
+            .iter()
+            .filter(|l| l.contains("admitted") || l.contains("denied"))
+            .count();
+        if decided >= 3 {
+            break lines;
+        }
+        assert!(Instant::now() < deadline, "{decided} decisions logged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(lines.iter().any(|l| l.contains("TRACE")), "no trace lines");
+    for line in &lines {
+        assert!(!line.contains("sk-obs-secret"), "{line}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -237,3 +237,60 @@ async fn sigterm_flips_readiness_serves_on_and_settles_what_is_in_flight() {
     assert_eq!(usage["output_tokens"]["used"], 37, "{usage}");
     assert_eq!(usage["requests"]["used"], 1, "{usage}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_sent_request_or_preface_does_not_hold_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.yaml");
+    std::fs::write(&keys, KEYS).unwrap();
+    let (http, grpc) = (free_port(), free_port());
+    let child = Command::new(LIMITER)
+        .arg("serve")
+        .arg("--config")
+        .arg(&keys)
+        .args(["--http-addr", &format!("127.0.0.1:{http}")])
+        .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
+        .args(["--shutdown-delay", "0s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start llm-ratelimit");
+    let mut node = Proc(child);
+    let base = format!("http://127.0.0.1:{http}");
+    poll("ready", || async {
+        status(&format!("{base}/readyz")).await == Some(200)
+    })
+    .await;
+    // A client that sends part of a request head and then nothing, and stays connected:
+    // the node once waited for it forever after SIGTERM (and kept its connection open
+    // for as long as it stayed).
+    let mut slow = TcpStream::connect(format!("127.0.0.1:{http}"))
+        .await
+        .unwrap();
+    slow.write_all(b"POST /v1/check HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    // Likewise on the gRPC port, half an HTTP/2 preface.
+    let mut slow_grpc = TcpStream::connect(format!("127.0.0.1:{grpc}"))
+        .await
+        .unwrap();
+    slow_grpc.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    assert!(Command::new("kill")
+        .args(["-TERM", &node.0.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(exit) = node.0.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a half-sent request held the node past SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "{exit}");
+    drop((slow, slow_grpc));
+}

@@ -24,12 +24,25 @@ use crate::pressure::{Gate, GateLayer, Pressure, Shed};
 
 pub use authz::Admission;
 pub use ext_proc::Settlement;
-pub use rls::RateLimiter;
+pub use rls::{RateLimiter, MAX_DESCRIPTORS};
 
 /// Where ext_authz puts our dynamic metadata, and ext_proc finds it again.
 pub const METADATA_NAMESPACE: &str = "envoy.filters.http.ext_authz";
 /// The metadata field holding the settlement handle.
 pub const RESERVATION_FIELD: &str = "reservation";
+
+/// HTTP/2 streams one connection may have open at once (`SETTINGS_MAX_CONCURRENT_STREAMS`):
+/// every admission the gate runs or queues (`admissions`), every ext_proc stream, and 64
+/// for health and reflection, so Envoy, whatever it multiplexes on one connection, never
+/// meets the bound before the node's own. tonic sets no bound, and health `Watch` and
+/// reflection streams pass no gate and stay open as long as the caller likes: one
+/// connection could hold any number of them.
+pub fn streams_per_connection(admissions: usize, settlement_streams: usize) -> u32 {
+    let n = admissions
+        .saturating_add(settlement_streams)
+        .saturating_add(64);
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
 
 /// Descriptors of the Envoy services, for reflection (`scripts/gen-proto-descriptors.sh`).
 const ENVOY_DESCRIPTORS: &[u8] = include_bytes!("../../proto/envoy-services.desc");
@@ -118,6 +131,10 @@ pub async fn serve_with(
     };
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .max_concurrent_streams(streams_per_connection(
+            gate.admissions(),
+            max_settlement_streams,
+        ))
         .layer(GateLayer::new(gate, surface_of, shed))
         .add_service(AuthorizationServer::new(Admission::new(limiter.clone())))
         .add_service(ExternalProcessorServer::new(Settlement::new(

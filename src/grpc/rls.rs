@@ -16,7 +16,8 @@
 //! own buckets. Other descriptors are OK, as in envoyproxy/ratelimit. An OK answer sets
 //! dynamic metadata `admitted`; an after-response descriptor counts only with an
 //! `admitted: true` entry taken from it (see envoy/ratelimit-filter.yaml), so a request
-//! Envoy answered 429 is never charged.
+//! Envoy answered 429 is never charged. A call with more than [`MAX_DESCRIPTORS`]
+//! descriptors is refused whole.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -76,6 +77,13 @@ fn marker_of(request_id: &str, phase: &str) -> u64 {
     let digest = Sha256::digest(format!("{phase}\0{request_id}").as_bytes());
     u64::from_be_bytes(digest[..8].try_into().unwrap_or_default())
 }
+
+/// The most descriptors one call may carry. The shipped Envoy wiring sends three (four
+/// with the after-response one); without a bound, one call of a few MB (hundreds of
+/// thousands of descriptors, each naming a different secret) held a runtime worker for
+/// minutes: grouping compares each descriptor with every group so far, and no await
+/// point lets the request timeout cut it short.
+pub const MAX_DESCRIPTORS: usize = 256;
 
 /// A descriptor that names a limit we do not have. Holding the key to no limit would
 /// make a typo in Envoy's config an unlimited key, so the whole call is refused.
@@ -244,6 +252,13 @@ impl RateLimiter {
         &self,
         request: RateLimitRequest,
     ) -> Result<Response<RateLimitResponse>, Status> {
+        if request.descriptors.len() > MAX_DESCRIPTORS {
+            self.limiter.metrics().reject("invalid_request");
+            return Err(Status::invalid_argument(format!(
+                "{} descriptors in one call; at most {MAX_DESCRIPTORS} are read",
+                request.descriptors.len()
+            )));
+        }
         let config = self.limiter.config();
         let asks: Vec<Option<Ask>> = match request
             .descriptors
