@@ -22,7 +22,7 @@ pub struct LlmRequest {
     /// `false` for embeddings and [`Endpoint::Other`]: no output reservation at all.
     pub reserves_output: bool,
     /// How many completions the upstream generates, each up to the output budget: chat's
-    /// `max(n, best_of)`; for completions that × the number of prompts (best_of's hidden
+    /// `n`; for completions `max(n, best_of)` × the number of prompts (best_of's hidden
     /// candidates are billed too); 1 for responses, embeddings and [`Endpoint::Other`].
     /// Admission reserves `max_output_tokens.unwrap_or(default) × completions`
     /// (saturating): reserving one budget for `n: 8` would let 8× the output through.
@@ -86,11 +86,8 @@ impl Tokenizer {
                 let input = chat::count_request(self, encoding, images, &root)?;
                 let max_completion = output_budget(&root, "max_completion_tokens")?;
                 let max_tokens = output_budget(&root, "max_tokens")?;
-                // `best_of` is not OpenAI's on chat, but vLLM (before V1) and TensorRT-LLM
-                // take it and generate that many candidates: metered as on completions.
-                let stream = stream(&root)?;
-                let n = completions_per_prompt(&root, stream)?;
-                (input, max_completion.or(max_tokens), n, stream)
+                let n = choice_count(&root, "n", MAX_N)?;
+                (input, max_completion.or(max_tokens), n, stream(&root)?)
             }
             Endpoint::Completions => {
                 let prompt = root
@@ -514,26 +511,6 @@ mod tests {
             completions_of(Endpoint::ChatCompletions, &chat(r#","n":128"#)),
             128
         );
-        // best_of (vLLM, TensorRT-LLM on chat): candidates generated, as on completions.
-        assert_eq!(
-            completions_of(Endpoint::ChatCompletions, &chat(r#","n":2,"best_of":6"#)),
-            6
-        );
-        assert_eq!(
-            completions_of(
-                Endpoint::ChatCompletions,
-                &chat(r#","best_of":1,"stream":true"#)
-            ),
-            1
-        );
-        for extra in [
-            r#","n":3,"best_of":2"#,
-            r#","best_of":2,"stream":true"#,
-            r#","best_of":21"#,
-        ] {
-            let e = understand(Endpoint::ChatCompletions, &chat(extra)).unwrap_err();
-            assert_eq!(e.param.as_deref(), Some("best_of"), "{extra}");
-        }
         let refused = [
             (r#","n":0"#, "Invalid 'n': integer below minimum value. Expected a value >= 1, but got 0 instead."),
             (r#","n":-1"#, "Invalid 'n': integer below minimum value. Expected a value >= 1, but got -1 instead."),
