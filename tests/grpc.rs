@@ -288,6 +288,42 @@ async fn a_call_with_more_descriptors_than_envoy_ever_sends_is_refused_charging_
     assert_eq!(used(&limiter).await, [0, 7, 0]);
 }
 
+#[tokio::test]
+async fn a_descriptor_with_more_entries_than_envoy_ever_sends_is_refused_charging_nothing() {
+    use llm_ratelimit::grpc::MAX_ENTRIES;
+    let (addr, limiter) = server().await;
+    let mut client = RateLimitServiceClient::connect(addr).await.unwrap();
+    // Our key, then `api_key` entries each naming an unknown secret: each is hashed to
+    // look it up, so their number must be bounded.
+    let many = |n: usize| {
+        let unknown: Vec<(String, String)> = (1..n)
+            .map(|i| ("api_key".to_string(), format!("sk-unknown-{i}")))
+            .collect();
+        let mut entries = vec![("api_key", "Bearer sk-grpc-a")];
+        entries.extend(unknown.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        call(vec![descriptor(&entries, Some(5), false)])
+    };
+    let err = client
+        .should_rate_limit(many(MAX_ENTRIES + 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains(&MAX_ENTRIES.to_string()),
+        "{}",
+        err.message()
+    );
+    assert!(!err.message().contains("sk-"), "{}", err.message());
+    assert_eq!(used(&limiter).await, [0, 0, 0]);
+    let r = client
+        .should_rate_limit(many(MAX_ENTRIES))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.overall_code, Code::Ok as i32);
+    assert_eq!(used(&limiter).await, [5, 0, 0]);
+}
+
 const TWO_KEYS: &str = "window: 10s\nkeys:\n  - name: team-a\n    key: sk-grpc-a\n    rpm: 50\n    input_tpm: 1000\n    output_tpm: 1000\n  - name: team-b\n    key: sk-grpc-b\n    rpm: 50\n    input_tpm: 1000\n    output_tpm: 1000\n";
 
 async fn server_on(store: Store, keys: &str) -> (String, Arc<Limiter>) {

@@ -161,20 +161,10 @@ impl Config {
         self.on_store_error
     }
 
-    /// The model an Azure OpenAI deployment serves, when the config maps it. An exact
-    /// name first, else one that differs only in ASCII case: a deployment is an Azure
-    /// resource, whose names Azure resolves case-insensitively, so `PROD-GPT4O` must not
-    /// escape the limits of `prod-gpt4o`'s model.
+    /// The model an Azure OpenAI deployment serves, when the config maps it (by its exact
+    /// name).
     pub fn azure_model(&self, deployment: &str) -> Option<&str> {
-        self.azure_deployments
-            .get(deployment)
-            .or_else(|| {
-                self.azure_deployments
-                    .iter()
-                    .find(|(name, _)| name.eq_ignore_ascii_case(deployment))
-                    .map(|(_, model)| model)
-            })
-            .map(String::as_str)
+        self.azure_deployments.get(deployment).map(String::as_str)
     }
 
     /// The keys in file order.

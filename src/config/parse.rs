@@ -836,8 +836,6 @@ keys:
         assert_eq!(c.azure_model("prod-gpt4o"), Some("gpt-4o"));
         assert_eq!(c.azure_model("legacy"), Some("gpt-35-turbo"));
         assert_eq!(c.azure_model("other"), None);
-        assert_eq!(c.azure_model("PROD-GPT4O"), Some("gpt-4o"));
-        assert_eq!(c.azure_model("Legacy"), Some("gpt-35-turbo"));
         assert_error(
             &one_key("azure_deployments:\n  a/b: gpt-4o\n", ENTRY),
             2,

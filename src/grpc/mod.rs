@@ -24,7 +24,7 @@ use crate::pressure::{Gate, GateLayer, Pressure, Shed};
 
 pub use authz::Admission;
 pub use ext_proc::Settlement;
-pub use rls::{RateLimiter, MAX_DESCRIPTORS};
+pub use rls::{RateLimiter, MAX_DESCRIPTORS, MAX_ENTRIES};
 
 /// Where ext_authz puts our dynamic metadata, and ext_proc finds it again.
 pub const METADATA_NAMESPACE: &str = "envoy.filters.http.ext_authz";

@@ -17,7 +17,7 @@
 //! dynamic metadata `admitted`; an after-response descriptor counts only with an
 //! `admitted: true` entry taken from it (see envoy/ratelimit-filter.yaml), so a request
 //! Envoy answered 429 is never charged. A call with more than [`MAX_DESCRIPTORS`]
-//! descriptors is refused whole.
+//! descriptors, or a descriptor of more than [`MAX_ENTRIES`] entries, is refused whole.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -84,6 +84,11 @@ fn marker_of(request_id: &str, phase: &str) -> u64 {
 /// minutes: grouping compares each descriptor with every group so far, and no await
 /// point lets the request timeout cut it short.
 pub const MAX_DESCRIPTORS: usize = 256;
+
+/// The most entries one descriptor may have (Envoy's configs here send at most six). Each
+/// `api_key` entry is hashed to find its key, so one descriptor of 200,000 entries (a
+/// 4 MiB call) would hold a worker for tens of milliseconds.
+pub const MAX_ENTRIES: usize = 64;
 
 /// A descriptor that names a limit we do not have. Holding the key to no limit would
 /// make a typo in Envoy's config an unlimited key, so the whole call is refused.
@@ -257,6 +262,17 @@ impl RateLimiter {
             return Err(Status::invalid_argument(format!(
                 "{} descriptors in one call; at most {MAX_DESCRIPTORS} are read",
                 request.descriptors.len()
+            )));
+        }
+        if let Some(d) = request
+            .descriptors
+            .iter()
+            .find(|d| d.entries.len() > MAX_ENTRIES)
+        {
+            self.limiter.metrics().reject("invalid_request");
+            return Err(Status::invalid_argument(format!(
+                "a descriptor of {} entries; at most {MAX_ENTRIES} are read",
+                d.entries.len()
             )));
         }
         let config = self.limiter.config();

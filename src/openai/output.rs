@@ -333,14 +333,16 @@ impl OutputMeter {
             }
             // Reasoning text that OpenAI-compatible servers stream beside the answer
             // (vLLM, SGLang, DeepSeek: `reasoning_content`; vLLM, Ollama, OpenRouter,
-            // Groq: `reasoning`): output tokens the model generated and bills.
-            for field in ["reasoning_content", "reasoning"] {
-                self.append(
-                    Segment::new(index, 0, Part::Reasoning),
-                    message.field(field),
-                    tokenizer,
-                );
-            }
+            // Groq: `reasoning`): output tokens the model generated and bills. Servers in
+            // transition send both with the same text: one of them is counted.
+            self.append(
+                Segment::new(index, 0, Part::Reasoning),
+                message
+                    .field("reasoning")
+                    .filter(|v| v.as_str().is_some_and(|s| !s.is_empty()))
+                    .or_else(|| message.field("reasoning_content")),
+                tokenizer,
+            );
             if let Some(call) = message.field("function_call") {
                 self.append(
                     Segment::new(index, u64::MAX, Part::ToolName),
@@ -995,6 +997,16 @@ mod tests {
                 "{field} body"
             );
         }
+        // A server that sends the same reasoning in both fields generated it once.
+        let both = format!(
+            "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"reasoning_content\":\"{thought}\",\"reasoning\":\"{thought}\"}}}}]}}\n\n\
+             data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"Hello world!\"}}}}]}}\n\n\
+             data: [DONE]\n\n"
+        );
+        assert_eq!(
+            meter_chunked(Endpoint::ChatCompletions, "gpt-4o", &both),
+            counted(n + 3)
+        );
         let responses = format!(
             "data: {{\"type\":\"response.reasoning_text.delta\",\"output_index\":0,\"content_index\":0,\"delta\":\"{thought}\"}}\n\n\
              data: {{\"type\":\"response.reasoning_summary_text.delta\",\"output_index\":0,\"summary_index\":0,\"delta\":\"Hello world!\"}}\n\n"
