@@ -315,7 +315,9 @@ function _M.log()
         return
     end
     -- The last upstream's status ("502, 200" after a retry). Nginx records its own 502 or
-    -- 504 when it could not reach one; none is recorded when the client went away before
+    -- 504 when it could not reach one or gave up waiting (a 504 after proxy_read_timeout
+    -- may follow output the upstream still generated: released, so uncounted); none is
+    -- recorded when the client went away before
     -- the upstream answered (499): the upstream may have generated and billed output by
     -- then, so the report carries no status, not an upstream error, and the reservation
     -- stands (releasing it would let a client hang up on large generations uncounted).
