@@ -9,7 +9,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{counter, envoy_bin, free_port, spawn, wait_ready, Proc, RedisServer};
+use common::{counter, envoy_bin, free_port, spawn, start_envoy, wait_ready, Proc, RedisServer};
 use serde_json::{json, Value};
 
 const LIMITER: &str = env!("CARGO_BIN_EXE_llm-ratelimit");
@@ -102,8 +102,7 @@ fn cluster(
     );
     let nodes = (0..nodes)
         .map(|i| {
-            let (listener, grpc, http, admin) =
-                (free_port(), free_port(), free_port(), free_port());
+            let (grpc, http) = (free_port(), free_port());
             let limiter = spawn(
                 Command::new(LIMITER)
                     .args([
@@ -128,27 +127,17 @@ fn cluster(
             );
             let limiter_http = format!("http://127.0.0.1:{http}");
             wait_ready(&format!("{limiter_http}/readyz"), Duration::from_secs(20));
-            let config = dir.path().join(format!("envoy-{i}.yaml"));
             // Likewise a call to the limiter can outlast the shipped 0.25 s deadline.
-            let config_text = envoy_config(envoy_file, listener, grpc, mock_port, admin)
-                .replace(" timeout: 0.25s", " timeout: 5s");
-            assert!(
-                config_text.contains(" timeout: 5s"),
-                "{envoy_file}: no 0.25s deadline"
-            );
-            std::fs::write(&config, config_text).unwrap();
-            let envoy = spawn(Command::new(envoy_bin()).arg("-c").arg(&config).args([
-                "--concurrency",
-                "1",
-                "--base-id",
-                &listener.to_string(),
-                "-l",
-                "error",
-            ]));
-            wait_ready(
-                &format!("http://127.0.0.1:{admin}/ready"),
-                Duration::from_secs(20),
-            );
+            let (envoy, listener, admin) =
+                start_envoy(dir.path(), &format!("envoy-{i}"), |listener, admin| {
+                    let text = envoy_config(envoy_file, listener, grpc, mock_port, admin)
+                        .replace(" timeout: 0.25s", " timeout: 5s");
+                    assert!(
+                        text.contains(" timeout: 5s"),
+                        "{envoy_file}: no 0.25s deadline"
+                    );
+                    text
+                });
             Node {
                 url: format!("http://127.0.0.1:{listener}"),
                 limiter_http,

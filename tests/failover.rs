@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{counter, envoy_bin, free_port, spawn, wait_ready, Proc, RedisServer};
+use common::{counter, free_port, spawn, start_envoy, wait_ready, Proc, RedisServer};
 
 /// The binaries: these tests' debug build, or `FAILOVER_BIN_DIR`'s (a release build, for
 /// the figures in docs/performance.md).
@@ -93,8 +93,7 @@ fn three_nodes(redis_url: &str, policy: &str) -> Nodes {
     );
     let nodes = (0..3)
         .map(|i| {
-            let (listener, grpc, http, admin) =
-                (free_port(), free_port(), free_port(), free_port());
+            let (grpc, http) = (free_port(), free_port());
             let limiter = spawn(
                 Command::new(limiter_bin())
                     .args(["serve", "--redis-url", redis_url])
@@ -107,30 +106,21 @@ fn three_nodes(redis_url: &str, policy: &str) -> Nodes {
             );
             let limiter_http = format!("http://127.0.0.1:{http}");
             wait_ready(&format!("{limiter_http}/readyz"), Duration::from_secs(30));
-            let text =
-                std::fs::read_to_string(format!("{}/envoy/envoy.yaml", env!("CARGO_MANIFEST_DIR")))
+            let (envoy, listener, _admin) =
+                start_envoy(dir.path(), &format!("envoy-{i}"), |listener, admin| {
+                    std::fs::read_to_string(format!(
+                        "{}/envoy/envoy.yaml",
+                        env!("CARGO_MANIFEST_DIR")
+                    ))
                     .unwrap()
                     .replace("port_value: 10000", &format!("port_value: {listener}"))
                     .replace("port_value: 10100", &format!("port_value: {grpc}"))
                     .replace("port_value: 10300", &format!("port_value: {mock_port}"))
                     .replace("port_value: 10500", &format!("port_value: {admin}"))
-                    // Envoy must not give up before the limiter answers: what is measured here is
-                    // the limiter's own deadline and breaker.
-                    .replace(" timeout: 0.25s", " timeout: 5s");
-            let config = dir.path().join(format!("envoy-{i}.yaml"));
-            std::fs::write(&config, text).unwrap();
-            let envoy = spawn(Command::new(envoy_bin()).arg("-c").arg(&config).args([
-                "--concurrency",
-                "1",
-                "--base-id",
-                &listener.to_string(),
-                "-l",
-                "error",
-            ]));
-            wait_ready(
-                &format!("http://127.0.0.1:{admin}/ready"),
-                Duration::from_secs(30),
-            );
+                    // Envoy must not give up before the limiter answers: what is measured
+                    // here is the limiter's own deadline and breaker.
+                    .replace(" timeout: 0.25s", " timeout: 5s")
+                });
             Node {
                 url: format!("http://127.0.0.1:{listener}"),
                 limiter_http,

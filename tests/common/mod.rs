@@ -61,6 +61,59 @@ pub fn wait_ready(url: &str, within: Duration) {
     }
 }
 
+/// An Envoy started on free listener and admin ports, ready (its admin `/ready` answers).
+/// `config(listener, admin)` gives the YAML for those ports; it is written to `dir`.
+/// A free port can be taken by someone else before Envoy binds it: an Envoy that exits
+/// before it is ready is started again on fresh ports (three tries), and one that never
+/// gets ready fails the test with the end of its log.
+pub fn start_envoy(
+    dir: &std::path::Path,
+    name: &str,
+    config: impl Fn(u16, u16) -> String,
+) -> (Proc, u16, u16) {
+    let mut last_log = String::new();
+    for attempt in 0..3 {
+        let (listener, admin) = (free_port(), free_port());
+        let file = dir.join(format!("{name}.yaml"));
+        let log = dir.join(format!("{name}-{attempt}.log"));
+        std::fs::write(&file, config(listener, admin)).unwrap();
+        let mut envoy = Proc(
+            Command::new(envoy_bin())
+                .arg("-c")
+                .arg(&file)
+                .args(["--concurrency", "1", "--base-id", &listener.to_string()])
+                .args(["-l", "error"])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .expect("spawn envoy"),
+        );
+        let url = format!("http://127.0.0.1:{admin}/ready");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if matches!(reqwest::blocking::get(&url), Ok(r) if r.status().is_success()) {
+                return (envoy, listener, admin);
+            }
+            if let Ok(Some(status)) = envoy.0.try_wait() {
+                last_log = std::fs::read_to_string(&log).unwrap_or_default();
+                eprintln!("{name}: envoy exited ({status}) before it was ready; retrying on fresh ports:\n{last_log}");
+                break;
+            }
+            let tail = || {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                text[text.len().saturating_sub(2000)..].to_string()
+            };
+            assert!(
+                Instant::now() < deadline,
+                "{name}: envoy never became ready:\n{}",
+                tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    panic!("{name}: envoy exited three times before it was ready:\n{last_log}");
+}
+
 /// The Envoy binary: `ENVOY_BIN`, else the project's `.venv/bin/envoy`.
 pub fn envoy_bin() -> PathBuf {
     std::env::var_os("ENVOY_BIN")
