@@ -183,6 +183,8 @@ fn validate(raw: RawFile, origin: &str) -> Result<Config, ConfigError> {
     // Digest → index into `keys`, so a duplicate secret can name its first holder.
     let mut by_digest: HashMap<[u8; 32], usize> = HashMap::new();
     let mut name_lines = Vec::with_capacity(raw.keys.len());
+    // Where each name is, to refuse one that is also a key's secret (below).
+    let mut name_spans = Vec::with_capacity(raw.keys.len());
 
     for (position, entry) in raw.keys.iter().enumerate() {
         let entry_at = entry.referenced;
@@ -283,6 +285,7 @@ fn validate(raw: RawFile, origin: &str) -> Result<Config, ConfigError> {
         by_name.insert(name.as_str().to_owned(), index);
         by_digest.insert(digest, index);
         name_lines.push(raw_name.referenced.line());
+        name_spans.push(raw_name.referenced);
         keys.push(KeySpec {
             name,
             limits,
@@ -290,6 +293,20 @@ fn validate(raw: RawFile, origin: &str) -> Result<Config, ConfigError> {
             models,
             pool,
         });
+    }
+
+    // A name goes into logs, metrics, headers and Redis keys; a name that is some key's
+    // secret would put that secret there. The message says where, never the name.
+    for (spec, at) in keys.iter().zip(&name_spans) {
+        let digest: [u8; 32] = Sha256::digest(spec.name.as_str().as_bytes()).into();
+        if by_digest.contains_key(&digest) {
+            return Err(err(
+                *at,
+                "this key name is also a key's secret: names appear in logs, metrics and \
+                 Redis keys, so a name must not be a secret"
+                    .to_string(),
+            ));
+        }
     }
 
     let shape =
@@ -1037,6 +1054,25 @@ keys:
             11,
             "duplicate key name `a` (first defined at line 2)",
         );
+    }
+
+    #[test]
+    fn a_name_that_is_a_secret_is_refused_without_repeating_it() {
+        // Its own secret, and another key's (found through its digest too).
+        let own = ENTRY.replace("name: a", "name: sk-secret-one");
+        let text = one_key("", &own);
+        assert_error(&text, 2, 11, "this key name is also a key's secret");
+        let e = Config::parse(&text, "k.yaml").unwrap_err().to_string();
+        assert!(!e.contains("sk-secret-one"), "{e}");
+        let other = format!(
+            "{ENTRY}  - name: sk-test-tier-b\n    key: sk-other\n    rpm: 1\n    input_tpm: 1\n    output_tpm: 1\n\
+             \x20 - name: c\n    key_sha256: {TIER_B_SHA256}\n    rpm: 1\n    input_tpm: 1\n    output_tpm: 1\n"
+        );
+        let e = Config::parse(&one_key("", &other), "k.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("this key name is also a key's secret"), "{e}");
+        assert!(!e.contains("sk-test-tier-b"), "{e}");
     }
 
     #[test]
