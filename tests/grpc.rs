@@ -404,6 +404,100 @@ async fn a_store_failure_on_the_second_key_leaves_the_first_uncharged() {
     assert_eq!(used_by(&limiter, "team-b").await, [0, 100, 0]);
 }
 
+/// A charge leaves a reservation marker in Redis only when something may read it: a
+/// refund by the request's id (an admission with `request_id`), or this call undoing it.
+/// The after-response charge of the shipped wiring, alone in its call, leaves none (its
+/// markers were never read and lived as long as the key's longest window).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_charge_something_may_undo_leaves_a_marker() {
+    let redis = RedisServer::start();
+    let store =
+        Store::Redis(RedisStore::connect(&redis.url(), std::time::Duration::from_secs(1)).unwrap());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while store.ping().await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "store did not connect"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let (addr, limiter) = server_on(store, TWO_KEYS).await;
+    let mut client = RateLimitServiceClient::connect(addr).await.unwrap();
+    let markers = || {
+        redis
+            .cli(&["--scan", "--pattern", "llmrl:*:m:*"])
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count()
+    };
+    let ok = |r: envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse| {
+        assert_eq!(r.overall_code, Code::Ok as i32)
+    };
+    // After the response, alone in its call: charged, no marker.
+    let after = descriptor(
+        &[
+            ("api_key", "sk-grpc-a"),
+            ("limit", "output_tokens"),
+            ("phase", "response"),
+            ("admitted", "true"),
+            ("request_id", "req-1"),
+        ],
+        Some(40),
+        false,
+    );
+    ok(client
+        .should_rate_limit(call(vec![after]))
+        .await
+        .unwrap()
+        .into_inner());
+    assert_eq!(used_by(&limiter, "team-a").await, [0, 0, 40]);
+    assert_eq!(markers(), 0);
+    // An admission without a request id, alone: nothing can refer to it either.
+    let plain = descriptor(&[("api_key", "sk-grpc-a")], None, false);
+    ok(client
+        .should_rate_limit(call(vec![plain]))
+        .await
+        .unwrap()
+        .into_inner());
+    assert_eq!(markers(), 0);
+    // An admission with a request id: a later refund finds it by its marker.
+    let admission = |negative: bool| {
+        descriptor(
+            &[
+                ("api_key", "sk-grpc-a"),
+                ("limit", "input_tokens"),
+                ("request_id", "req-2"),
+            ],
+            Some(30),
+            negative,
+        )
+    };
+    ok(client
+        .should_rate_limit(call(vec![admission(false)]))
+        .await
+        .unwrap()
+        .into_inner());
+    assert_eq!(markers(), 1);
+    ok(client
+        .should_rate_limit(call(vec![admission(true)]))
+        .await
+        .unwrap()
+        .into_inner());
+    assert_eq!(used_by(&limiter, "team-a").await, [1, 0, 40]);
+    // Two groups in one call: each may have to be undone if the other is refused.
+    let two = vec![
+        descriptor(&[("api_key", "sk-grpc-a")], None, false),
+        descriptor(&[("api_key", "sk-grpc-b")], None, false),
+    ];
+    let before = markers();
+    ok(client
+        .should_rate_limit(call(two))
+        .await
+        .unwrap()
+        .into_inner());
+    assert_eq!(markers(), before + 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refund_with_the_request_id_goes_back_to_the_bucket_it_was_charged_in() {
     const T0: u64 = 1_700_000_000_000;

@@ -355,10 +355,18 @@ impl RateLimiter {
                 } else {
                     Charge::Check
                 };
-                let marker = match group.request_id.as_deref() {
-                    Some(r) => marker_of(r, phase),
-                    None => rand::random(),
-                };
+                // A marker lets a refund by the request's id find this charge later (an
+                // admission's), or this call undo it when another group is refused or
+                // fails. A charge that needs neither — alone in its call, and after the
+                // response or without a request id — leaves none: such markers were never
+                // read, and lived as long as the key's longest window (an hour with
+                // `per_day`), one per request.
+                let refundable = !group.after_response && group.request_id.is_some();
+                let marker =
+                    (refundable || groups.len() > 1).then(|| match group.request_id.as_deref() {
+                        Some(r) => marker_of(r, phase),
+                        None => rand::random(),
+                    });
                 let result = self
                     .limiter
                     .charge(
@@ -366,10 +374,10 @@ impl RateLimiter {
                         group.model.as_deref(),
                         &group.want,
                         charge,
-                        Some(marker),
+                        marker,
                     )
                     .await;
-                if matches!(result, Charged::Admitted { .. }) {
+                if let (Charged::Admitted { .. }, Some(marker)) = (&result, marker) {
                     charged.push((g, marker));
                 }
                 result
