@@ -83,11 +83,15 @@ pub enum Charged {
     /// does not know is not limited (authentication is ext_authz's job).
     UnknownKey,
     /// Recorded; `limits` and `snapshot` give the headers: per limit, the per-window
-    /// ring with the least room (see [`headline`]).
+    /// ring with the least room (see [`headline`]). `claimed`: the store left the marker
+    /// asked for, so a refund by it gives back exactly this charge; false when nothing was
+    /// asked for, or when the store let the request through without recording it
+    /// (`on_store_error: allow`), which there is then nothing to undo.
     Admitted {
         key: KeyName,
         limits: Limits,
         snapshot: Snapshot,
+        claimed: bool,
     },
     /// Not recorded: the 429 to give, and the ring of the limit that denied it (for the
     /// statuses): its limits, its usage, and its window's length (the config's window, or
@@ -770,7 +774,7 @@ impl Limiter {
             .store_seconds
             .observe(started.elapsed().as_secs_f64());
         match decision {
-            Ok(Decided::Admitted { snapshots, .. }) => {
+            Ok(Decided::Admitted { snapshots, claim }) => {
                 telemetry::record("llm_ratelimit.decision", "admitted");
                 self.record_admission(&spec.name.to_string(), want);
                 let (limits, snapshot) = headline_of(&applied, &snapshots);
@@ -778,6 +782,7 @@ impl Limiter {
                     key: spec.name.clone(),
                     limits,
                     snapshot,
+                    claimed: claim.is_some(),
                 }
             }
             Ok(Decided::Denied {
@@ -852,6 +857,7 @@ impl Limiter {
                     key: spec.name.clone(),
                     limits,
                     snapshot,
+                    claimed: false,
                 }
             }
             Err(e) => {

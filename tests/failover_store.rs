@@ -574,11 +574,12 @@ async fn should_rate_limit_charges_follow_the_policy_and_refund_where_they_were_
         input_tokens: 0,
         output_tokens: 0,
     };
+    // Recorded in Redis, with the marker asked for: a refund by it undoes exactly this.
     assert!(matches!(
         limiter
             .charge("sk-rls", None, &one, Charge::Check, Some(1))
             .await,
-        Charged::Admitted { .. }
+        Charged::Admitted { claimed: true, .. }
     ));
     signal("-STOP", redis.pid());
     // deny: the store's failure, fast once the breaker is open.
@@ -598,7 +599,10 @@ async fn should_rate_limit_charges_follow_the_policy_and_refund_where_they_were_
         let c = limiter
             .charge("sk-rls", None, &one, Charge::Check, Some(id))
             .await;
-        assert!(matches!(c, Charged::Admitted { .. }), "{c:?}");
+        assert!(
+            matches!(c, Charged::Admitted { claimed: true, .. }),
+            "{c:?}"
+        );
     }
     let c = limiter
         .charge("sk-rls", None, &one, Charge::Check, Some(14))
@@ -612,13 +616,17 @@ async fn should_rate_limit_charges_follow_the_policy_and_refund_where_they_were_
     // A refund of the charge Redis holds cannot be made now: it stays (the safe side).
     let c = limiter.refund("sk-rls", None, &one, Some(1)).await;
     assert!(matches!(c, Charged::Failed(_)), "{c:?}");
-    // allow: admitted, nothing counted.
+    // allow: admitted, nothing counted, and it says so (`claimed: false`), so a
+    // ShouldRateLimit call refused later on does not "undo" it from others' usage.
     h.set(OnStoreError::Allow);
     for id in 20..30 {
         let c = limiter
             .charge("sk-rls", None, &one, Charge::Check, Some(id))
             .await;
-        assert!(matches!(c, Charged::Admitted { .. }), "{c:?}");
+        assert!(
+            matches!(c, Charged::Admitted { claimed: false, .. }),
+            "{c:?}"
+        );
     }
     signal("-CONT", redis.pid());
 }

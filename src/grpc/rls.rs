@@ -377,7 +377,10 @@ impl RateLimiter {
                         marker,
                     )
                     .await;
-                if let (Charged::Admitted { .. }, Some(marker)) = (&result, marker) {
+                // Only what was recorded is undone: a charge `on_store_error: allow` let
+                // through unrecorded left no marker, and a refund by it would take the
+                // newest buckets' usage instead.
+                if let (Charged::Admitted { claimed: true, .. }, Some(marker)) = (&result, marker) {
                     charged.push((g, marker));
                 }
                 result
