@@ -62,13 +62,7 @@ async fn check(
 }
 
 async fn used(base: &str) -> [u64; 3] {
-    let u: Value = reqwest::get(format!("{base}/v1/usage/team-a"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    ["requests", "input_tokens", "output_tokens"].map(|k| u[k]["used"].as_u64().unwrap())
+    common::used(&common::usage(base, "team-a").await)
 }
 
 fn chat(content: &str, max_tokens: u64) -> String {

@@ -722,27 +722,12 @@ const PATH_VARIANTS: &[(&str, Option<&str>)] = &[
 /// Envoy's own, and (ratelimit filter) the one the descriptors carry.
 fn envoy_hands_limiter_and_upstream_the_same_path(envoy_file: &str) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let (listener, grpc, upstream, admin) = (free_port(), free_port(), free_port(), free_port());
+    let (grpc, upstream) = (free_port(), free_port());
     let recorder = recorder::start(&runtime, grpc, upstream);
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("envoy.yaml");
-    std::fs::write(
-        &config,
-        envoy_config(envoy_file, listener, grpc, upstream, admin),
-    )
-    .unwrap();
-    let _envoy = spawn(Command::new(envoy_bin()).arg("-c").arg(&config).args([
-        "--concurrency",
-        "1",
-        "--base-id",
-        &listener.to_string(),
-        "-l",
-        "error",
-    ]));
-    wait_ready(
-        &format!("http://127.0.0.1:{admin}/ready"),
-        Duration::from_secs(20),
-    );
+    let (_envoy, listener, _) = start_envoy(dir.path(), "envoy", |listener, admin| {
+        envoy_config(envoy_file, listener, grpc, upstream, admin)
+    });
     let addr = format!("127.0.0.1:{listener}");
     let seen = || recorder.0.lock().unwrap();
 

@@ -246,6 +246,19 @@ async fn an_unknown_limit_is_an_error_never_unlimited_and_statuses_describe_the_
     assert!(r.statuses[0].duration_until_reset.is_some());
 }
 
+/// A call refused whole for going over `bound`: `INVALID_ARGUMENT` naming the bound and
+/// no secret.
+#[track_caller]
+fn assert_refused_naming(err: &tonic::Status, bound: usize) {
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains(&bound.to_string()),
+        "{}",
+        err.message()
+    );
+    assert!(!err.message().contains("sk-"), "{}", err.message());
+}
+
 #[tokio::test]
 async fn a_call_with_more_descriptors_than_envoy_ever_sends_is_refused_charging_nothing() {
     use llm_ratelimit::grpc::MAX_DESCRIPTORS;
@@ -269,13 +282,7 @@ async fn a_call_with_more_descriptors_than_envoy_ever_sends_is_refused_charging_
         .should_rate_limit(many(MAX_DESCRIPTORS + 1))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(
-        err.message().contains(&MAX_DESCRIPTORS.to_string()),
-        "{}",
-        err.message()
-    );
-    assert!(!err.message().contains("sk-"), "{}", err.message());
+    assert_refused_naming(&err, MAX_DESCRIPTORS);
     assert_eq!(used(&limiter).await, [0, 0, 0]);
     // Up to the bound the call is read as always.
     let r = client
@@ -307,13 +314,7 @@ async fn a_descriptor_with_more_entries_than_envoy_ever_sends_is_refused_chargin
         .should_rate_limit(many(MAX_ENTRIES + 1))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(
-        err.message().contains(&MAX_ENTRIES.to_string()),
-        "{}",
-        err.message()
-    );
-    assert!(!err.message().contains("sk-"), "{}", err.message());
+    assert_refused_naming(&err, MAX_ENTRIES);
     assert_eq!(used(&limiter).await, [0, 0, 0]);
     let r = client
         .should_rate_limit(many(MAX_ENTRIES))
@@ -358,9 +359,8 @@ fn call(descriptors: Vec<RateLimitDescriptor>) -> RateLimitRequest {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_store_failure_on_the_second_key_leaves_the_first_uncharged() {
-    let redis = RedisServer::start();
+/// A Redis store on `redis`, once it answers.
+async fn redis_store(redis: &RedisServer) -> Store {
     let store =
         Store::Redis(RedisStore::connect(&redis.url(), std::time::Duration::from_secs(1)).unwrap());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -371,6 +371,13 @@ async fn a_store_failure_on_the_second_key_leaves_the_first_uncharged() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+    store
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_failure_on_the_second_key_leaves_the_first_uncharged() {
+    let redis = RedisServer::start();
+    let store = redis_store(&redis).await;
     let (addr, limiter) = server_on(store, TWO_KEYS).await;
     let mut client = RateLimitServiceClient::connect(addr).await.unwrap();
     // A real store failure on team-b alone: its ring key holds a value of the wrong
@@ -411,16 +418,7 @@ async fn a_store_failure_on_the_second_key_leaves_the_first_uncharged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_a_charge_something_may_undo_leaves_a_marker() {
     let redis = RedisServer::start();
-    let store =
-        Store::Redis(RedisStore::connect(&redis.url(), std::time::Duration::from_secs(1)).unwrap());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while store.ping().await.is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "store did not connect"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let store = redis_store(&redis).await;
     let (addr, limiter) = server_on(store, TWO_KEYS).await;
     let mut client = RateLimitServiceClient::connect(addr).await.unwrap();
     let markers = || {

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::RedisServer;
+use common::{usage, used, RedisServer};
 use llm_ratelimit::config::Config;
 use llm_ratelimit::engine::memory::MemoryStore;
 use llm_ratelimit::engine::redis::RedisStore;
@@ -64,19 +64,6 @@ async fn check(base: &str, auth: Option<&str>, body: &str) -> reqwest::Response 
     req.send().await.unwrap()
 }
 
-async fn usage(base: &str) -> Value {
-    reqwest::get(format!("{base}/v1/usage/team-a"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
-fn used(u: &Value) -> [u64; 3] {
-    ["requests", "input_tokens", "output_tokens"].map(|k| u[k]["used"].as_u64().unwrap())
-}
-
 fn header(r: &reqwest::Response, name: &str) -> String {
     r.headers()
         .get(name)
@@ -103,7 +90,7 @@ async fn two_nodes_on_one_redis_admit_count_deny_and_settle() {
     let handle = header(&r, "x-llm-ratelimit-reservation");
     assert!(!handle.is_empty());
     // Node b sees node a's request: one Redis, one window.
-    let u = used(&usage(&b).await);
+    let u = used(&usage(&b, "team-a").await);
     assert_eq!(u[0], 1);
     let input = u[1];
     assert!(input > 10, "input tokens counted: {input}");
@@ -121,13 +108,17 @@ async fn two_nodes_on_one_redis_admit_count_deny_and_settle() {
             .unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(r.json::<Value>().await.unwrap()["output_tokens"], 17);
-        assert_eq!(used(&usage(&a).await), [1, input, 17]);
+        assert_eq!(used(&usage(&a, "team-a").await), [1, input, 17]);
     }
 
     // A stream without a usage chunk is counted from its text.
     let r = check(&b, Some(&auth), &chat(None).to_string()).await;
     assert_eq!(r.status(), 200);
-    assert_eq!(used(&usage(&a).await)[2], 17 + 64, "default reservation");
+    assert_eq!(
+        used(&usage(&a, "team-a").await)[2],
+        17 + 64,
+        "default reservation"
+    );
     let sse = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello\"}}]}\n\ndata: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\" world\"}}]}\n\ndata: [DONE]\n\n";
     let r = reqwest::Client::new()
         .post(format!("{a}/v1/report"))
@@ -140,7 +131,7 @@ async fn two_nodes_on_one_redis_admit_count_deny_and_settle() {
         .await
         .unwrap();
     assert_eq!(r.json::<Value>().await.unwrap()["output_tokens"], 2);
-    assert_eq!(used(&usage(&a).await)[2], 17 + 2);
+    assert_eq!(used(&usage(&a, "team-a").await)[2], 17 + 2);
 
     // An upstream error with no usage releases the output reservation.
     let r = check(&a, Some(&auth), &chat(Some(500)).to_string()).await;
@@ -157,7 +148,7 @@ async fn two_nodes_on_one_redis_admit_count_deny_and_settle() {
         .await
         .unwrap();
     assert_eq!(r.json::<Value>().await.unwrap()["output_tokens"], 0);
-    let before = usage(&a).await;
+    let before = usage(&a, "team-a").await;
     assert_eq!(used(&before), [3, 3 * input, 19]);
 
     // The fourth request is over rpm on either node: 429, OpenAI body, honest retry.
@@ -176,7 +167,7 @@ async fn two_nodes_on_one_redis_admit_count_deny_and_settle() {
     let msg = body["error"]["message"].as_str().unwrap();
     assert!(msg.starts_with("Rate limit reached for team-a on requests: Limit 3, Used 3, Requested 1. Please try again in "), "{msg}");
     assert_eq!(
-        used(&usage(&a).await),
+        used(&usage(&a, "team-a").await),
         used(&before),
         "a 429 counts nothing"
     );
@@ -234,7 +225,7 @@ async fn bad_requests_are_answered_and_never_counted() {
         .unwrap()
         .contains("Request too large for team-a on output_tokens"));
 
-    assert_eq!(used(&usage(&base).await), [0, 0, 0]);
+    assert_eq!(used(&usage(&base, "team-a").await), [0, 0, 0]);
 
     let metrics = reqwest::get(format!("{base}/metrics"))
         .await

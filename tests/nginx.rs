@@ -654,6 +654,19 @@ struct Seen {
     upstream: Vec<(String, String, String, String)>,
 }
 
+/// Nginx in front of the stand-ins for the limiter and the upstream, ready; and the
+/// limiter stand-in's port.
+fn nginx_on_stand_ins(runtime: &tokio::runtime::Runtime) -> (Arc<Mutex<Seen>>, Nginx, u16) {
+    let (limiter, upstream) = (free_port(), free_port());
+    let seen = stand_ins(runtime, limiter, upstream);
+    let nginx = Nginx::start(free_port(), limiter, upstream, free_port());
+    wait_ready(
+        &format!("http://127.0.0.1:{upstream}/"),
+        Duration::from_secs(30),
+    );
+    (seen, nginx, limiter)
+}
+
 /// A limiter that admits everything (reservation `r-N`) and records; an upstream that
 /// records and answers a JSON body naming the request.
 fn stand_ins(runtime: &tokio::runtime::Runtime, limiter: u16, upstream: u16) -> Arc<Mutex<Seen>> {
@@ -821,13 +834,7 @@ const PATH_VARIANTS: &[(&str, Option<&str>)] = &[
 #[test]
 fn nginx_hands_limiter_and_upstream_the_same_path_and_reports_each_response_once() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let (limiter, upstream) = (free_port(), free_port());
-    let seen = stand_ins(&runtime, limiter, upstream);
-    let nginx = Nginx::start(free_port(), limiter, upstream, free_port());
-    wait_ready(
-        &format!("http://127.0.0.1:{upstream}/"),
-        Duration::from_secs(30),
-    );
+    let (seen, nginx, _) = nginx_on_stand_ins(&runtime);
     let seen = || seen.lock().unwrap();
     let body = chat(5, false).to_string();
     let headers = [
@@ -985,13 +992,7 @@ fn nginx_hands_limiter_and_upstream_the_same_path_and_reports_each_response_once
 fn a_client_gone_before_the_upstream_answers_releases_nothing() {
     use std::io::Write;
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let (limiter, upstream) = (free_port(), free_port());
-    let seen = stand_ins(&runtime, limiter, upstream);
-    let nginx = Nginx::start(free_port(), limiter, upstream, free_port());
-    wait_ready(
-        &format!("http://127.0.0.1:{upstream}/"),
-        Duration::from_secs(30),
-    );
+    let (seen, nginx, limiter) = nginx_on_stand_ins(&runtime);
     let seen = || seen.lock().unwrap();
     let body = chat(5, false).to_string();
     let mut tcp = std::net::TcpStream::connect(&nginx.addr).unwrap();
@@ -1082,13 +1083,7 @@ fn random_targets_are_metered_as_the_route_they_name() {
         "-",
     ];
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let (limiter, upstream) = (free_port(), free_port());
-    let seen = stand_ins(&runtime, limiter, upstream);
-    let nginx = Nginx::start(free_port(), limiter, upstream, free_port());
-    wait_ready(
-        &format!("http://127.0.0.1:{upstream}/"),
-        Duration::from_secs(30),
-    );
+    let (seen, nginx, _) = nginx_on_stand_ins(&runtime);
     let headers = [("authorization", "Bearer sk-secret")];
     let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut next = |n: usize| {

@@ -46,22 +46,14 @@ async fn check(base: &str, path: &str, body: &Value) -> (u16, Value) {
 /// The key's usage: `[requests, input_tokens, output_tokens]` of its own limits and of
 /// its `models` entry `match`.
 async fn used(base: &str, entry: &str) -> ([u64; 3], [u64; 3]) {
-    let u: Value = reqwest::get(format!("{base}/v1/usage/team-a"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let three = |v: &Value| {
-        ["requests", "input_tokens", "output_tokens"].map(|k| v[k]["used"].as_u64().unwrap())
-    };
+    let u = common::usage(base, "team-a").await;
     let model = u["models"]
         .as_array()
         .unwrap()
         .iter()
         .find(|m| m["match"] == entry)
         .unwrap_or_else(|| panic!("no models entry {entry}: {u}"));
-    (three(&u), three(model))
+    (common::used(&u), common::used(model))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -398,16 +398,16 @@ impl OutputMeter {
                 .and_then(Json::as_array)
                 .unwrap_or_default();
             for (output_index, item) in items.iter().enumerate() {
+                let output_index = output_index as u64;
                 self.saw_output = true;
                 if let Some("image_generation_call") = item.field("type").and_then(Json::as_str) {
                     self.opaque_output = true;
                 }
                 self.append(
-                    Segment::new(output_index as u64, 0, Part::ToolArguments),
+                    Segment::new(output_index, 0, Part::ToolArguments),
                     item.field("code"),
                     tokenizer,
                 );
-                let output_index = output_index as u64;
                 let parts = item
                     .field("content")
                     .and_then(Json::as_array)

@@ -61,6 +61,21 @@ pub fn wait_ready(url: &str, within: Duration) {
     }
 }
 
+/// `GET /v1/usage/{name}` of the node whose HTTP surface is at `base`.
+pub async fn usage(base: &str, name: &str) -> serde_json::Value {
+    reqwest::get(format!("{base}/v1/usage/{name}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// `[requests, input_tokens, output_tokens]` used in one limit set of a usage answer.
+pub fn used(set: &serde_json::Value) -> [u64; 3] {
+    ["requests", "input_tokens", "output_tokens"].map(|k| set[k]["used"].as_u64().unwrap())
+}
+
 /// An Envoy started on free listener and admin ports, ready (its admin `/ready` answers).
 /// `config(listener, admin)` gives the YAML for those ports; it is written to `dir`.
 /// A free port can be taken by someone else before Envoy binds it: an Envoy that exits
